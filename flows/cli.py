@@ -1,0 +1,231 @@
+"""The ``fedscan`` command line.
+
+Errors print one line naming the input and the problem and exit non-zero; ``--debug`` shows the traceback.
+Exit codes: 0 ok, 1 unexpected failure, 2 bad input or store, 3 already ingested.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from schemas.geometry import BeamKind, DetectorShape
+from schemas.ingest import GeometrySpec, IngestSidecar
+from schemas.manifest import DataKind
+from schemas.settings import get_settings
+from tasks.errors import AlreadyIngestedError, FedscanError
+
+app = typer.Typer(
+    name="fedscan",
+    help="Privacy-preserving CT pipeline: ingest, denoise, reconstruct, surrogate, federate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_state = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INPUT = 2
+EXIT_ALREADY = 3
+
+
+def fail(message: str, code: int = EXIT_INPUT) -> typer.Exit:
+    err_console.print(f"fedscan: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def friendly_errors(func: F) -> F:
+    """Turn fedscan's errors into one clear line and an exit code (traceback only with --debug)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except AlreadyIngestedError as exc:
+            if _state["debug"]:
+                raise
+            raise fail(str(exc), EXIT_ALREADY) from None
+        except (FedscanError, ValidationError, OSError) as exc:
+            if _state["debug"]:
+                raise
+            msg = str(exc).splitlines()[0] if isinstance(exc, ValidationError) else str(exc)
+            raise fail(msg) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """fedscan: privacy-preserving CT pipeline."""
+    _state["debug"] = debug
+
+
+# ------------------------------------------------------------------------------------------------
+@app.command()
+@friendly_errors
+def ingest(
+    path: Annotated[Path, typer.Argument(help="NPY/NPZ/TIFF file, or a folder of TIFF views or DICOM slices.")],
+    site: Annotated[str, typer.Option("--site", help="Site id (the store is <store>/<site>.zarr).")],
+    store: Annotated[
+        str | None, typer.Option("--store", help="Data root holding the site stores; default FEDSCAN_DATA_ROOT.")
+    ] = None,
+    geometry_file: Annotated[
+        Path | None, typer.Option("--geometry", help="YAML sidecar (default: <source>.yaml or fedscan.yaml).")
+    ] = None,
+    scan_id: Annotated[str | None, typer.Option("--scan-id", help="Scan id (default: name + checksum).")] = None,
+    beam: Annotated[BeamKind | None, typer.Option(help="parallel | fan (overrides the sidecar).")] = None,
+    detector_shape: Annotated[DetectorShape | None, typer.Option(help="flat | curved.")] = None,
+    angular_range_deg: Annotated[float | None, typer.Option(help="Angular span of the views, degrees.")] = None,
+    detector_pitch_mm: Annotated[float | None, typer.Option(help="Detector column pitch, mm.")] = None,
+    sid_mm: Annotated[float | None, typer.Option("--sid-mm", help="Source to isocentre, mm (fan).")] = None,
+    sdd_mm: Annotated[float | None, typer.Option("--sdd-mm", help="Source to detector, mm (fan).")] = None,
+    data_kind: Annotated[DataKind | None, typer.Option(help="counts | line_integrals.")] = None,
+    i0: Annotated[float | None, typer.Option("--i0", help="Unattenuated photons per bin (counts).")] = None,
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", help="Exit 0 when the source was already ingested.")
+    ] = False,
+) -> None:
+    """Validate a scan and write it into its site's Zarr store (the source is never modified)."""
+    from tasks.ingest import find_sidecar, ingest as run_ingest, load_sidecar
+    from tasks.storage import SiteStore, site_store_uri
+
+    sidecar_path = geometry_file or find_sidecar(path)
+    sidecar = load_sidecar(sidecar_path) if sidecar_path is not None else IngestSidecar()
+    overrides = {
+        k: v
+        for k, v in {
+            "beam": beam,
+            "detector_shape": detector_shape,
+            "angular_range_deg": angular_range_deg,
+            "detector_pitch_mm": detector_pitch_mm,
+            "source_to_isocenter_mm": sid_mm,
+            "source_to_detector_mm": sdd_mm,
+        }.items()
+        if v is not None
+    }
+    if overrides:
+        base = (sidecar.geometry or GeometrySpec()).model_dump()
+        sidecar = sidecar.model_copy(update={"geometry": GeometrySpec.model_validate({**base, **overrides})})
+    top = {k: v for k, v in {"data_kind": data_kind, "i0_photons": i0}.items() if v is not None}
+    if top:
+        sidecar = IngestSidecar.model_validate({**sidecar.model_dump(), **top})
+    root = store if store is not None else get_settings().data_root
+    site_store = SiteStore.open_or_create(site_store_uri(root, site), site_id=site)
+    try:
+        res = run_ingest(path, site=site_store, sidecar=sidecar, scan_id=scan_id)
+    except AlreadyIngestedError as exc:
+        if skip_existing:
+            err_console.print(f"fedscan: {exc}", markup=False, highlight=False)
+            return
+        raise
+    done = res.result
+    state = "resumed" if done.chunks_present else "written"
+    console.print(
+        f"ingested {path} → {res.store} scan [bold]{res.scan_id}[/] "
+        f"({', '.join(res.arrays)}; {done.chunks_written} chunks {state})"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+def _format_shape(shape: tuple[int, ...]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+@app.command()
+@friendly_errors
+def inspect(
+    store: Annotated[Path, typer.Argument(help="A site store (<site>.zarr) or a folder of site stores.")],
+) -> None:
+    """Print sites, scans, arrays, shapes, stages done and their provenance."""
+    from tasks.storage import SiteStore, find_site_stores
+
+    if store.is_dir() and store.suffix != ".zarr" and not (store / "zarr.json").exists():
+        paths = find_site_stores(store)
+        if not paths:
+            raise fail(f"{store}: no fedscan site stores (*.zarr) in this folder")
+    else:
+        paths = [store]
+    for p in paths:
+        site = SiteStore.open(p, mode="r")
+        scans = site.scans()
+        console.print(f"[bold]site {site.site_id}[/]  {p}  ({len(scans)} scans)")
+        for scan in scans:
+            m = scan.manifest
+            geo = m.geometry
+            desc = (
+                f"{geo.beam.value}-beam"
+                + (f" ({geo.detector_shape.value})" if geo.is_fan else "")
+                + f", {geo.n_views} views over {geo.angular_range_deg:g}°"
+                if geo
+                else "images only"
+            )
+            dose = f", I0={m.i0_photons:.3g}" if m.i0_photons else ""
+            console.print(f"  scan [bold]{scan.scan_id}[/]  {m.data_kind.value}; {desc}{dose}")
+            table = Table(box=None, show_header=True, pad_edge=False)
+            for col in ("array", "dims", "shape", "chunks", "dtype", "written"):
+                table.add_column(col)
+            from tasks.storage import missing_chunks
+
+            for name in scan.array_names():
+                arr = scan.array(name)
+                dims = ",".join(arr.metadata.dimension_names or ())
+                nchunks = arr.nchunks
+                left = missing_chunks(arr)
+                table.add_row(
+                    name, dims, _format_shape(arr.shape), _format_shape(arr.chunks), str(arr.dtype),
+                    f"{nchunks - left}/{nchunks}",
+                )
+            console.print(table)
+            prov = scan.provenance()
+            if not prov:
+                console.print("    stages done: none")
+            for stage, rec in prov.items():
+                metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.metrics.items())
+                console.print(
+                    f"    stage [green]{stage}[/] done  config {rec.config_hash}  {rec.seconds:.2f}s  "
+                    f"code {rec.code_version}  finished {rec.finished_at:%Y-%m-%d %H:%M:%S}Z",
+                    highlight=False,
+                )
+                if metrics:
+                    console.print(f"      {metrics}", markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's scanner files and stores.")] = Path(
+        "demo-output"
+    ),
+    sites: Annotated[int, typer.Option("--sites", min=1, max=8, help="Number of sites.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+) -> None:
+    """The main job on the embedded default: build demo scanner output for several sites and ingest it."""
+    from flows.demo import run_demo
+
+    summary = run_demo(out, n_sites=sites, seed=seed, console=console)
+    console.print(f"demo complete: {len(summary)} sites under {out}")
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

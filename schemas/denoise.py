@@ -1,0 +1,173 @@
+"""Configuration of the projection-domain denoiser (low rank of neighbouring-view groups, arXiv:2412.06135).
+
+The projections ``(views, rows, cols)`` are cut into blocks of ``views_per_group`` consecutive views times a
+detector tile (``tile_rows`` × ``tile_cols`` bins, or the whole view). Each block, seen as a matrix with one
+row per view, is nearly low rank because neighbouring views are nearly identical; its singular values are kept
+or shrunk by a threshold and the block is rebuilt. Overlapping blocks (``view_stride`` < ``views_per_group``,
+``tile_stride_*`` < ``tile_*``) are averaged. See ``docs`` / METHODS.md §1 for the method and our choices.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from schemas.base import FrozenModel, StageConfig
+
+
+class ThresholdMode(StrEnum):
+    """How the singular values of a block are kept or shrunk."""
+
+    RELATIVE = "relative"  # keep s_i >= value * s_1 (the leading one always); value 1 = rank 1 (the paper)
+    ABSOLUTE = "absolute"  # keep s_i >= value, in the domain's units (line integral or Anscombe units)
+    AUTO_HARD = "auto_hard"  # Gavish–Donoho optimal hard threshold from the estimated noise σ, times value
+    AUTO = "auto"  # Gavish–Donoho optimal (Frobenius) shrinkage from the estimated noise σ (σ scaled by value)
+
+
+class DenoiseDomain(StrEnum):
+    """The values the low-rank model is applied to."""
+
+    LOG = "log"  # the line integrals themselves (noise variance ≈ exp(p)/I0: heteroscedastic)
+    ANSCOMBE = "anscombe"  # 2·sqrt(counts + 3/8) with counts = I0·exp(-p): noise variance ≈ 1 everywhere
+
+
+class ViewBoundary(StrEnum):
+    """What lies beyond the first and last view."""
+
+    AUTO = "auto"  # periodic when the geometry covers a full circle, else mirrored
+    PERIODIC = "periodic"  # view n_views is view 0 (only for a full 360° scan)
+    MIRROR = "mirror"  # symmetric reflection (view -1 is view 0)
+
+
+class DenoiseConfig(StageConfig):
+    """Parameters of the projection denoiser; the defaults are the best mode measured by ``benchmarks/denoise.py``."""
+
+    views_per_group: int = Field(
+        default=16, ge=2, le=512, description="t: consecutive views per block (the block's short side), views."
+    )
+    view_stride: int = Field(
+        default=4,
+        ge=1,
+        le=512,
+        description="Views between the first views of consecutive groups, views; equal to views_per_group "
+        "gives the paper's non-overlapping groups, smaller values slide the window and average the overlaps. "
+        "Must divide views_per_group.",
+    )
+    tile_rows: int | None = Field(
+        default=1, ge=1, le=65536, description="Detector rows per block, bins; None: all rows (whole view)."
+    )
+    tile_cols: int | None = Field(
+        default=16, ge=1, le=65536, description="Detector columns per block, bins; None: all columns (whole view)."
+    )
+    tile_stride_rows: int | None = Field(
+        default=None, ge=1, le=65536, description="Rows between neighbouring tiles, bins; None: tile_rows (no overlap)."
+    )
+    tile_stride_cols: int | None = Field(
+        default=8,
+        ge=1,
+        le=65536,
+        description="Columns between neighbouring tiles, bins; None: tile_cols (no overlap). Must divide tile_cols.",
+    )
+    threshold_mode: ThresholdMode = Field(default=ThresholdMode.AUTO, description="How singular values are kept.")
+    threshold_value: float = Field(
+        default=1.0,
+        gt=0,
+        le=1e12,
+        allow_inf_nan=False,
+        description="relative: fraction of the leading singular value (0 < v <= 1, dimensionless); absolute: "
+        "singular value in the domain's units; auto / auto_hard: multiplier on the estimated noise σ "
+        "(1 = theory, 0.1 <= v <= 10).",
+    )
+    domain: DenoiseDomain = Field(
+        default=DenoiseDomain.ANSCOMBE,
+        description="log: denoise the line integrals; anscombe: denoise 2·sqrt(I0·exp(-p) + 3/8), which needs "
+        "the unattenuated photons per bin I0 (from the scan manifest).",
+    )
+    second_pass: bool = Field(
+        default=True,
+        description="Refine with empirical Wiener shrinkage in the basis of the first estimate (doubles the "
+        "view halo and roughly the time).",
+    )
+    weighted_aggregation: bool = Field(
+        default=True,
+        description="Average overlapping blocks with weights 1/sum(w_i^2) (the block's noise gain) "
+        "instead of uniformly.",
+    )
+    view_boundary: ViewBoundary = Field(default=ViewBoundary.AUTO, description="What lies beyond the end views.")
+    counts_floor_photons: float = Field(
+        default=0.5,
+        gt=0,
+        le=1e3,
+        allow_inf_nan=False,
+        description="anscombe only: denoised counts are clamped to at least this before the log, photons.",
+    )
+    noise_sample_triplets: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Triplets of consecutive views, evenly spaced over the scan, from which the noise σ is "
+        "estimated (the same ones however the array is chunked), triplets.",
+    )
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Torch device the blocks are computed on.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        t, s = self.views_per_group, self.view_stride
+        if s > t or t % s:
+            raise ValueError(f"view_stride ({s}) must divide views_per_group ({t})")
+        for name, tile, stride in (
+            ("rows", self.tile_rows, self.tile_stride_rows),
+            ("cols", self.tile_cols, self.tile_stride_cols),
+        ):
+            if stride is None:
+                continue
+            if tile is None:
+                raise ValueError(f"tile_stride_{name} ({stride}) needs tile_{name}; a whole-view tile has no stride")
+            if stride > tile or tile % stride:
+                raise ValueError(f"tile_stride_{name} ({stride}) must divide tile_{name} ({tile})")
+        v, mode = self.threshold_value, self.threshold_mode
+        if mode is ThresholdMode.RELATIVE and not v <= 1:
+            raise ValueError(f"a relative threshold is a fraction of the leading singular value: got {v}, need <= 1")
+        if mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD) and not 0.1 <= v <= 10:
+            raise ValueError(f"an automatic threshold's value multiplies the noise σ: got {v}, need 0.1..10")
+        return self
+
+    @property
+    def view_halo(self) -> int:
+        """Views each chunk needs on either side so that chunked results equal whole-array ones."""
+        return (self.views_per_group - 1) * (2 if self.second_pass else 1)
+
+    @classmethod
+    def paper(cls, *, views_per_group: int = 8, **overrides: object) -> DenoiseConfig:
+        """The paper's mode: non-overlapping groups of whole views, rank 1 (relative threshold 1), log domain."""
+        fields: dict[str, object] = {
+            "views_per_group": views_per_group,
+            "view_stride": views_per_group,
+            "tile_rows": None,
+            "tile_cols": None,
+            "tile_stride_rows": None,
+            "tile_stride_cols": None,
+            "threshold_mode": ThresholdMode.RELATIVE,
+            "threshold_value": 1.0,
+            "domain": DenoiseDomain.LOG,
+            "second_pass": False,
+            "weighted_aggregation": False,
+        }
+        fields.update(overrides)
+        return cls.model_validate(fields)
+
+
+class DenoiseRecord(FrozenModel):
+    """What one denoising run used, for the provenance record of its output."""
+
+    config_hash: str = Field(pattern=r"^[0-9a-f]{16}$", description="DenoiseConfig.config_hash() of the run.")
+    noise_sigma: float = Field(
+        ge=0, allow_inf_nan=False, description="Noise σ the automatic threshold used, in the domain's units."
+    )
+    periodic_views: bool = Field(description="Whether the view axis wrapped around (full-circle scan).")
+    view_halo: int = Field(ge=0, description="Halo along the view axis of each chunk, views.")
+    i0_photons: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Unattenuated photons per bin (anscombe domain)."
+    )

@@ -1,0 +1,71 @@
+"""Process-wide settings from ``FEDSCAN_…`` environment variables (nested with ``__``), built lazily."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Device(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DaskSettings(BaseModel):
+    """Where chunk parallelism runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str | None = Field(
+        default=None, description="Scheduler address (tcp://host:8786); None starts a LocalCluster."
+    )
+    n_workers: int = Field(default=1, ge=1, le=1024, description="LocalCluster workers.")
+    threads_per_worker: int | None = Field(default=None, ge=1, le=1024, description="None: all cores.")
+    memory_limit: str = Field(default="auto", description="Per-worker memory limit of a LocalCluster.")
+
+
+class FlowerSettings(BaseModel):
+    """Where federated rounds run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    superlink_address: str | None = Field(
+        default=None, description="SuperLink Control API (host:port); None runs the Simulation Engine."
+    )
+    root_certificates: Path | None = Field(default=None, description="CA bundle for TLS to the SuperLink.")
+    insecure: bool = Field(default=False, description="Plain-text gRPC; loopback tests only.")
+    round_timeout_s: float = Field(default=600.0, gt=0, description="Give up on a round after this, seconds.")
+
+
+class PrefectSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    work_pool: str = Field(default="fedscan-process", description="Work pool the deployments use.")
+    api_key: SecretStr | None = Field(default=None, description="Prefect Cloud key, if any.")
+
+
+class FedscanSettings(BaseSettings):
+    """Root settings. Every field can be set as ``FEDSCAN_<FIELD>`` or ``FEDSCAN_<SECTION>__<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDSCAN_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    data_root: str = Field(
+        default="./fedscan-data", description="Folder or fsspec URL that holds one <site>.zarr store per site."
+    )
+    device: Device = Field(default=Device.AUTO, description="auto | cpu | cuda for torch kernels.")
+    dask: DaskSettings = Field(default_factory=DaskSettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> FedscanSettings:
+    """The settings of this process, read from the environment on first use."""
+    return FedscanSettings()
