@@ -102,7 +102,8 @@ def ingest(
     ] = False,
 ) -> None:
     """Validate a scan and write it into its site's Zarr store (the source is never modified)."""
-    from tasks.ingest import find_sidecar, ingest as run_ingest, load_sidecar
+    from tasks.ingest import find_sidecar, load_sidecar
+    from tasks.ingest import ingest as run_ingest
     from tasks.storage import SiteStore, site_store_uri
 
     sidecar_path = geometry_file or find_sidecar(path)
@@ -184,11 +185,15 @@ def inspect(
 
             for name in scan.array_names():
                 arr = scan.array(name)
-                dims = ",".join(arr.metadata.dimension_names or ())
+                dims = ",".join(str(d) for d in getattr(arr.metadata, "dimension_names", None) or ())
                 nchunks = arr.nchunks
                 left = missing_chunks(arr)
                 table.add_row(
-                    name, dims, _format_shape(arr.shape), _format_shape(arr.chunks), str(arr.dtype),
+                    name,
+                    dims,
+                    _format_shape(arr.shape),
+                    _format_shape(arr.chunks),
+                    str(arr.dtype),
                     f"{nchunks - left}/{nchunks}",
                 )
             console.print(table)
@@ -196,7 +201,9 @@ def inspect(
             if not prov:
                 console.print("    stages done: none")
             for stage, rec in prov.items():
-                metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.metrics.items())
+                metrics = ", ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.metrics.items()
+                )
                 console.print(
                     f"    stage [green]{stage}[/] done  config {rec.config_hash}  {rec.seconds:.2f}s  "
                     f"code {rec.code_version}  finished {rec.finished_at:%Y-%m-%d %H:%M:%S}Z",

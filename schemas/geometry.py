@@ -90,7 +90,10 @@ class Geometry(BaseModel):
         default=1.0, description="Row pitch at the isocentre = slice thickness, mm."
     )
     detector_offset_cols: float = Field(
-        default=0.0, ge=-1e4, le=1e4, allow_inf_nan=False,
+        default=0.0,
+        ge=-1e4,
+        le=1e4,
+        allow_inf_nan=False,
         description="Shift of the central ray from the detector centre, in columns.",
     )
     source_to_isocenter_mm: PositiveMm | None = Field(
@@ -137,7 +140,8 @@ class Geometry(BaseModel):
         """Detector-to-isocentre magnification (1 for parallel beam)."""
         if not self.is_fan:
             return 1.0
-        assert self.source_to_detector_mm is not None and self.source_to_isocenter_mm is not None
+        assert self.source_to_detector_mm is not None
+        assert self.source_to_isocenter_mm is not None
         return self.source_to_detector_mm / self.source_to_isocenter_mm
 
     @property

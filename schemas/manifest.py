@@ -54,9 +54,7 @@ class ScanManifest(FrozenModel):
     site_id: Identifier
     modality: str = Field(default="CT", pattern=r"^[A-Z]{2,4}$", description="DICOM modality code.")
     data_kind: DataKind
-    geometry: Geometry | None = Field(
-        default=None, description="Acquisition geometry; required for projection data."
-    )
+    geometry: Geometry | None = Field(default=None, description="Acquisition geometry; required for projection data.")
     image_grid: ReconGrid | None = Field(
         default=None, description="Grid of stored images (hu_images); defaults to geometry.grid."
     )

@@ -52,9 +52,7 @@ class PrefectSettings(BaseModel):
 class FedscanSettings(BaseSettings):
     """Root settings. Every field can be set as ``FEDSCAN_<FIELD>`` or ``FEDSCAN_<SECTION>__<FIELD>``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="FEDSCAN_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="FEDSCAN_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     data_root: str = Field(
         default="./fedscan-data", description="Folder or fsspec URL that holds one <site>.zarr store per site."

@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -224,9 +225,7 @@ def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
             raise InvalidInputError(f"{f}: DICOM slice has no InstanceNumber; cannot order the series")
         n = int(ds.InstanceNumber)
         if n in numbers:
-            raise InvalidInputError(
-                f"{folder}: duplicated InstanceNumber {n} ({numbers[n]} and {f.name})"
-            )
+            raise InvalidInputError(f"{folder}: duplicated InstanceNumber {n} ({numbers[n]} and {f.name})")
         numbers[n] = f.name
     ordered = sorted(headers, key=lambda h: int(h[1].InstanceNumber))
     inst = [int(ds.InstanceNumber) for _, ds in ordered]
@@ -234,9 +233,7 @@ def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
     if gaps:
         shown = ", ".join(map(str, gaps[:10])) + ("…" if len(gaps) > 10 else "")
         raise InvalidInputError(f"{folder}: DICOM series is missing slices (InstanceNumber {shown})")
-    positions = [
-        float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else math.nan for _, ds in ordered
-    ]
+    positions = [float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else math.nan for _, ds in ordered]
     if len(positions) > 2 and not any(math.isnan(p) for p in positions):
         steps = np.abs(np.diff(positions))
         median = float(np.median(steps))
@@ -268,7 +265,9 @@ def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
                     f"{ordered_files[i]}: cannot decode DICOM pixel data ({type(exc).__name__}: {exc})"
                 ) from exc
             if pixels.shape != (rows, cols):
-                raise InvalidInputError(f"{ordered_files[i]}: pixel data of shape {pixels.shape}, header says {rows}x{cols}")
+                raise InvalidInputError(
+                    f"{ordered_files[i]}: pixel data of shape {pixels.shape}, header says {rows}x{cols}"
+                )
             slope, intercept = scales[i]
             out[i - a] = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         return out
@@ -314,7 +313,11 @@ def open_source(path: str | Path, *, npz_key: str | None = None) -> SourceStack:
     files = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")), key=_natural_key)
     files = [f for f in files if f.name not in SIDECAR_NAMES and f.suffix.lower() not in (".yaml", ".yml")]
     tiffs = [f for f in files if f.suffix.lower() in TIFF_SUFFIXES]
-    dicoms = [f for f in files if f.name.upper() != "DICOMDIR" and (f.suffix.lower() in (".dcm", ".dicom") or _looks_like_dicom(f))]
+    dicoms = [
+        f
+        for f in files
+        if f.name.upper() != "DICOMDIR" and (f.suffix.lower() in (".dcm", ".dicom") or _looks_like_dicom(f))
+    ]
     if tiffs and dicoms:
         raise InvalidInputError(f"{p}: folder mixes TIFF and DICOM files; ingest one kind per folder")
     if tiffs:
@@ -342,8 +345,7 @@ def validate_values(stack: SourceStack, data_kind: DataKind, *, views_per_block:
             if bad.any():
                 i, r, c = (int(v) for v in np.argwhere(bad)[0])
                 raise InvalidInputError(
-                    f"{stack.path}: non-finite value ({block[i, r, c]}) at {stack.where(a + i)}, "
-                    f"row {r}, col {c}"
+                    f"{stack.path}: non-finite value ({block[i, r, c]}) at {stack.where(a + i)}, row {r}, col {c}"
                 )
         if data_kind is DataKind.COUNTS and block.min() < 0:
             i, r, c = (int(v) for v in np.argwhere(block < 0)[0])
@@ -491,7 +493,11 @@ def ingest(
     if not is_images:
         geometry = resolve_geometry(sidecar.geometry or GeometrySpec(), stack.shape, where=str(src))
     stats = validate_values(stack, data_kind)
-    sid = scan_id or sidecar.scan_id or f"{re.sub(r'[^A-Za-z0-9._-]', '-', src.stem)[:40].strip('-.') or 'scan'}-{source_sha[:10]}"
+    sid = (
+        scan_id
+        or sidecar.scan_id
+        or f"{re.sub(r'[^A-Za-z0-9._-]', '-', src.stem)[:40].strip('-.') or 'scan'}-{source_sha[:10]}"
+    )
     try:
         manifest = ScanManifest(
             scan_id=sid,
@@ -521,8 +527,8 @@ def ingest(
             assert sidecar.i0_photons is not None
             counts = _as_dask(stack, chunks[0], stack.dtype)
             i0, floor = sidecar.i0_photons, config.counts_floor
-            line = counts.map_blocks(
-                lambda b: counts_to_line_integrals(b, i0_photons=i0, counts_floor=floor), dtype=np.float32
+            line = da.map_blocks(
+                partial(counts_to_line_integrals, i0_photons=i0, counts_floor=floor), counts, dtype=np.float32
             )
             outputs = [
                 StageOutput("counts", counts, ("view", "row", "col"), chunks, {"units": "photons"}),

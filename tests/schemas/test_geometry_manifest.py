@@ -15,16 +15,22 @@ GRID = ReconGrid(nx_pixels=64, ny_pixels=64, pixel_size_mm=1.0)
 
 def fan(**kw):
     base = dict(
-        beam="fan", n_views=360, n_detector_cols=128, detector_pitch_mm=1.0,
-        source_to_isocenter_mm=500.0, source_to_detector_mm=900.0, grid=GRID,
+        beam="fan",
+        n_views=360,
+        n_detector_cols=128,
+        detector_pitch_mm=1.0,
+        source_to_isocenter_mm=500.0,
+        source_to_detector_mm=900.0,
+        grid=GRID,
     )
     base.update(kw)
     return Geometry(**base)
 
 
 def test_parallel_geometry_derived_quantities():
-    g = Geometry(beam="parallel", n_views=180, angular_range_deg=180, n_detector_cols=100,
-                 detector_pitch_mm=0.5, grid=GRID)
+    g = Geometry(
+        beam="parallel", n_views=180, angular_range_deg=180, n_detector_cols=100, detector_pitch_mm=0.5, grid=GRID
+    )
     assert g.magnification == 1.0
     assert g.view_step_deg == pytest.approx(1.0)
     assert not g.is_full_circle
@@ -65,11 +71,13 @@ def test_fan_geometry_refuses_impossible_values(kwargs, message):
 
 def test_parallel_geometry_refuses_distances_and_curved_detector():
     with pytest.raises(ValidationError, match="no source distances"):
-        Geometry(beam="parallel", n_views=10, n_detector_cols=10, detector_pitch_mm=1,
-                 source_to_isocenter_mm=100, grid=GRID)
+        Geometry(
+            beam="parallel", n_views=10, n_detector_cols=10, detector_pitch_mm=1, source_to_isocenter_mm=100, grid=GRID
+        )
     with pytest.raises(ValidationError, match="curved detector needs a fan"):
-        Geometry(beam="parallel", detector_shape="curved", n_views=10, n_detector_cols=10,
-                 detector_pitch_mm=1, grid=GRID)
+        Geometry(
+            beam="parallel", detector_shape="curved", n_views=10, n_detector_cols=10, detector_pitch_mm=1, grid=GRID
+        )
 
 
 def test_geometry_is_frozen_and_forbids_extra_fields():
@@ -84,16 +92,23 @@ def test_geometry_is_frozen_and_forbids_extra_fields():
 def test_manifest_refuses_patient_identifiers_and_needs_i0_for_counts():
     g = fan()
     with pytest.raises(ValidationError, match="identify a patient"):
-        ScanManifest(scan_id="s1", site_id="a", data_kind="line_integrals", geometry=g,
-                     labels={"PatientName": "Doe^John"})
+        ScanManifest(
+            scan_id="s1", site_id="a", data_kind="line_integrals", geometry=g, labels={"PatientName": "Doe^John"}
+        )
     with pytest.raises(ValidationError, match="needs i0_photons"):
         ScanManifest(scan_id="s1", site_id="a", data_kind="counts", geometry=g)
     with pytest.raises(ValidationError, match="needs a geometry"):
         ScanManifest(scan_id="s1", site_id="a", data_kind="line_integrals")
     with pytest.raises(ValidationError, match="pattern"):
         ScanManifest(scan_id="../etc", site_id="a", data_kind="line_integrals", geometry=g)
-    m = ScanManifest(scan_id="s1", site_id="a", data_kind=DataKind.COUNTS, geometry=g, i0_photons=1e4,
-                     labels={"lesion_prevalence": 0.3})
+    m = ScanManifest(
+        scan_id="s1",
+        site_id="a",
+        data_kind=DataKind.COUNTS,
+        geometry=g,
+        i0_photons=1e4,
+        labels={"lesion_prevalence": 0.3},
+    )
     assert m.grid == GRID
     assert ScanManifest.model_validate(m.model_dump(mode="json")) == m
 
@@ -114,8 +129,15 @@ def test_provenance_record_roundtrip():
     from datetime import UTC, datetime, timedelta
 
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    rec = ProvenanceRecord(stage="denoise", config={"t": 8}, config_hash="0" * 16, code_version="0.1",
-                           started_at=t0, finished_at=t0 + timedelta(seconds=2.5), metrics={"sigma": 0.1})
+    rec = ProvenanceRecord(
+        stage="denoise",
+        config={"t": 8},
+        config_hash="0" * 16,
+        code_version="0.1",
+        started_at=t0,
+        finished_at=t0 + timedelta(seconds=2.5),
+        metrics={"sigma": 0.1},
+    )
     assert rec.seconds == pytest.approx(2.5)
     assert ProvenanceRecord.model_validate_json(rec.model_dump_json()) == rec
 

@@ -23,8 +23,14 @@ from schemas.manifest import ScanManifest
 from tasks.errors import InvalidInputError, NotAFedscanStoreError, StoreNotFoundError
 from tasks.storage import SiteStore, StageOutput, missing_chunks, projection_chunks, volume_chunks
 
-GEOM = Geometry(beam="parallel", n_views=40, n_detector_cols=16, n_detector_rows=3, detector_pitch_mm=1.0,
-                grid=ReconGrid(nx_pixels=16, ny_pixels=16, pixel_size_mm=1.0))
+GEOM = Geometry(
+    beam="parallel",
+    n_views=40,
+    n_detector_cols=16,
+    n_detector_rows=3,
+    detector_pitch_mm=1.0,
+    grid=ReconGrid(nx_pixels=16, ny_pixels=16, pixel_size_mm=1.0),
+)
 
 
 class Cfg(StageConfig):
@@ -60,8 +66,9 @@ def test_stage_write_round_trips_any_shape_and_chunking(spec, kind, dtype, tmp_p
     scan = site.create_scan(manifest())
     data = (np.random.default_rng(len(shape)).random(shape) * 1000).astype(dtype)
     dims = tuple(f"d{i}" for i in range(len(shape)))
-    res = scan.run_stage(stage="ingest", config=Cfg(),
-                         outputs=[StageOutput("x", da.from_array(data, chunks=src_chunks), dims, chunks)])
+    res = scan.run_stage(
+        stage="ingest", config=Cfg(), outputs=[StageOutput("x", da.from_array(data, chunks=src_chunks), dims, chunks)]
+    )
     arr = SiteStore.open(store).scan("s1").array("x")
     np.testing.assert_array_equal(arr[...], data)
     assert arr.dtype == np.dtype(dtype)
@@ -74,7 +81,7 @@ def test_stage_write_round_trips_any_shape_and_chunking(spec, kind, dtype, tmp_p
 def test_stage_skips_same_config_and_recomputes_changed_config(site):
     scan = site.create_scan(manifest())
     x = da.ones((40, 3, 16), chunks=(8, 3, 16), dtype="f4")
-    out = lambda cfg: [StageOutput("p", x * cfg.scale, ("view", "row", "col"))]  # noqa: E731
+    out = lambda cfg: [StageOutput("p", x * cfg.scale, ("view", "row", "col"))]
     first = scan.run_stage(stage="denoise", config=Cfg(), outputs=out(Cfg()))
     assert not first.skipped and first.chunks_written > 0
     again = scan.run_stage(stage="denoise", config=Cfg(), outputs=out(Cfg()))
@@ -85,8 +92,9 @@ def test_stage_skips_same_config_and_recomputes_changed_config(site):
     np.testing.assert_array_equal(scan.array("p")[...], 3.0)
     assert scan.stage_record("denoise").config_hash == Cfg(scale=3.0).config_hash()
     # changed inputs (an upstream stage recomputed) also recompute
-    moved = scan.run_stage(stage="denoise", config=Cfg(scale=3.0), outputs=out(Cfg(scale=3.0)),
-                           inputs={"ingest": "f" * 16})
+    moved = scan.run_stage(
+        stage="denoise", config=Cfg(scale=3.0), outputs=out(Cfg(scale=3.0)), inputs={"ingest": "f" * 16}
+    )
     assert not moved.skipped
 
 
@@ -125,7 +133,7 @@ def test_fault_inside_write_loop_keeps_written_chunks_and_rerun_finishes_bit_exa
     written = [i for i in range(arr.nchunks) if not np.isnan(arr[i * 4, 0, 0])]
     assert len(written) == 4
     for i in written:
-        np.testing.assert_array_equal(arr[i * 4:(i + 1) * 4], data[i * 4:(i + 1) * 4])
+        np.testing.assert_array_equal(arr[i * 4 : (i + 1) * 4], data[i * 4 : (i + 1) * 4])
 
     monkeypatch.setattr(storage, "_write_block", real)
     res = scan.run_stage(stage="ingest", config=Cfg(), outputs=outputs)
@@ -168,8 +176,9 @@ def test_killed_writer_process_leaves_valid_chunks_and_rerun_completes(tmp_path)
     script = tmp_path / "writer.py"
     script.write_text(_KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, str(script), str(path), "0.25"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), "0.25"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     chunk_dir = path / "scans" / "s1" / "p" / "c"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -186,11 +195,12 @@ def test_killed_writer_process_leaves_valid_chunks_and_rerun_completes(tmp_path)
     assert scan.stage_record("denoise") is None
     reference = np.random.default_rng(11).standard_normal((48, 4, 32)).astype("f4") * 2.0
     for i in range(arr.nchunks):  # every chunk that exists is whole and correct
-        block = arr[i * 4:(i + 1) * 4]
+        block = arr[i * 4 : (i + 1) * 4]
         if not np.isnan(block).all():
-            np.testing.assert_array_equal(block, reference[i * 4:(i + 1) * 4])
-    rerun = subprocess.run([sys.executable, str(script), str(path), "0"], env=env, capture_output=True,
-                           text=True, timeout=120, check=True)
+            np.testing.assert_array_equal(block, reference[i * 4 : (i + 1) * 4])
+    rerun = subprocess.run(
+        [sys.executable, str(script), str(path), "0"], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     assert f"written {left} present {arr.nchunks - left}" in rerun.stdout
     np.testing.assert_array_equal(SiteStore.open(path).scan("s1").array("p")[...], reference)
 
