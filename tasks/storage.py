@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from tasks.errors import (
 )
 
 STORE_KIND = "fedscan-site-store"
+_CREATE_LOCK = threading.Lock()
 FORMAT_VERSION = 1
 SCANS = "scans"
 
@@ -518,11 +520,12 @@ class SiteStore:
     @classmethod
     def open_or_create(cls, store: StoreLike, *, site_id: str) -> SiteStore:
         """Open the store when it exists (checking it belongs to ``site_id``), else create it."""
-        local = _is_local_path(store)
-        exists = local.exists() if local is not None else _has_group(store)
-        if not exists:
-            return cls.create(store, site_id=site_id)
-        site = cls.open(store)
+        with _CREATE_LOCK:  # concurrent ingest tasks of one site in one process must not race here
+            local = _is_local_path(store)
+            exists = local.exists() if local is not None else _has_group(store)
+            if not exists:
+                return cls.create(store, site_id=site_id)
+            site = cls.open(store)
         if site.site_id != site_id:
             raise InvalidInputError(f"{site.uri} belongs to site {site.site_id!r}, not {site_id!r}")
         return site
