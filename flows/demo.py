@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from flows.ingest import IngestRequest, ingest_scans
 from schemas.demo import DemoSize, default_sites
+from tasks.demo.build import scan_rng
 from tasks.demo.generate import generate_scan
 from tasks.scanner_output import ScannerFormat, write_scanner_output
 from tasks.storage import SiteStore, site_store_uri
@@ -34,15 +34,13 @@ def make_scanner_output(
 ) -> dict[str, list[Path]]:
     """Simulate each site's scans and write them as scanner files under ``out/incoming/<site>/``."""
     sources: dict[str, list[Path]] = {}
-    site_seeds = np.random.SeedSequence(seed).spawn(n_sites)
-    for i, (profile, ss) in enumerate(zip(default_sites(n_sites), site_seeds, strict=True)):
-        rng = np.random.default_rng(ss)
+    for i, profile in enumerate(default_sites(n_sites)):
         for k in range(scans_per_site):
             scan = generate_scan(
                 profile,
                 n_slices=n_slices,
                 grid=profile.grid(size),
-                rng=rng,
+                rng=scan_rng(seed, i, k),
                 scan_id=f"{profile.site_id}-scan{k:03d}",
                 keep_counts=True,
             )

@@ -16,7 +16,7 @@ from typing import Annotated, Self
 
 from pydantic import Field, model_validator
 
-from schemas.base import FrozenModel
+from schemas.base import FrozenModel, StageConfig
 from schemas.geometry import BeamKind, DetectorShape, Geometry, ReconGrid
 from schemas.manifest import WATER_ATTENUATION_PER_MM, Identifier
 
@@ -41,10 +41,11 @@ class DemoSize(StrEnum):
 
 
 class AnatomyKind(StrEnum):
-    """Real CT slices that ship in packages and serve as anatomy templates."""
+    """Anatomy templates: real CT slices that ship in packages, or an analytic phantom."""
 
     ABDOMEN = "abdomen"  # pydicom-data explicit_VR-UN.dcm, 512², 0.859 mm
     HEAD = "head"  # pydicom J2K_pixelrep_mismatch.dcm, 512², 0.431 mm
+    SHEPP_LOGAN = "shepp_logan"  # the analytic modified Shepp–Logan head (tasks.phantoms), for checks
 
 
 FloatRange = Annotated[
@@ -69,9 +70,7 @@ class SiteProfile(FrozenModel):
     detector_shape: DetectorShape = DetectorShape.FLAT
     n_views_at_full_size: int = Field(gt=0, le=20000, description="Views over 360° on a 512² grid.")
     start_angle_deg: float = Field(default=0.0, ge=-360.0, le=360.0, description="Angle of view 0, degrees.")
-    source_to_isocenter_mm: float | None = Field(
-        default=None, gt=0, le=5000, description="Fan beam only, mm."
-    )
+    source_to_isocenter_mm: float | None = Field(default=None, gt=0, le=5000, description="Fan beam only, mm.")
     source_to_detector_mm: float | None = Field(default=None, gt=0, le=5000, description="Fan beam only, mm.")
     detector_cols_per_pixel: float = Field(
         default=1.0, ge=0.5, le=4.0, description="Detector columns per image pixel at the isocentre."
@@ -79,9 +78,7 @@ class SiteProfile(FrozenModel):
     display_fov_mm: float = Field(
         default=400.0, gt=50.0, le=700.0, description="Edge of the square reconstruction grid, mm."
     )
-    slice_thickness_mm: float = Field(
-        default=2.5, gt=0, le=20.0, description="Detector row pitch at isocentre, mm."
-    )
+    slice_thickness_mm: float = Field(default=2.5, gt=0, le=20.0, description="Detector row pitch at isocentre, mm.")
     i0_photons: float = Field(
         gt=0, le=1e9, description="Unattenuated photons per detector bin per view (dose per view)."
     )
@@ -106,25 +103,17 @@ class SiteProfile(FrozenModel):
         default=(AnatomyKind.ABDOMEN,), min_length=1, description="Templates, one drawn uniformly per scan."
     )
     rotation_max_deg: float = Field(default=8.0, ge=0, le=45.0, description="Patient rotation, ±degrees.")
-    scale_jitter_fraction: float = Field(
-        default=0.08, ge=0, le=0.3, description="Patient size change, ±fraction."
-    )
+    scale_jitter_fraction: float = Field(default=0.08, ge=0, le=0.3, description="Patient size change, ±fraction.")
     deformation_mm: float = Field(default=4.0, ge=0, le=30.0, description="Std of the smooth warp, mm.")
-    intensity_jitter_hu: float = Field(
-        default=12.0, ge=0, le=100.0, description="Std of the tissue offset, HU."
-    )
+    intensity_jitter_hu: float = Field(default=12.0, ge=0, le=100.0, description="Std of the tissue offset, HU.")
     z_correlation_mm: float = Field(
         default=40.0, gt=0, le=1000.0, description="Distance along z over which the anatomy changes, mm."
     )
 
     # ---- lesions -------------------------------------------------------------------------------
-    lesion_prevalence_fraction: float = Field(
-        ge=0, le=1, description="Target fraction of slices that show a lesion."
-    )
+    lesion_prevalence_fraction: float = Field(ge=0, le=1, description="Target fraction of slices that show a lesion.")
     lesion_contrast_hu: FloatRange = Field(description="Lesion minus background, HU (negative: hypodense).")
-    lesion_radius_mm: FloatRange = Field(
-        description="Lesion radius, mm (at least 1.5 pixels on coarse grids)."
-    )
+    lesion_radius_mm: FloatRange = Field(description="Lesion radius, mm (at least 1.5 pixels on coarse grids).")
     lobulated_fraction: float = Field(default=0.3, ge=0, le=1, description="Share of lobulated lesions.")
 
     @model_validator(mode="after")
@@ -134,9 +123,7 @@ class SiteProfile(FrozenModel):
         if self.lesion_radius_mm[0] <= 0:
             raise ValueError(f"lesion_radius_mm must be positive, got {self.lesion_radius_mm}")
         if max(abs(c) for c in self.lesion_contrast_hu) > 500:
-            raise ValueError(
-                f"lesion_contrast_hu {self.lesion_contrast_hu} is not a low-contrast insert (|c| <= 500)"
-            )
+            raise ValueError(f"lesion_contrast_hu {self.lesion_contrast_hu} is not a low-contrast insert (|c| <= 500)")
         if self.beam is BeamKind.FAN:
             sid, sdd = self.source_to_isocenter_mm, self.source_to_detector_mm
             if sid is None or sdd is None or sdd <= sid:
@@ -188,9 +175,7 @@ class SiteProfile(FrozenModel):
         }
         if self.beam is BeamKind.PARALLEL:
             half = math.ceil(radius / pitch_iso)
-            return Geometry(
-                beam=BeamKind.PARALLEL, n_detector_cols=2 * half, detector_pitch_mm=pitch_iso, **common
-            )
+            return Geometry(beam=BeamKind.PARALLEL, n_detector_cols=2 * half, detector_pitch_mm=pitch_iso, **common)
         sid, sdd = self.source_to_isocenter_mm, self.source_to_detector_mm
         assert sid is not None
         assert sdd is not None
@@ -261,7 +246,7 @@ def _base_sites() -> tuple[SiteProfile, SiteProfile, SiteProfile]:
         source_to_detector_mm=949.0,
         display_fov_mm=420.0,
         slice_thickness_mm=1.25,
-        i0_photons=2.5e3,
+        i0_photons=5.0e3,
         electronic_noise_counts=2.0,
         detector_crosstalk_fraction=0.12,
         anatomy=(AnatomyKind.ABDOMEN,),
@@ -310,12 +295,22 @@ def default_sites(n: int = 3) -> tuple[SiteProfile, ...]:
                     "description": f"variation {cycle} of site {base.site_id}: {base.description}",
                     "i0_photons": base.i0_photons * 0.5**cycle,
                     "start_angle_deg": (base.start_angle_deg + 17.0 * cycle) % 360.0,
-                    "lesion_prevalence_fraction": min(
-                        0.9, base.lesion_prevalence_fraction * (1 + 0.25 * cycle)
-                    ),
+                    "lesion_prevalence_fraction": min(0.9, base.lesion_prevalence_fraction * (1 + 0.25 * cycle)),
                     "lesion_contrast_hu": (lo + shift, hi + shift),
                 }
             )
         )
     # model_copy skips validation: validate the variations explicitly.
     return tuple(SiteProfile.model_validate(s.model_dump()) for s in sites)
+
+
+class DemoScanConfig(StageConfig):
+    """How one demo scan was made: its hash keys the idempotent rebuild of a demo store."""
+
+    profile: SiteProfile
+    grid_pixels: int = Field(ge=8, le=4096, description="Pixels per grid edge.")
+    n_slices: int = Field(ge=1, le=4096, description="Slices (= detector rows).")
+    seed: int = Field(ge=0, description="Root seed of the whole demo dataset.")
+    site_index: int = Field(ge=0, description="Spawn key of the site under the root seed.")
+    scan_index: int = Field(ge=0, description="Spawn key of the scan under its site.")
+    keep_counts: bool = Field(default=False, description="Raw detector counts stored beside the line integrals.")

@@ -541,6 +541,10 @@ def ingest(
         stage="ingest",
         config=config,
         outputs=outputs,
-        metrics=lambda _s: {"source_min": stats["min"], "source_max": stats["max"], "source_mean": stats["mean"]},
+        metrics=lambda _scan, _seconds: {
+            "source_min": stats["min"],
+            "source_max": stats["max"],
+            "source_mean": stats["mean"],
+        },
     )
     return IngestResult(sid, site.site_id, site.uri, tuple(o.name for o in outputs), result)

@@ -245,7 +245,8 @@ class StageResult:
     chunks_present: int
 
 
-MetricsFn = Callable[["ScanStore"], Mapping[str, float | int | str | bool | None]]
+#: ``metrics(scan, seconds)``: extra provenance metrics, computed after the last chunk was written.
+MetricsFn = Callable[["ScanStore", float], Mapping[str, float | int | str | bool | None]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,7 +437,7 @@ class ScanStore:
             "chunks_resumed": present,
         }
         if metrics is not None:
-            extra.update(metrics(self))
+            extra.update(metrics(self, elapsed))
         record = ProvenanceRecord(
             stage=stage,
             config=config.model_dump(mode="json"),
