@@ -1,0 +1,60 @@
+"""Small helpers shared by the benchmarks: the common flags, JSON output and a plain-text table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def parse_args(description: str, *, image: bool = False, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``--quick``, ``--json PATH`` and, for quality benchmarks, ``--image PATH.npy --pixel-mm MM``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 cores")
+    parser.add_argument("--json", type=Path, default=None, help="write rows and ratios to this JSON file")
+    if image:
+        parser.add_argument("--image", type=Path, default=None, help="2-D attenuation image (1/mm), .npy")
+        parser.add_argument("--pixel-mm", type=float, default=1.0, help="pixel size of --image, mm")
+    return parser.parse_args(argv)
+
+
+def best_time(fn: Callable[[], Any], *, repeat: int = 1) -> tuple[float, Any]:
+    """Shortest wall time of ``repeat`` calls (seconds) and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def write_json(path: Path | None, rows: list[dict[str, Any]], ratios: dict[str, float], **extra: Any) -> None:
+    """``{"rows": [...], "ratios": {...}, **extra}`` to ``path`` (nothing when ``path`` is None)."""
+    if path is not None:
+        path.write_text(json.dumps({"rows": rows, "ratios": ratios, **extra}, indent=2, default=float) + "\n")
+
+
+def print_table(rows: list[dict[str, Any]], ratios: dict[str, float] | None = None) -> None:
+    """Print rows as an aligned table (columns = union of keys, in first-seen order), then the ratios."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    table = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+    for key, value in (ratios or {}).items():
+        print(f"{key}: {cell(value)}")

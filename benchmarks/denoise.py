@@ -1,0 +1,329 @@
+"""Benchmark of the projection denoiser against no denoising, a Gaussian along views and BM3D-on-Anscombe.
+
+Every method's output is reconstructed by fedscan's own FBP, with the ram-lak and the Hann filter, and scored by
+PSNR / SSIM against the true image. Regimes (issue 5):
+
+* A: parallel beam, 720 views over 180 deg, high dose (I0 = 1e5);
+* B: fan beam, 360 views over 360 deg, medium dose (I0 = 2e4);
+* C: fan beam, 1440 views over 360 deg, low dose per view (I0 = 2.5e3);
+* SL: the modified Shepp–Logan phantom (exact analytic line integrals), parallel 360 views, I0 = 1e4;
+* clean: regime A's geometry without noise (a denoiser must not lower SSIM there).
+
+Noise model: counts ~ Poisson(I0·exp(-p)), zero counts clamped to 0.5 before the log. The image is a real
+abdomen slice from pydicom-data (``explicit_VR-UN.dcm``, HU → 1/mm with water 0.0192/mm), or ``--image``.
+
+Usage::
+
+    python benchmarks/denoise.py --quick --json out.json
+    python benchmarks/denoise.py --image slice.npy --pixel-mm 0.86   # also --size N (grid side), --seed S
+
+Ratios (against BM3D measured in the same run): ``psnr_gain_minus_bm3d_db`` (min over noisy regimes of the
+best mode's Hann-FBP gain minus BM3D's), ``speed_vs_bm3d`` (min over regimes of BM3D time / best-mode time),
+``bandwidth_fraction`` (best-mode throughput × 8 bytes per element / measured copy bandwidth), and
+``worker_scaling_2v1`` (dask threads, 2 workers vs 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import parse_args, write_json
+from schemas.denoise import DenoiseConfig, DenoiseDomain
+from schemas.geometry import Geometry
+from tasks.denoise.kernels import denoise_projections, estimate_noise_sigma
+
+WATER_PER_MM = 0.0192
+COUNTS_FLOOR = 0.5
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    beam: str
+    n_views: int
+    i0_photons: float | None  # None: noise-free
+    phantom: str  # "image" | "shepp-logan"
+
+
+def cases(quick: bool) -> list[Case]:
+    k = 4 if quick else 1  # --quick: a quarter of the views (same angular ranges)
+    return [
+        Case("A-parallel-720-I0=1e5", "parallel", 720 // k, 1e5, "image"),
+        Case("B-fan-360-I0=2e4", "fan", 360 // k, 2e4, "image"),
+        Case("C-fan-1440-I0=2.5e3", "fan", 1440 // k, 2.5e3, "image"),
+        Case("SL-parallel-360-I0=1e4", "parallel", 360 // k, 1e4, "shepp-logan"),
+        Case("clean-parallel-720", "parallel", 720 // k, None, "image"),
+    ]
+
+
+def geometry_for(case: Case, n: int, pixel_mm: float) -> Geometry:
+    grid = {"nx_pixels": n, "ny_pixels": n, "pixel_size_mm": pixel_mm}
+    cols = math.ceil(n * 1.45)
+    if case.beam == "parallel":
+        return Geometry(
+            beam="parallel",
+            n_views=case.n_views,
+            angular_range_deg=180.0,
+            n_detector_cols=cols,
+            detector_pitch_mm=pixel_mm,
+            grid=grid,
+        )
+    return Geometry(
+        beam="fan",
+        n_views=case.n_views,
+        angular_range_deg=360.0,
+        n_detector_cols=cols,
+        detector_pitch_mm=2.0 * pixel_mm,  # magnification 2: the same sampling at the isocentre
+        source_to_isocenter_mm=1.5 * n * pixel_mm,
+        source_to_detector_mm=3.0 * n * pixel_mm,
+        grid=grid,
+    )
+
+
+def load_image(path: Path | None, pixel_mm: float | None, n: int) -> tuple[np.ndarray, float]:
+    """The test image (1/mm) resampled to n × n, and its pixel size in mm."""
+    from skimage.transform import resize
+
+    if path:
+        image = np.load(path).astype(np.float32)
+        if image.ndim != 2 or pixel_mm is None:
+            raise SystemExit("--image needs a 2-D .npy array in 1/mm and --pixel-mm")
+        source_mm = pixel_mm
+    else:
+        import pydicom
+        from pydicom.data import get_testdata_file
+
+        ds = pydicom.dcmread(str(get_testdata_file("explicit_VR-UN.dcm")))
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        image = np.clip((hu / 1000.0 + 1.0) * WATER_PER_MM, 0.0, None).astype(np.float32)
+        source_mm = float(ds.PixelSpacing[0])
+    side = max(image.shape)
+    out = resize(image, (n, n), anti_aliasing=True, preserve_range=True).astype(np.float32)
+    return np.clip(out, 0.0, None), source_mm * side / n
+
+
+def simulate(clean: np.ndarray, i0: float | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    if i0 is None:
+        return clean.astype(np.float32), None
+    counts = np.maximum(rng.poisson(i0 * np.exp(-clean.astype(np.float64))), COUNTS_FLOOR)
+    return np.log(i0 / counts).astype(np.float32), counts
+
+
+def unbiased_inverse_anscombe(z: np.ndarray) -> np.ndarray:
+    r = math.sqrt(1.5)
+    z = np.maximum(z, 1.0)
+    return 0.25 * z**2 + 0.25 * r / z - 1.375 / z**2 + 0.625 * r / z**3 - 0.125
+
+
+def bm3d_anscombe(noisy: np.ndarray, i0: float) -> np.ndarray:
+    """BM3D on Anscombe-stabilised counts (σ estimated from the data), exact unbiased inverse, log."""
+    import bm3d
+
+    counts = i0 * np.exp(-noisy.astype(np.float64))
+    z = 2.0 * np.sqrt(counts + 0.375)
+    idx = np.arange(0, noisy.shape[0] - 2, max(1, (noisy.shape[0] - 2) // 64))[:, None] + np.arange(3)
+    sigma = estimate_noise_sigma(noisy[idx][:, :, None, :], domain=DenoiseDomain.ANSCOMBE, i0_photons=i0)
+    zd = bm3d.bm3d(z, sigma_psd=sigma)
+    return np.log(i0 / np.maximum(unbiased_inverse_anscombe(zd), COUNTS_FLOOR)).astype(np.float32)
+
+
+def gaussian_views(noisy: np.ndarray, sigma_views: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(noisy, sigma_views, axis=0, mode="wrap").astype(np.float32)
+
+
+def best_config() -> DenoiseConfig:
+    return DenoiseConfig()
+
+
+def methods(case: Case, geometry: Geometry) -> dict[str, object]:
+    paper = DenoiseConfig.paper()
+    best = best_config()
+    periodic = geometry.is_full_circle
+    i0 = case.i0_photons
+    out: dict[str, object] = {"none": lambda s: s, "gauss-views": lambda s: gaussian_views(s, 1.0)}
+    if i0 is not None:
+        out["bm3d-anscombe"] = lambda s: bm3d_anscombe(s, i0)
+    out["fedscan-paper"] = lambda s: denoise_projections(s[:, None], config=paper, periodic=periodic)[:, 0]
+    if i0 is not None:
+        out["fedscan-best"] = lambda s: denoise_projections(s[:, None], config=best, periodic=periodic, i0_photons=i0)[
+            :, 0
+        ]
+    else:  # no noise model without a dose: a nominal I0 (the auto threshold then sees ~no noise)
+        out["fedscan-best"] = lambda s: denoise_projections(s[:, None], config=best, periodic=periodic, i0_photons=1e5)[
+            :, 0
+        ]
+    return out
+
+
+def score(rec: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    from skimage.metrics import structural_similarity
+
+    rng_ = float(truth.max() - truth.min())
+    mse = float(np.mean((rec - truth) ** 2))
+    psnr = 10.0 * math.log10(rng_**2 / mse)
+    ssim = float(structural_similarity(truth, rec.astype(np.float32), data_range=rng_))
+    return psnr, ssim
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+    """Read+write bandwidth of a large numpy copy (best of 3), bytes/s."""
+    a = np.ones(64 * 2**20 // 4 * 4, dtype=np.float32)  # 256 MB
+    b = np.empty_like(a)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best
+
+
+def worker_scaling(noisy: np.ndarray, i0: float, geometry: Geometry) -> tuple[float, float]:
+    """Seconds for a stack of rows denoised by dask threads with 1 and with 2 workers."""
+    import dask
+    import dask.array as da
+
+    from tasks.denoise.chunked import denoise_dask
+
+    stack = np.repeat(noisy[:, None, :], 4, axis=1)
+    config = best_config()
+    x = da.from_array(stack, chunks=(max(config.view_halo, stack.shape[0] // 8), -1, -1))
+    lazy, _ = denoise_dask(x, config=config, geometry=None, i0_photons=i0)
+    times = []
+    for workers in (1, 2):
+        t0 = time.perf_counter()
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            lazy.compute()
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]
+
+
+def main() -> None:
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--size", type=int, help="reconstruction grid side, pixels (default 96 quick / 256)")
+    extra.add_argument("--seed", type=int, default=0, help="seed of the Poisson noise")
+    own, rest = extra.parse_known_args()
+    args = parse_args(__doc__.split("\n")[0], image=True, argv=rest)
+    args.size, args.seed = own.size, own.seed
+
+    import torch
+
+    from tasks.phantoms import line_integrals, render, shepp_logan
+    from tasks.reconstruct.kernels import fbp, forward_project
+
+    # One torch thread per call: parallelism is Dask's (see worker_scaling_2v1); on a shared 2-core machine
+    # torch's own threads made small calls 5x slower.
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    n = args.size or (96 if args.quick else 256)
+    image, pixel_mm = load_image(args.image, args.pixel_mm, n)
+    rng = np.random.default_rng(args.seed)
+    rows: list[dict[str, object]] = []
+    header = f"{'case':24s} {'method':14s} {'PSNR rl':>8s} {'gain':>6s} {'PSNR hn':>8s} {'gain':>6s} "
+    header += f"{'SSIM rl':>7s} {'SSIM hn':>7s} {'time s':>8s} {'Melem/s':>8s}"
+    print(header)
+    scaling_input: tuple[np.ndarray, float, Geometry] | None = None
+    for case in cases(args.quick):
+        geometry = geometry_for(case, n, pixel_mm)
+        if case.phantom == "shepp-logan":
+            ellipses = shepp_logan(0.45 * n * pixel_mm)
+            truth = render(ellipses, geometry.grid, supersample=4)
+            clean = line_integrals(ellipses, geometry).astype(np.float32)
+            clean = clean.reshape(geometry.n_views, geometry.n_detector_cols)
+        else:
+            truth = image
+            clean = np.asarray(forward_project(image[None], geometry))[0]
+        noisy, _ = simulate(clean, case.i0_photons, rng)
+        if case.name.startswith("C") and case.i0_photons is not None:
+            scaling_input = (noisy, case.i0_photons, geometry)
+        base: dict[str, float] = {}
+        for name, method in methods(case, geometry).items():
+            t0 = time.perf_counter()
+            out = method(noisy)  # type: ignore[operator]
+            elapsed = time.perf_counter() - t0 if name != "none" else 0.0
+            row: dict[str, object] = {"case": case.name, "method": name, "views": case.n_views, "cols": n}
+            row["cols"] = geometry.n_detector_cols
+            filters: tuple[tuple[Literal["ram-lak", "hann"], str], ...] = (("ram-lak", "ramlak"), ("hann", "hann"))
+            for filt, key in filters:
+                rec = np.asarray(fbp(out[None], geometry, filter_name=filt))[0]
+                psnr, ssim = score(rec, truth)
+                row[f"psnr_{key}_db"] = round(psnr, 3)
+                row[f"ssim_{key}"] = round(ssim, 4)
+                if name == "none":
+                    base[key] = psnr
+                row[f"gain_{key}_db"] = round(psnr - base[key], 3)
+            row["sinogram_mse"] = float(np.mean((out - clean) ** 2))
+            row["time_s"] = round(elapsed, 4)
+            row["elements_per_s"] = round(noisy.size / elapsed) if elapsed > 0 else None
+            rows.append(row)
+            eps = float(noisy.size / elapsed) if elapsed > 0 else 0.0
+            print(
+                f"{case.name:24s} {name:14s} {row['psnr_ramlak_db']:8.2f} {row['gain_ramlak_db']:+6.2f} "
+                f"{row['psnr_hann_db']:8.2f} {row['gain_hann_db']:+6.2f} {row['ssim_ramlak']:7.4f} "
+                f"{row['ssim_hann']:7.4f} {elapsed:8.3f} {eps / 1e6:8.2f}",
+                flush=True,
+            )
+
+    def get(case: str, method: str, key: str) -> float:
+        for r in rows:
+            if r["case"] == case and r["method"] == method:
+                return float(r[key])  # type: ignore[arg-type]
+        raise KeyError((case, method))
+
+    noisy_cases = [c.name for c in cases(args.quick) if c.i0_photons is not None]
+    gains = {
+        key: [get(c, "fedscan-best", f"gain_{key}_db") - get(c, "bm3d-anscombe", f"gain_{key}_db") for c in noisy_cases]
+        for key in ("hann", "ramlak")
+    }
+    speed = [get(c, "bm3d-anscombe", "time_s") / get(c, "fedscan-best", "time_s") for c in noisy_cases]
+    bandwidth = copy_bandwidth_bytes_per_s()
+    throughput = max(get(c, "fedscan-best", "elements_per_s") for c in noisy_cases)
+    clean_case = next(c.name for c in cases(args.quick) if c.i0_photons is None)
+    ratios: dict[str, object] = {
+        "psnr_gain_minus_bm3d_db": round(min(gains["hann"]), 3),
+        "psnr_gain_minus_bm3d_db_ramlak": round(min(gains["ramlak"]), 3),
+        "psnr_gain_minus_bm3d_db_by_case_hann": dict(
+            zip(noisy_cases, [round(g, 3) for g in gains["hann"]], strict=True)
+        ),
+        "min_gain_hann_db": round(min(get(c, "fedscan-best", "gain_hann_db") for c in noisy_cases), 3),
+        "min_gain_ramlak_db": round(min(get(c, "fedscan-best", "gain_ramlak_db") for c in noisy_cases), 3),
+        "clean_ssim_hann_best_minus_none": round(
+            get(clean_case, "fedscan-best", "ssim_hann") - get(clean_case, "none", "ssim_hann"), 5
+        ),
+        "clean_ssim_ramlak_best_minus_none": round(
+            get(clean_case, "fedscan-best", "ssim_ramlak") - get(clean_case, "none", "ssim_ramlak"), 5
+        ),
+        "speed_vs_bm3d": round(min(speed), 1),
+        "speed_vs_bm3d_by_case": dict(zip(noisy_cases, [round(s, 1) for s in speed], strict=True)),
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "throughput_elements_per_s": throughput,
+        "bandwidth_fraction": round(throughput * 8 / bandwidth, 5),
+        "config_best": best_config().model_dump(mode="json"),
+        "config_best_hash": best_config().config_hash(),
+        "size_pixels": n,
+    }
+    if scaling_input is not None:
+        t1, t2 = worker_scaling(*scaling_input)
+        ratios["worker_scaling_2v1"] = round(t1 / t2, 3)
+        ratios["worker_seconds_1_2"] = [round(t1, 3), round(t2, 3)]
+    print()
+    for key, value in ratios.items():
+        if key != "config_best":
+            print(f"{key}: {value}")
+    write_json(args.json, rows, ratios)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

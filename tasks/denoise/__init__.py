@@ -1,0 +1,1 @@
+"""Projection-domain denoising: pure kernels (``kernels``) and the lazy dask driver (``chunked``)."""

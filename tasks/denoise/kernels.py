@@ -1,0 +1,578 @@
+"""Projection-domain denoising by neighbouring-view similarity (low rank of view groups), pure torch/numpy.
+
+Method (arXiv:2412.06135, METHODS.md §1): neighbouring views are nearly identical, so a block of ``t``
+consecutive views of a detector tile — a ``t × M`` matrix, one row per view — is nearly low rank. Each block is
+rebuilt from its leading singular components; overlapping blocks are averaged.
+
+Numerics: for every block ``X`` (``t × M``) the ``t × t`` Gram matrix ``X Xᵀ`` is eigendecomposed (float64,
+batched over all blocks of an array in one ``torch.linalg.eigh`` call), giving ``X = Σ s_i v_i (v_iᵀX)/s_i``.
+The estimate is ``P X`` with ``P = V diag(w) Vᵀ``, where ``w_i ∈ [0, 1]`` is the keep/shrink factor of
+component ``i`` — no left singular vectors are formed. The optional second pass is an empirical Wiener filter
+in the basis of the first estimate ``Ŷ``: ``P = Ĝ (Ĝ + Mσ² I)⁻¹`` with ``Ĝ = Ŷ Ŷᵀ``, one batched Cholesky (no
+eigh); the first pass then runs on non-overlapping blocks by default (``first_pass_*_stride``).
+
+Overlaps are added back phase by phase: blocks whose first views differ by a multiple of ``t`` (and tiles by a
+multiple of the tile) do not overlap, so each phase is one vectorised reshape-and-add; the Python loop runs over
+the ``(t/stride) · (tile/tile_stride)`` phases, never over blocks.
+
+Blocks are anchored to absolute view indices (group starts at multiples of the stride), so a chunk of views with
+a halo of ``config.view_halo`` views on each side gives exactly the rows of the whole-array result:
+:func:`denoise_view_window` is the chunk kernel, :func:`denoise_projections` the whole-array one.
+
+Noise model: counts ~ Poisson(I0·exp(-p)), clamped to a small positive floor before the log. In the
+``anscombe`` domain the block values are ``2·sqrt(I0·exp(-p) + 3/8)`` (unit noise variance), inverted with the
+closed-form exact unbiased inverse of Mäkitalo & Foi (2011).
+
+References
+----------
+.. [1] arXiv:2412.06135, projection denoising by similarity of neighbouring views (rank-1 SVD of view groups).
+.. [2] M. Gavish, D. L. Donoho, "The optimal hard threshold for singular values is 4/√3", IEEE TIT 60 (2014).
+.. [3] M. Gavish, D. L. Donoho, "Optimal shrinkage of singular values", IEEE TIT 63 (2017).
+.. [4] M. Mäkitalo, A. Foi, "A closed-form approximation of the exact unbiased inverse of the Anscombe
+   variance-stabilizing transformation", IEEE TIP 20 (2011).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from schemas.denoise import DenoiseConfig, DenoiseDomain, ThresholdMode, ViewBoundary
+from schemas.geometry import Geometry
+from tasks.errors import DeviceUnavailableError, InvalidInputError
+
+#: Line integrals below ``-NEGATIVE_TOLERANCE_SIGMA · σ`` cannot come from noise around an air reading.
+NEGATIVE_TOLERANCE_SIGMA = 8.0
+#: 1.4826 · MAD estimates a Gaussian σ.
+_MAD_TO_SIGMA = 1.482602218505602
+
+FloatArray = npt.NDArray[np.float32]
+
+
+# ---- validation and small helpers ---------------------------------------------------------------------------
+def _as_projections(projections: npt.ArrayLike) -> FloatArray:
+    arr = np.asarray(projections)
+    if arr.ndim != 3:
+        raise InvalidInputError(f"projections must be (views, rows, cols); got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InvalidInputError(f"projections must be floating-point line integrals; got dtype {arr.dtype}")
+    return arr.astype(np.float32, copy=False)
+
+
+def check_finite(projections: FloatArray, *, view_offset: int = 0) -> None:
+    """Raise :class:`InvalidInputError` naming the first view and row that hold a NaN or infinity.
+
+    Parameters
+    ----------
+    projections : ndarray, shape (views, rows, cols)
+        Line integrals.
+    view_offset : int
+        Absolute index of ``projections[0]`` in the scan (for the message).
+    """
+    bad = ~np.isfinite(projections)
+    if bad.any():
+        v, r, c = (int(i) for i in np.argwhere(bad)[0])
+        raise InvalidInputError(
+            f"projections hold {int(bad.sum())} non-finite value(s); the first is {projections[v, r, c]} "
+            f"at view {v + view_offset}, row {r}, col {c}"
+        )
+
+
+def check_not_negative(projections: FloatArray, *, tolerance: float, view_offset: int = 0) -> None:
+    """Refuse line integrals below ``-tolerance`` (more negative than noise around an air reading can make).
+
+    Parameters
+    ----------
+    projections : ndarray, shape (views, rows, cols)
+        Line integrals (dimensionless).
+    tolerance : float
+        Largest negative excursion noise can explain, dimensionless (≥ 0).
+    view_offset : int
+        Absolute index of ``projections[0]`` in the scan (for the message).
+    """
+    low = projections < -tolerance
+    if low.any():
+        flat = int(np.argmin(projections))
+        v, r, c = np.unravel_index(flat, projections.shape)
+        raise InvalidInputError(
+            f"{int(low.sum())} line integral(s) lie below -{tolerance:.4g} (the noise tolerance); the most "
+            f"negative is {float(projections[v, r, c]):.4g} at view {int(v) + view_offset}, row {int(r)}, "
+            f"col {int(c)}: the data are not -log(I/I0) with the right I0 (air calibration?)"
+        )
+
+
+def resolve_periodic(config: DenoiseConfig, geometry: Geometry | None, *, n_views: int) -> bool:
+    """Whether the view axis wraps around, from ``config.view_boundary`` and the scan's geometry.
+
+    Raises
+    ------
+    InvalidInputError
+        Periodic views asked for where the geometry does not cover a full circle (or is unknown), or the
+        geometry's view count differs from the array's.
+    """
+    if geometry is not None and geometry.n_views != n_views:
+        raise InvalidInputError(f"the geometry has {geometry.n_views} views but the projections have {n_views}")
+    full = geometry is not None and geometry.is_full_circle
+    if config.view_boundary is ViewBoundary.PERIODIC:
+        if not full:
+            span = "unknown" if geometry is None else f"{geometry.angular_range_deg} deg"
+            raise InvalidInputError(
+                f"view_boundary=periodic needs a full-circle scan (360 deg); the angular range is {span}: "
+                "use view_boundary=mirror or auto"
+            )
+        return True
+    if config.view_boundary is ViewBoundary.MIRROR:
+        return False
+    return full
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """Turn ``device`` into a :class:`torch.device`, refusing CUDA where there is none."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"device {dev} asked for but torch sees no CUDA device here")
+    return dev
+
+
+def check_view_count(n_views: int, config: DenoiseConfig) -> None:
+    if n_views < config.views_per_group:
+        raise InvalidInputError(
+            f"{n_views} view(s) are fewer than views_per_group={config.views_per_group}: a group needs "
+            "that many consecutive views"
+        )
+
+
+def noise_sample_views(n_views: int, *, n_triplets: int) -> npt.NDArray[np.int64]:
+    """Indices of the evenly spaced triplets of consecutive views the noise σ is estimated from.
+
+    Depends only on ``n_views`` and ``n_triplets`` (never on chunking). Shape ``(k, 3)``, ``k ≤ n_triplets``.
+    """
+    if n_views < 3:
+        raise InvalidInputError(f"estimating the noise needs at least 3 views; got {n_views}")
+    k = min(n_triplets, n_views // 3)
+    starts = (np.arange(k, dtype=np.int64) * (n_views - 2)) // k
+    return starts[:, None] + np.arange(3, dtype=np.int64)[None, :]
+
+
+# ---- domain transforms --------------------------------------------------------------------------------------
+def to_domain(line_integrals: torch.Tensor, *, domain: DenoiseDomain, i0_photons: float | None) -> torch.Tensor:
+    """Map line integrals to the values the low-rank model denoises (float32 → float32)."""
+    if domain is DenoiseDomain.LOG:
+        return line_integrals
+    assert i0_photons is not None
+    counts = i0_photons * torch.exp(-line_integrals)
+    return 2.0 * torch.sqrt(counts + 0.375)
+
+
+def from_domain(
+    values: torch.Tensor, *, domain: DenoiseDomain, i0_photons: float | None, counts_floor: float
+) -> torch.Tensor:
+    """Inverse of :func:`to_domain` (Anscombe: the closed-form exact unbiased inverse, counts clamped)."""
+    if domain is DenoiseDomain.LOG:
+        return values
+    assert i0_photons is not None
+    z = torch.clamp(values, min=1.0)
+    r = math.sqrt(1.5)
+    counts = 0.25 * z**2 + 0.25 * r / z - 1.375 / z**2 + 0.625 * r / z**3 - 0.125
+    return torch.log(i0_photons / torch.clamp(counts, min=counts_floor))
+
+
+def require_i0(config: DenoiseConfig, i0_photons: float | None) -> float | None:
+    if config.domain is DenoiseDomain.ANSCOMBE:
+        if i0_photons is None or not math.isfinite(i0_photons) or i0_photons <= 0:
+            raise InvalidInputError(
+                f"domain=anscombe needs the unattenuated photons per bin i0_photons > 0; got {i0_photons}"
+            )
+        return float(i0_photons)
+    return None
+
+
+# ---- noise level --------------------------------------------------------------------------------------------
+def estimate_noise_sigma(
+    samples: npt.ArrayLike, *, domain: DenoiseDomain = DenoiseDomain.LOG, i0_photons: float | None = None
+) -> float:
+    """Noise σ per element, from triplets of consecutive views (robust: MAD of second differences).
+
+    The second difference ``x[v-1] - 2x[v] + x[v+1]`` along views cancels the slowly varying signal and keeps
+    white noise with variance ``6σ²``; the median absolute deviation ignores the few edges where the signal
+    moves fast.
+
+    Parameters
+    ----------
+    samples : array_like, shape (k, 3, rows, cols)
+        ``k`` triplets of consecutive views of line integrals (see :func:`noise_sample_views`).
+    domain, i0_photons
+        The domain σ is wanted in (``anscombe`` needs ``i0_photons``).
+
+    Returns
+    -------
+    float
+        σ in the domain's units (≈ 1 in the Anscombe domain when ``i0_photons`` is right).
+    """
+    arr = np.asarray(samples, dtype=np.float32)
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise InvalidInputError(f"noise samples must be (k, 3, rows, cols); got {arr.shape}")
+    values = to_domain(torch.from_numpy(arr), domain=domain, i0_photons=i0_photons).double()
+    d2 = (values[:, 0] - 2.0 * values[:, 1] + values[:, 2]).reshape(-1)
+    mad = torch.median(torch.abs(d2 - torch.median(d2)))
+    return float(_MAD_TO_SIGMA * mad / math.sqrt(6.0))
+
+
+def estimate_noise_sigma_of(projections: npt.ArrayLike, *, config: DenoiseConfig, i0_photons: float | None) -> float:
+    """σ of a whole in-memory scan, from the same view triplets the chunked driver uses."""
+    arr = _as_projections(projections)
+    idx = noise_sample_views(arr.shape[0], n_triplets=config.noise_sample_triplets)
+    return estimate_noise_sigma(arr[idx], domain=config.domain, i0_photons=require_i0(config, i0_photons))
+
+
+# ---- shrinkage rules ----------------------------------------------------------------------------------------
+def _gd_hard_lambda(beta: float) -> float:
+    """Gavish–Donoho optimal hard threshold λ*(β) for known noise (threshold = λ*·sqrt(n)·σ)."""
+    return math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta**2 + 14 * beta + 1)))
+
+
+def _keep_factors(
+    s: torch.Tensor, *, mode: ThresholdMode, value: float, sigma: float, n_long: int, n_short: int
+) -> torch.Tensor:
+    """Factors ``w ∈ [0, 1]`` for singular values ``s`` (…, t), ascending order (as ``eigh`` returns them)."""
+    if mode is ThresholdMode.RELATIVE:
+        return (s >= value * s[..., -1:]).to(s.dtype)
+    if mode is ThresholdMode.ABSOLUTE:
+        return (s >= value).to(s.dtype)
+    beta = n_short / n_long
+    scale = math.sqrt(n_long) * sigma * (value if mode is ThresholdMode.AUTO else 1.0)
+    if scale <= 0:  # no noise: keep everything
+        return torch.ones_like(s)
+    if mode is ThresholdMode.AUTO_HARD:
+        return (s >= value * _gd_hard_lambda(beta) * scale).to(s.dtype)
+    y = s / scale  # optimal Frobenius shrinkage η(y) = sqrt((y² - β - 1)² - 4β) / y above the bulk edge
+    edge = 1.0 + math.sqrt(beta)
+    inner = torch.clamp((y**2 - beta - 1.0) ** 2 - 4.0 * beta, min=0.0)
+    eta = torch.where(y > edge, torch.sqrt(inner) / torch.clamp(y, min=1e-30), torch.zeros_like(y))
+    return eta / torch.clamp(y, min=1e-30)
+
+
+# ---- the block machinery ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Axis:
+    """Block layout along one axis: window ``size``, ``step`` between windows (divides size)."""
+
+    size: int
+    step: int
+
+    def starts(self, lo: int, hi: int) -> tuple[int, int]:
+        """First and number of window starts (multiples of step) whose windows meet ``[lo, hi)``."""
+        first = -((-(lo - self.size + 1)) // self.step) * self.step
+        last = ((hi - 1) // self.step) * self.step
+        return first, (last - first) // self.step + 1
+
+
+def _symmetric_index(lo: int, hi: int, n: int) -> torch.Tensor:
+    """Indices ``lo..hi-1`` mirrored into ``[0, n)`` like numpy's ``symmetric`` padding."""
+    idx = np.arange(lo, hi) % (2 * n)
+    idx = np.where(idx >= n, 2 * n - 1 - idx, idx)
+    return torch.from_numpy(idx.astype(np.int64))
+
+
+def _block_axes(config: DenoiseConfig, rows: int, cols: int, *, pilot: bool) -> tuple[_Axis, _Axis, _Axis]:
+    """Layouts along views, rows and cols; the pilot (first of two passes) may use coarser strides."""
+    two = pilot and config.second_pass
+    sv = config.view_stride
+    if two:
+        sv = config.first_pass_view_stride or config.views_per_group
+    tr = config.tile_rows if config.tile_rows is not None else rows
+    tc = config.tile_cols if config.tile_cols is not None else cols
+    tr, tc = min(tr, rows), min(tc, cols)
+    sr = config.tile_stride_rows if config.tile_stride_rows is not None else tr
+    sc = config.tile_stride_cols if config.tile_stride_cols is not None else tc
+    if two:
+        sc = config.first_pass_tile_stride_cols or tc
+    if tr % sr or tc % sc:  # a tile clipped to a small detector: no overlap then
+        sr, sc = (tr if tr % sr else sr), (tc if tc % sc else sc)
+    return _Axis(config.views_per_group, sv), _Axis(tr, sr), _Axis(tc, sc)
+
+
+#: cuSOLVER's batched eigh failed (internal error) on ~23k 16×16 matrices at once on an H100: split there.
+_CUDA_EIGH_BATCH = 4096
+
+
+def _batched_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` over a batch, in pieces on CUDA."""
+    if gram.device.type != "cuda" or gram.shape[0] <= _CUDA_EIGH_BATCH:
+        return torch.linalg.eigh(gram)
+    parts = [torch.linalg.eigh(g) for g in torch.split(gram, _CUDA_EIGH_BATCH)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _lowrank_pass(
+    noisy: torch.Tensor,
+    pilot: torch.Tensor | None,
+    *,
+    first_view: int,
+    out_lo: int,
+    out_hi: int,
+    config: DenoiseConfig,
+    sigma: float,
+) -> torch.Tensor:
+    """Low-rank estimate of views ``[out_lo, out_hi)`` (absolute) from an extended window of views.
+
+    ``noisy`` (and ``pilot``, the first estimate, for the Wiener pass) hold views ``first_view …`` and must
+    cover every group that meets the output range. Returns ``(out_hi - out_lo, rows, cols)``.
+    """
+    n_ext, rows, cols = noisy.shape
+    vax, rax, cax = _block_axes(config, rows, cols, pilot=pilot is None)
+    v0, nbv = vax.starts(out_lo, out_hi)
+    r0, nbr = rax.starts(0, rows)
+    c0, nbc = cax.starts(0, cols)
+    lo, hi = v0 - first_view, v0 + (nbv - 1) * vax.step + vax.size - first_view
+    if lo < 0 or hi > n_ext:
+        raise AssertionError(f"view window [{lo}, {hi}) exceeds the extended array of {n_ext} views")
+    r_idx = _symmetric_index(r0, r0 + (nbr - 1) * rax.step + rax.size, rows).to(noisy.device)
+    c_idx = _symmetric_index(c0, c0 + (nbc - 1) * cax.step + cax.size, cols).to(noisy.device)
+
+    def blocks_of(a: torch.Tensor) -> torch.Tensor:
+        sub = a[lo:hi].index_select(1, r_idx).index_select(2, c_idx)
+        b = sub.unfold(0, vax.size, vax.step).unfold(1, rax.size, rax.step).unfold(2, cax.size, cax.step)
+        # (nbv, nbr, nbc, t, tr, tc) -> (B, t, M)
+        return b.reshape(nbv * nbr * nbc, vax.size, rax.size * cax.size)
+
+    x = blocks_of(noisy)
+    t, m = x.shape[1], x.shape[2]
+    n_long, n_short = max(t, m), min(t, m)
+    x64 = x.double()
+    if pilot is None:
+        lam, vecs = _batched_eigh(x64 @ x64.mT)
+        s = torch.sqrt(torch.clamp(lam, min=0.0))
+        w = _keep_factors(
+            s,
+            mode=config.threshold_mode,
+            value=config.threshold_value,
+            sigma=sigma,
+            n_long=n_long,
+            n_short=n_short,
+        )
+        proj = (vecs * w.unsqueeze(-2)) @ vecs.mT  # V diag(w) Vᵀ, (B, t, t)
+    elif sigma > 0:
+        # Empirical Wiener in the pilot's basis, w_i = e_i / (e_i + M σ²) with e_i the pilot's energies, is
+        # the matrix function P = I - Mσ² (Ĝ + Mσ² I)⁻¹ of the pilot's Gram Ĝ: a Cholesky, no eigh.
+        p64 = blocks_of(pilot).double()
+        eye = torch.eye(t, dtype=torch.float64, device=x.device)
+        chol = torch.linalg.cholesky(p64 @ p64.mT + (m * sigma**2) * eye)
+        proj = eye - (m * sigma**2) * torch.cholesky_inverse(chol)
+    else:
+        proj = torch.eye(t, dtype=torch.float64, device=x.device).expand(x.shape[0], t, t)
+    if config.weighted_aggregation:
+        gain = (proj**2).sum((-2, -1)).clamp(min=1.0)  # Σ w_i² = ‖P‖_F²: the block's noise gain, ≥ 1
+        weight = 1.0 / gain
+        proj = proj * weight[:, None, None]  # weighted blocks: the weight rides along in P
+    else:
+        weight = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    est = (proj.to(x.dtype) @ x).reshape(nbv, nbr, nbc, t, rax.size, cax.size)
+
+    shape = (hi - lo, r_idx.numel(), c_idx.numel())
+    acc = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    pv, pr, pc = vax.size // vax.step, rax.size // rax.step, cax.size // cax.step
+    for i in range(pv):  # phases: blocks i, i+pv, … along views do not overlap (likewise for tiles)
+        for j in range(pr):
+            for k in range(pc):
+                e = est[i::pv, j::pr, k::pc]
+                a, b, c = e.shape[:3]
+                if a == 0 or b == 0 or c == 0:
+                    continue
+                sl = (
+                    slice(i * vax.step, i * vax.step + a * vax.size),
+                    slice(j * rax.step, j * rax.step + b * rax.size),
+                    slice(k * cax.step, k * cax.step + c * cax.size),
+                )
+                tgt = acc[sl].unflatten(0, (a, vax.size)).unflatten(2, (b, rax.size)).unflatten(4, (c, cax.size))
+                tgt += e.permute(0, 3, 1, 4, 2, 5)
+    # Sum of the weights of the blocks covering each element: a box sum of the block-weight grid over the
+    # (pv, pr, pc) blocks that cover one (step × step × step) cell, then repeated over the cell.
+    wgrid = torch.nn.functional.pad(
+        weight.reshape(1, 1, nbv, nbr, nbc), (pc - 1, pc - 1, pr - 1, pr - 1, pv - 1, pv - 1)
+    )
+    cells = torch.nn.functional.avg_pool3d(wgrid, (pv, pr, pc), stride=1, divisor_override=1)[0, 0]
+    wsum = (
+        cells.to(x.dtype)
+        .repeat_interleave(vax.step, 0)
+        .repeat_interleave(rax.step, 1)
+        .repeat_interleave(cax.step, 2)[: shape[0], : shape[1], : shape[2]]
+    )
+    keep = (
+        slice(out_lo - v0, out_hi - v0),
+        slice(-r0, -r0 + rows),
+        slice(-c0, -c0 + cols),
+    )
+    return acc[keep] / wsum[keep]
+
+
+def denoise_view_window(
+    window: npt.ArrayLike,
+    *,
+    first_view: int,
+    halo: int,
+    config: DenoiseConfig,
+    noise_sigma: float,
+    i0_photons: float | None = None,
+    device: str | torch.device = "cpu",
+) -> FloatArray:
+    """Denoise the core views of a window that carries ``halo`` extra views on each side (the chunk kernel).
+
+    Parameters
+    ----------
+    window : array_like, shape (halo + n + halo, rows, cols)
+        Line integrals (dimensionless, float32); views beyond the scan's ends already padded (wrapped for a
+        full circle, mirrored otherwise).
+    first_view : int
+        Absolute view index of ``window[halo]`` (groups are anchored to absolute indices).
+    halo : int
+        Extra views on each side, ``≥ config.view_halo``.
+    config : DenoiseConfig
+        The denoiser's parameters.
+    noise_sigma : float
+        Noise σ in the domain's units, estimated once for the whole scan (:func:`estimate_noise_sigma`).
+    i0_photons : float, optional
+        Unattenuated photons per bin; needed by the ``anscombe`` domain.
+    device : str or torch.device
+        Where the blocks are computed.
+
+    Returns
+    -------
+    ndarray, shape (n, rows, cols), float32
+        Denoised line integrals of the core views.
+
+    Raises
+    ------
+    InvalidInputError
+        Non-finite values, line integrals more negative than noise allows, a halo too small.
+    DeviceUnavailableError
+        CUDA asked for where there is none.
+    """
+    arr = _as_projections(window)
+    if halo < config.view_halo:
+        raise InvalidInputError(f"halo={halo} views is less than the config needs ({config.view_halo})")
+    n_core = arr.shape[0] - 2 * halo
+    if n_core <= 0:
+        raise InvalidInputError(f"a window of {arr.shape[0]} views has no core views inside a halo of {halo}")
+    if not math.isfinite(noise_sigma) or noise_sigma < 0:
+        raise InvalidInputError(f"noise_sigma must be finite and >= 0; got {noise_sigma}")
+    i0 = require_i0(config, i0_photons)
+    check_finite(arr, view_offset=first_view - halo)
+    core = arr[halo : halo + n_core]
+    check_line_integrals(core, config=config, noise_sigma=noise_sigma, i0_photons=i0, view_offset=first_view)
+    dev = check_device(device)
+    data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
+    values = to_domain(data, domain=config.domain, i0_photons=i0)
+    ext_first = first_view - halo
+    lo, hi = first_view, first_view + n_core
+    if config.second_pass:
+        g = config.views_per_group - 1
+        pilot = _lowrank_pass(
+            values, None, first_view=ext_first, out_lo=lo - g, out_hi=hi + g, config=config, sigma=noise_sigma
+        )
+        pilot_ext = torch.zeros_like(values)
+        pilot_ext[halo - g : halo + n_core + g] = pilot
+        est = _lowrank_pass(
+            values, pilot_ext, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma
+        )
+    else:
+        est = _lowrank_pass(values, None, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma)
+    out = from_domain(est, domain=config.domain, i0_photons=i0, counts_floor=config.counts_floor_photons)
+    return out.to(torch.float32).cpu().numpy()
+
+
+def pad_views(projections: FloatArray, *, halo: int, periodic: bool) -> FloatArray:
+    """Pad ``halo`` views on both ends: wrapped for a full circle, else mirrored (numpy ``symmetric``)."""
+    n = projections.shape[0]
+    idx = np.arange(-halo, n + halo)
+    idx = idx % n if periodic else _symmetric_index(-halo, n + halo, n).numpy()
+    return projections[idx]
+
+
+def denoise_projections(
+    projections: npt.ArrayLike,
+    *,
+    config: DenoiseConfig,
+    periodic: bool,
+    i0_photons: float | None = None,
+    noise_sigma: float | None = None,
+    device: str | torch.device = "cpu",
+) -> FloatArray:
+    """Denoise a whole in-memory scan of line integrals by low rank of neighbouring-view groups.
+
+    Parameters
+    ----------
+    projections : array_like, shape (views, rows, cols)
+        Line integrals ``p = -log(I/I0)`` (dimensionless), float32. Never modified.
+    config : DenoiseConfig
+        The denoiser's parameters (:meth:`DenoiseConfig.paper` for the paper's mode).
+    periodic : bool
+        True for a full-circle scan (the view axis wraps around); see :func:`resolve_periodic`.
+    i0_photons : float, optional
+        Unattenuated photons per bin (needed by the ``anscombe`` domain).
+    noise_sigma : float, optional
+        Noise σ in the domain's units; estimated from the data (:func:`estimate_noise_sigma_of`) if None.
+    device : str or torch.device
+        Torch device for the blocks.
+
+    Returns
+    -------
+    ndarray, shape (views, rows, cols), float32
+        Denoised line integrals.
+
+    Raises
+    ------
+    InvalidInputError
+        Not 3-D, NaN/inf (names view and row), line integrals more negative than noise allows (says how many
+        and how negative), fewer views than ``views_per_group``, ``anscombe`` without ``i0_photons``.
+    DeviceUnavailableError
+        CUDA asked for where there is none.
+
+    Notes
+    -----
+    On pure white noise the paper's mode (rank 1, non-overlapping groups of ``t`` views, blocks of ``M``
+    elements) keeps about ``(1 + sqrt(t/M))² / t`` of the noise variance; the automatic modes remove nearly all
+    of it.
+    """
+    arr = _as_projections(projections)
+    check_view_count(arr.shape[0], config)
+    check_finite(arr)
+    i0 = require_i0(config, i0_photons)
+    if noise_sigma is None:
+        noise_sigma = estimate_noise_sigma_of(arr, config=config, i0_photons=i0)
+    halo = config.view_halo
+    padded = pad_views(arr, halo=halo, periodic=periodic)
+    return denoise_view_window(
+        padded, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0, device=device
+    )
+
+
+def negative_tolerance(*, config: DenoiseConfig, noise_sigma: float, i0_photons: float | None) -> float:
+    """Most negative line integral that noise around an air reading can explain (dimensionless).
+
+    Log domain: ``8σ`` with σ the data's own (median) noise level. Anscombe domain: an air reading has
+    σ_p ≈ 1/sqrt(I0), scaled by the measured σ when that exceeds its nominal 1.
+    """
+    if config.domain is DenoiseDomain.ANSCOMBE and i0_photons is not None:
+        sigma_p = max(1.0, noise_sigma) / math.sqrt(i0_photons)
+    else:
+        sigma_p = noise_sigma
+    return NEGATIVE_TOLERANCE_SIGMA * sigma_p + 1e-6
+
+
+def check_line_integrals(
+    projections: FloatArray,
+    *,
+    config: DenoiseConfig,
+    noise_sigma: float,
+    i0_photons: float | None,
+    view_offset: int = 0,
+) -> None:
+    """Refuse non-finite values and line integrals more negative than noise explains."""
+    check_finite(projections, view_offset=view_offset)
+    tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0_photons)
+    check_not_negative(projections, tolerance=tol, view_offset=view_offset)

@@ -1,0 +1,57 @@
+"""DenoiseConfig: constraints, presets and the config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from schemas.denoise import DenoiseConfig, DenoiseDomain, ThresholdMode
+
+
+def test_defaults_are_valid_and_frozen() -> None:
+    config = DenoiseConfig()
+    with pytest.raises(ValidationError):
+        config.views_per_group = 4  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="extra"):
+        DenoiseConfig(unknown_field=1)  # type: ignore[call-arg]
+
+
+def test_config_hash_is_sha256_of_canonical_json() -> None:
+    config = DenoiseConfig(views_per_group=8, view_stride=2)
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    assert config.config_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert config.config_hash() != DenoiseConfig().config_hash()
+    assert config.config_hash() == DenoiseConfig(view_stride=2, views_per_group=8).config_hash()
+
+
+def test_paper_preset_is_non_overlapping_rank1_whole_views() -> None:
+    paper = DenoiseConfig.paper(views_per_group=10)
+    assert paper.view_stride == paper.views_per_group == 10
+    assert paper.tile_rows is None and paper.tile_cols is None
+    assert paper.threshold_mode is ThresholdMode.RELATIVE and paper.threshold_value == 1.0
+    assert paper.domain is DenoiseDomain.LOG and not paper.second_pass
+    assert paper.view_halo == 9
+    assert DenoiseConfig().view_halo == 2 * (DenoiseConfig().views_per_group - 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"views_per_group": 16, "view_stride": 5}, "must divide views_per_group"),
+        ({"views_per_group": 8, "view_stride": 16}, "must divide views_per_group"),
+        ({"tile_cols": 16, "tile_stride_cols": 6}, "must divide tile_cols"),
+        ({"tile_cols": None, "tile_stride_cols": 4}, "needs tile_cols"),
+        ({"threshold_mode": "relative", "threshold_value": 1.5}, "fraction of the leading"),
+        ({"threshold_mode": "auto", "threshold_value": 20.0}, "multiplies the noise"),
+        ({"views_per_group": 1}, "greater than or equal to 2"),
+        ({"threshold_value": float("nan")}, "finite"),
+        ({"device": "tpu"}, "'cpu' or 'cuda'"),
+        ({"domain": "sqrt"}, "'log' or 'anscombe'"),
+    ],
+)
+def test_bad_values_are_refused(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        DenoiseConfig.model_validate(fields)

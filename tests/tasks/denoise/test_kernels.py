@@ -1,0 +1,247 @@
+"""Kernel tests: identity on exact low rank, the expected noise reduction, quality on a phantom, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.data import shepp_logan_phantom
+from skimage.transform import iradon, radon, resize
+
+from schemas.denoise import DenoiseConfig, DenoiseDomain, ThresholdMode, ViewBoundary
+from schemas.geometry import Geometry
+from tasks.denoise.kernels import (
+    denoise_projections,
+    denoise_view_window,
+    estimate_noise_sigma,
+    estimate_noise_sigma_of,
+    noise_sample_views,
+    pad_views,
+    resolve_periodic,
+)
+from tasks.errors import DeviceUnavailableError, InvalidInputError
+
+BEST = DenoiseConfig(domain=DenoiseDomain.LOG)  # the default layout, in the log domain (no I0 needed)
+
+
+def rank1_scan(
+    rng: np.random.Generator, views: int = 48, rows: int = 2, cols: int = 40, period_views: float = 5.0
+) -> np.ndarray:
+    """Exactly rank 1 along views in every block: a fixed detector profile scaled per view."""
+    profile = (0.5 + rng.random((1, rows, cols))).astype(np.float32)
+    scale = (1.0 + 0.3 * np.sin(np.arange(views) / period_views)).astype(np.float32)
+    return (scale[:, None, None] * profile).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        DenoiseConfig.paper(),
+        DenoiseConfig.paper(views_per_group=16),
+        BEST,
+        BEST.model_copy(update={"second_pass": False}),
+        BEST.model_copy(update={"threshold_mode": ThresholdMode.AUTO_HARD}),
+        BEST.model_copy(update={"tile_rows": None, "tile_cols": None, "tile_stride_cols": None}),
+    ],
+    ids=["paper8", "paper16", "best-log", "one-pass", "auto-hard", "whole-view"],
+)
+@pytest.mark.parametrize("periodic", [False, True])
+def test_identity_on_noise_free_rank1(config: DenoiseConfig, periodic: bool, rng: np.random.Generator) -> None:
+    x = rank1_scan(rng)
+    before = x.copy()
+    y = denoise_projections(x, config=config, periodic=periodic)
+    np.testing.assert_array_equal(x, before)  # input untouched
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_allclose(y, x, rtol=0, atol=2e-5)
+
+
+def test_identity_in_anscombe_domain(rng: np.random.Generator) -> None:
+    x = rank1_scan(rng) + 1.0
+    y = denoise_projections(x, config=DenoiseConfig(second_pass=False), periodic=False, i0_photons=1e5, noise_sigma=0.0)
+    # the unbiased inverse differs from the algebraic one by O(1/counts): 1e5·e^-2.5 ≈ 8e3 counts
+    np.testing.assert_allclose(y, x, atol=5e-4)
+
+
+@pytest.mark.parametrize("t", [8, 16])
+def test_rank1_keeps_one_over_t_of_white_noise(t: int, rng: np.random.Generator) -> None:
+    """Paper mode on a strong rank-1 signal plus white noise keeps ≈ 1/t + 1/M of the noise variance."""
+    views, cols = 32 * t, 256
+    signal = rank1_scan(rng, views=views, rows=1, cols=cols)
+    noise = (0.05 * rng.standard_normal(signal.shape)).astype(np.float32)
+    y = denoise_projections(signal + noise, config=DenoiseConfig.paper(views_per_group=t), periodic=True)
+    kept = float(np.var(y - signal) / np.var(noise))
+    expected = 1 / t + 1 / cols - 1 / (t * cols)
+    assert kept == pytest.approx(expected, rel=0.1)
+
+
+def test_auto_threshold_removes_nearly_all_pure_noise(rng: np.random.Generator) -> None:
+    """Zero signal: every singular value lies in the noise bulk, so optimal shrinkage zeroes it (< 2 % left)."""
+    noise = (0.1 * rng.standard_normal((256, 1, 128))).astype(np.float32)
+    y = denoise_projections(noise, config=BEST.model_copy(update={"second_pass": False}), periodic=True)
+    assert float(np.var(y) / np.var(noise)) < 0.02
+
+
+def test_noise_sigma_estimate_matches_the_truth(rng: np.random.Generator) -> None:
+    x = rank1_scan(rng, views=300, rows=4, cols=64, period_views=100.0)
+    noisy = x + (0.03 * rng.standard_normal(x.shape)).astype(np.float32)
+    assert estimate_noise_sigma_of(noisy, config=BEST, i0_photons=None) == pytest.approx(0.03, rel=0.05)
+
+
+def test_anscombe_noise_sigma_is_one_for_poisson_data(rng: np.random.Generator) -> None:
+    i0 = 2e4
+    p = rank1_scan(rng, views=300, rows=2, cols=64, period_views=100.0)
+    counts = np.maximum(rng.poisson(i0 * np.exp(-p.astype(np.float64))), 0.5)
+    noisy = np.log(i0 / counts).astype(np.float32)
+    sigma = estimate_noise_sigma_of(noisy, config=DenoiseConfig(), i0_photons=i0)
+    assert sigma == pytest.approx(1.0, rel=0.05)
+
+
+def test_noise_sample_views_are_evenly_spaced_triplets() -> None:
+    idx = noise_sample_views(100, n_triplets=10)
+    assert idx.shape == (10, 3)
+    assert idx.min() == 0 and idx.max() <= 99
+    np.testing.assert_array_equal(np.diff(idx, axis=1), 1)
+    assert noise_sample_views(7, n_triplets=64).shape == (2, 3)
+
+
+THETA = np.linspace(0.0, 360.0, 720, endpoint=False)
+
+
+def _phantom_sinogram(rng: np.random.Generator, i0: float) -> tuple[np.ndarray, np.ndarray]:
+    image = resize(shepp_logan_phantom(), (64, 64), anti_aliasing=True).astype(np.float32) * 0.1
+    clean = radon(image, theta=THETA, circle=True).T.astype(np.float32)  # (views, cols), pixel units
+    counts = np.maximum(rng.poisson(i0 * np.exp(-clean.astype(np.float64))), 0.5)
+    noisy = np.log(i0 / counts).astype(np.float32)
+    return clean, noisy
+
+
+def _fbp(sino: np.ndarray) -> np.ndarray:
+    return iradon(sino.T, theta=THETA, circle=True, filter_name="ramp")
+
+
+@pytest.mark.parametrize(
+    ("config", "needs_i0", "min_gain_db"),
+    [(DenoiseConfig.paper(), False, 0.5), (BEST, False, 2.0), (DenoiseConfig(), True, 2.0)],
+    ids=["paper", "best-log", "best-anscombe"],
+)
+def test_quality_rises_on_a_phantom(
+    config: DenoiseConfig, needs_i0: bool, min_gain_db: float, rng: np.random.Generator
+) -> None:
+    """Sinogram error falls and the FBP moves towards the FBP of the noise-free sinogram (PSNR up)."""
+    i0 = 1e3
+    clean, noisy = _phantom_sinogram(rng, i0)
+    den = denoise_projections(noisy[:, None, :], config=config, periodic=True, i0_photons=i0 if needs_i0 else None)
+    den = den[:, 0, :]
+    assert np.mean((den - clean) ** 2) < 0.4 * np.mean((noisy - clean) ** 2)
+    reference = _fbp(clean)
+
+    def psnr(sino: np.ndarray) -> float:
+        return 10 * math.log10(float(reference.max()) ** 2 / float(np.mean((_fbp(sino) - reference) ** 2)))
+
+    assert psnr(den) > psnr(noisy) + min_gain_db
+
+
+def test_window_kernel_equals_whole_array_on_any_core(rng: np.random.Generator) -> None:
+    x = rank1_scan(rng, views=40) + (0.05 * rng.standard_normal((40, 2, 40))).astype(np.float32)
+    sigma = estimate_noise_sigma_of(x, config=BEST, i0_photons=None)
+    whole = denoise_projections(x, config=BEST, periodic=False, noise_sigma=sigma)
+    halo = BEST.view_halo
+    padded = pad_views(x, halo=halo, periodic=False)
+    for lo, hi in [(0, 7), (7, 8), (13, 40)]:
+        part = denoise_view_window(padded[lo : hi + 2 * halo], first_view=lo, halo=halo, config=BEST, noise_sigma=sigma)
+        np.testing.assert_allclose(part, whole[lo:hi], rtol=0, atol=1e-5)
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------------------
+def test_nan_is_refused_naming_view_and_row(rng: np.random.Generator) -> None:
+    x = rank1_scan(rng)
+    x[17, 1, 3] = np.nan
+    with pytest.raises(InvalidInputError, match=r"view 17, row 1"):
+        denoise_projections(x, config=BEST, periodic=False)
+
+
+def test_inf_in_a_window_is_named_by_absolute_view(rng: np.random.Generator) -> None:
+    x = pad_views(rank1_scan(rng), halo=BEST.view_halo, periodic=False)
+    x[BEST.view_halo + 2, 0, 0] = np.inf
+    with pytest.raises(InvalidInputError, match=r"view 102, row 0"):
+        denoise_view_window(x, first_view=100, halo=BEST.view_halo, config=BEST, noise_sigma=0.1)
+
+
+def test_negative_line_integrals_beyond_noise_are_refused(rng: np.random.Generator) -> None:
+    x = rank1_scan(rng) + (0.01 * rng.standard_normal((48, 2, 40))).astype(np.float32)
+    x[5:8, 0, 0] = -0.7
+    with pytest.raises(InvalidInputError, match=r"3 line integral\(s\).*-0\.7 at view 5"):
+        denoise_projections(x, config=BEST, periodic=False)
+
+
+def test_small_negative_noise_around_air_is_accepted(rng: np.random.Generator) -> None:
+    i0 = 1e4
+    p = np.zeros((32, 1, 64), dtype=np.float64)
+    noisy = np.log(i0 / rng.poisson(i0 * np.exp(-p))).astype(np.float32)  # about half are negative
+    assert (noisy < 0).mean() > 0.3
+    denoise_projections(noisy, config=DenoiseConfig(), periodic=True, i0_photons=i0)
+    denoise_projections(noisy, config=BEST, periodic=True)
+
+
+def test_fewer_views_than_a_group_are_refused(rng: np.random.Generator) -> None:
+    x = rank1_scan(rng, views=12)
+    with pytest.raises(InvalidInputError, match=r"12 view\(s\) are fewer than views_per_group=16"):
+        denoise_projections(x, config=BEST, periodic=False)
+
+
+def test_wrong_shape_and_dtype_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match="views, rows, cols"):
+        denoise_projections(np.zeros((20, 30), np.float32), config=BEST, periodic=False)
+    with pytest.raises(InvalidInputError, match="floating-point"):
+        denoise_projections(np.zeros((20, 1, 30), np.int16), config=BEST, periodic=False)
+
+
+def test_anscombe_without_i0_is_refused(rng: np.random.Generator) -> None:
+    with pytest.raises(InvalidInputError, match="i0_photons"):
+        denoise_projections(rank1_scan(rng), config=DenoiseConfig(), periodic=False)
+
+
+def _geometry(range_deg: float, n_views: int = 48) -> Geometry:
+    return Geometry(
+        beam="parallel",
+        n_views=n_views,
+        angular_range_deg=range_deg,
+        n_detector_cols=40,
+        detector_pitch_mm=1.0,
+        grid={"nx_pixels": 16, "ny_pixels": 16, "pixel_size_mm": 1.0},
+    )
+
+
+def test_periodic_views_need_a_full_circle() -> None:
+    periodic = BEST.model_copy(update={"view_boundary": ViewBoundary.PERIODIC})
+    assert resolve_periodic(periodic, _geometry(360.0), n_views=48)
+    with pytest.raises(InvalidInputError, match="full-circle.*180.0 deg"):
+        resolve_periodic(periodic, _geometry(180.0), n_views=48)
+    with pytest.raises(InvalidInputError, match="unknown"):
+        resolve_periodic(periodic, None, n_views=48)
+    assert resolve_periodic(BEST, _geometry(360.0), n_views=48)
+    assert not resolve_periodic(BEST, _geometry(200.0), n_views=48)
+    assert not resolve_periodic(BEST, None, n_views=48)
+    with pytest.raises(InvalidInputError, match="48 views but the projections have 50"):
+        resolve_periodic(BEST, _geometry(360.0), n_views=50)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_cuda_without_a_gpu_is_refused(rng: np.random.Generator) -> None:
+    with pytest.raises(DeviceUnavailableError, match="CUDA"):
+        denoise_projections(rank1_scan(rng), config=BEST, periodic=False, device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(rng: np.random.Generator) -> None:
+    x = rank1_scan(rng, views=64) + (0.05 * rng.standard_normal((64, 2, 40))).astype(np.float32)
+    cpu = denoise_projections(x, config=BEST, periodic=True, noise_sigma=0.05)
+    gpu = denoise_projections(x, config=BEST, periodic=True, noise_sigma=0.05, device="cuda")
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+def test_estimate_noise_sigma_refuses_bad_shape() -> None:
+    with pytest.raises(InvalidInputError, match=r"\(k, 3, rows, cols\)"):
+        estimate_noise_sigma(np.zeros((4, 2, 1, 8), np.float32))
