@@ -256,11 +256,44 @@ def demo(
     sites: Annotated[int, typer.Option("--sites", min=1, max=8, help="Number of sites.")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
 ) -> None:
-    """The main job on the embedded default: build demo scanner output for several sites and ingest it."""
+    """The main job on the embedded default: demo sites end to end (denoise → reconstruct → surrogates →
+    federated round) with a report."""
     from flows.demo import run_demo
 
-    summary = run_demo(out, n_sites=sites, seed=seed, console=console)
-    console.print(f"demo complete: {len(summary)} sites under {out}")
+    report = run_demo(out, n_sites=sites, seed=seed, console=console)
+    if report.failed:
+        raise fail(f"{len(report.failed)} scans failed; see {report.report_path or 'the flow logs'}", 1)
+    console.print(f"demo complete: {len(report.scans)} scans of {sites} sites under {out}")
+
+
+@app.command()
+@friendly_errors
+def watch(
+    folder: Annotated[
+        Path, typer.Argument(help="Folder to watch: <folder>/<site>/<scan> (or <folder>/<scan> with --site).")
+    ],
+    site: Annotated[str | None, typer.Option("--site", help="All scans belong to this site.")] = None,
+    settle_seconds: Annotated[float, typer.Option(help="A scan must be unchanged this long, seconds.")] = 2.0,
+    interval_seconds: Annotated[float, typer.Option(help="Polling interval, seconds.")] = 1.0,
+    max_seconds: Annotated[float | None, typer.Option(help="Stop after this long (default: run until Ctrl-C).")] = None,
+) -> None:
+    """Emit a `fedscan.scan.arrived` Prefect event for each complete scan that lands in FOLDER."""
+    import logging
+
+    from tasks.watch import EVENT_NAME, ScanArrival, ScanWatcher, emit_prefect_event
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    def announce(arrival: ScanArrival) -> None:
+        emit_prefect_event(arrival)
+        console.print(f"{EVENT_NAME}: site {arrival.site_id} {arrival.path}", highlight=False)
+
+    watcher = ScanWatcher(folder, site_id=site, settle_seconds=settle_seconds, emit=announce)
+    console.print(f"watching {folder} (Ctrl-C to stop)")
+    try:
+        watcher.run(interval_seconds=interval_seconds, max_seconds=max_seconds)
+    except KeyboardInterrupt:
+        console.print("stopped")
 
 
 def run() -> None:  # pragma: no cover - console entry point

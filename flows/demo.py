@@ -1,4 +1,4 @@
-"""The main job on the embedded default: demo scanner output for several sites → ingest → summary."""
+"""The main job on the embedded default: demo sites → nightly pipeline → report; plus scanner-output files."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from flows.ingest import IngestRequest, ingest_scans
+from flows.pipeline import PipelineReport
 from schemas.demo import DemoSize, default_sites
 from tasks.demo.build import scan_rng
 from tasks.demo.generate import generate_scan
 from tasks.scanner_output import ScannerFormat, write_scanner_output
-from tasks.storage import SiteStore, site_store_uri
 
 #: Each site hands its data over differently, as real sites do.
 FORMATS = (ScannerFormat.NPY_COUNTS, ScannerFormat.TIFF, ScannerFormat.TIFF_SERIES)
@@ -63,40 +62,38 @@ def run_demo(
     *,
     n_sites: int = 3,
     scans_per_site: int = 2,
-    n_slices: int = 4,
+    n_slices: int = 8,
     size: DemoSize = DemoSize.SMALL,
     seed: int = 0,
+    federated: bool = True,
     console: Console | None = None,
-) -> list[SiteSummary]:
+) -> PipelineReport:
+    """Demo sites → the ``nightly`` flow (denoise, reconstruct, surrogates, federated round) → report.html."""
+    from flows.pipeline import NightlyRequest, nightly
+    from tasks.demo.build import build_demo_sites
+
     console = console or Console()
-    console.print(f"[bold]1/2[/] simulating scanner output of {n_sites} sites under {out / 'incoming'}")
-    sources = make_scanner_output(
-        out, n_sites=n_sites, scans_per_site=scans_per_site, n_slices=n_slices, size=size, seed=seed
+    console.print(f"[bold]1/2[/] building {n_sites} demo sites from real CT anatomy under {out}")
+    stores = build_demo_sites(
+        out,
+        n_sites=n_sites,
+        scans_per_site=scans_per_site,
+        n_slices=n_slices,
+        seed=seed,
+        size=size,
+        keep_counts=True,
     )
-    data_root = str(out / "stores")
-    console.print(f"[bold]2/2[/] ingesting into {data_root} (Prefect flow 'ingest-scans')")
-    summaries = []
-    for i, (site_id, paths) in enumerate(sources.items()):
-        ingest_scans(IngestRequest(site_id=site_id, sources=tuple(paths), data_root=data_root))
-        site = SiteStore.open(site_store_uri(data_root, site_id), mode="r")
-        m = site.scans()[0].manifest
-        g = m.geometry
-        assert g is not None
-        summaries.append(
-            SiteSummary(
-                site_id=site_id,
-                store=site.uri,
-                scans=len(site.scan_ids()),
-                geometry=f"{g.beam.value}{'/' + g.detector_shape.value if g.is_fan else ''}, {g.n_views} views, "
-                f"{g.n_detector_cols} cols, {g.n_detector_rows} rows",
-                i0_photons=float(m.i0_photons or 0),
-                file_format=FORMATS[i % len(FORMATS)].value,
-            )
-        )
-    table = Table(title="demo sites")
-    for col in ("site", "scans", "geometry", "I0 (photons/bin)", "handed over as", "store"):
+    console.print(f"[bold]2/2[/] nightly flow over {len(stores)} sites (Prefect, Dask LocalCluster, Flower simulation)")
+    report = nightly(NightlyRequest(data_root=str(out), federated=federated))
+    table = Table(title="scans")
+    for col in ("scan", "ok", "failed stage", "error"):
         table.add_column(col)
-    for s in summaries:
-        table.add_row(s.site_id, str(s.scans), s.geometry, f"{s.i0_photons:.3g}", s.file_format, s.store)
+    for o in report.scans:
+        table.add_row(o.scan, "yes" if o.ok else "NO", o.failed_stage or "", (o.error or "")[:60])
     console.print(table)
-    return summaries
+    if report.federated:
+        fed = report.federated
+        console.print(f"federated run: {fed.get('status')}, {len(fed.get('rounds', []))} rounds")
+    if report.report_path:
+        console.print(f"report: {report.report_path}")
+    return report

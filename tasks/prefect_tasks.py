@@ -6,6 +6,7 @@ only for transient faults (:func:`is_transient`); bad input fails at once with i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,163 @@ def ingest_scan(source: Path, *, site_id: str, data_root: str, sidecar: IngestSi
         res.result.chunks_present,
     )
     return ScanRef(store_uri=site.uri, site_id=site_id, scan_id=res.scan_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage tasks: (ScanRef, config) -> StageReport. Artifacts: a metrics table and, where useful, one image.
+# ------------------------------------------------------------------------------------------------
+def _open_scan(ref: ScanRef) -> Any:
+    return SiteStore.open(ref.store_uri).scan(ref.scan_id)
+
+
+def _publish(report: StageReport, markdown: str | None = None) -> None:
+    """Log one line and attach the stage's table (and image) to the run in the UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.artifacts import artifact_key, metrics_table
+
+    logger = run_logger()
+    logger.info(
+        "%s %s: %s in %.2f s (%d chunks written, %d resumed)",
+        report.stage,
+        report.scan,
+        "skipped (done, same config)" if report.skipped else "done",
+        report.seconds,
+        report.chunks_written,
+        report.chunks_resumed,
+    )
+    try:
+        create_table_artifact(
+            table=metrics_table([report]),
+            key=artifact_key(report.stage, report.scan.site_id, report.scan.scan_id),
+            description=f"{report.stage} of scan {report.scan}",
+        )
+        if markdown:
+            create_markdown_artifact(
+                markdown=markdown,
+                key=artifact_key(report.stage, "image", report.scan.site_id, report.scan.scan_id),
+                description=f"{report.stage} of scan {report.scan}: central slice",
+            )
+    except MissingContextError:  # called as task.fn() outside a run: nothing to attach to
+        pass
+
+
+@task(
+    name="denoise",
+    task_run_name="denoise-{ref.site_id}-{ref.scan_id}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_only_transient,
+    tags=["fedscan-stage"],
+)
+def denoise_stage(ref: ScanRef, config: Any) -> ScanRef:
+    """Low-rank view-group denoising of the scan's projections."""
+    from tasks.drivers import denoise_scan
+
+    result = denoise_scan(_open_scan(ref), config)
+    _publish(stage_report(ref, "denoise", result))
+    return ref
+
+
+@task(
+    name="reconstruct",
+    task_run_name="reconstruct-{ref.site_id}-{ref.scan_id}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_only_transient,
+    tags=["fedscan-stage"],
+)
+def reconstruct_stage(ref: ScanRef, config: Any) -> ScanRef:
+    """FBP / SART of the (denoised) projections into the scan's volume."""
+    from tasks.drivers import reconstruct_scan, reconstruction_preview
+
+    scan = _open_scan(ref)
+    result = reconstruct_scan(scan, config)
+    _publish(stage_report(ref, "reconstruct", result), reconstruction_preview(scan, config))
+    return ref
+
+
+@task(
+    name="surrogate",
+    task_run_name="surrogate-{ref.site_id}-{ref.scan_id}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_only_transient,
+    tags=["fedscan-stage"],
+)
+def surrogate_stage(ref: ScanRef, config: Any) -> ScanRef:
+    """FESF surrogates of the scan's volume: the only images federated training will see."""
+    from tasks.drivers import surrogate_preview, surrogate_scan
+
+    scan = _open_scan(ref)
+    result = surrogate_scan(scan, config)
+    _publish(stage_report(ref, "surrogate", result), surrogate_preview(scan))
+    return ref
+
+
+@task(
+    name="federated-round",
+    task_run_name="federated-{config.strategy}-{config.num_rounds}-rounds",
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_only_transient,
+)
+def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any:
+    """One Flower run across the sites: per-round metrics stream into the logs and a table artifact."""
+    from prefect.artifacts import create_table_artifact
+
+    from schemas.settings import get_settings
+    from tasks.artifacts import artifact_key
+    from tasks.federated.runner import DeploymentTarget, SimulationTarget, run_federation
+
+    logger = run_logger()
+    flower = get_settings().flower
+    target: SimulationTarget | DeploymentTarget
+    if flower.superlink_address:
+        target = DeploymentTarget(superlink=flower.superlink_address, root_certificates=flower.root_certificates)
+    else:
+        target = SimulationTarget(site_stores=site_stores)
+    rounds: list[dict[str, object]] = []
+
+    def on_round(rec: Any) -> None:
+        row = {
+            "round": rec.round,
+            "phase": rec.phase,
+            "aggregated": rec.aggregated,
+            "replies_ok": rec.replies_ok,
+            "replies_failed": rec.replies_failed,
+            "replies_rejected": rec.replies_rejected,
+            "train_loss": rec.train_loss,
+            "eval_auc": rec.eval_auc,
+            "eval_accuracy": rec.eval_accuracy,
+            "bytes_up": rec.bytes_up,
+            "bytes_down": rec.bytes_down,
+            "seconds": round(rec.seconds, 2),
+        }
+        rounds.append(row)
+        logger.info(
+            "round %s (%s): %d ok, %d failed, %d rejected; AUC %s, %d bytes up",
+            rec.round,
+            rec.phase,
+            rec.replies_ok,
+            rec.replies_failed,
+            rec.replies_rejected,
+            rec.eval_auc,
+            rec.bytes_up,
+        )
+        with contextlib.suppress(MissingContextError):
+            create_table_artifact(
+                table=rows_for_table(rounds),
+                key=artifact_key("federated", "rounds"),
+                description=f"Federated rounds so far ({config.strategy})",
+            )
+
+    report = run_federation(config, target=target, output_dir=output_dir, on_round=on_round)
+    logger.info(
+        "federated run %s: %s, %d rounds, %.1f s", report.run_id, report.status, len(report.rounds), report.wall_seconds
+    )
+    return report
+
+
+def rows_for_table(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]

@@ -1,0 +1,30 @@
+"""Flow: federated training across the sites' surrogates (Flower simulation by default, a SuperLink otherwise)."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import Field
+
+from schemas.base import FrozenModel
+from schemas.federation import FederationConfig, FederationReport
+from schemas.settings import get_settings
+from tasks.prefect_tasks import federated_stage
+
+
+class FederatedRequest(FrozenModel):
+    """Which sites train together, and how (rounds, strategy, privacy: see FederationConfig)."""
+
+    data_root: str | None = Field(default=None, description="Folder of <site>.zarr stores; default from settings.")
+    sites: tuple[str, ...] | None = Field(default=None, description="Only these sites (default: all).")
+    config: FederationConfig = Field(default_factory=FederationConfig)
+
+
+@flow(name="federated-training", flow_run_name="federated-{request.config.strategy}")
+def federated_training(request: FederatedRequest) -> FederationReport:
+    """Train one model across the sites; only model updates leave a site. Models land in <data_root>/models."""
+    from tasks.pipeline_support import federated_sites
+
+    root = request.data_root or get_settings().data_root
+    stores = federated_sites(root, request.sites)
+    report: FederationReport = federated_stage(stores, request.config, f"{root.rstrip('/')}/models")
+    return report

@@ -1,0 +1,149 @@
+"""Prefect flows that read like the pipeline: ingest → denoise → reconstruct → surrogate, per scan and nightly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from schemas.base import FrozenModel
+from schemas.pipeline import PipelineConfig
+from schemas.refs import ScanRef
+from schemas.settings import get_settings
+from tasks.cluster import dask_client
+from tasks.prefect_tasks import denoise_stage, ingest_scan, reconstruct_stage, surrogate_stage
+
+
+class ScanOutcome(FrozenModel):
+    """How one scan fared in a run."""
+
+    scan: str = Field(description="site/scan")
+    ok: bool
+    failed_stage: str | None = None
+    error: str | None = None
+
+
+class PipelineReport(FrozenModel):
+    """What a pipeline run did: per-scan outcomes, the report file and the federated run (if any)."""
+
+    scans: tuple[ScanOutcome, ...]
+    report_path: str | None = None
+    federated: dict[str, object] | None = None
+
+    @property
+    def failed(self) -> list[ScanOutcome]:
+        return [s for s in self.scans if not s.ok]
+
+    @property
+    def federated_failed(self) -> bool:
+        return bool(self.federated and self.federated.get("status") == "failed")
+
+
+class ProcessScanRequest(FrozenModel):
+    """One scan: either already in a store (``scan``) or a scanner output to ingest first (``source``)."""
+
+    scan: ScanRef | None = None
+    source: Path | None = None
+    site_id: str | None = Field(default=None, description="Site of ``source``.")
+    data_root: str | None = Field(default=None, description="Where the site stores live; default from settings.")
+    config: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+class NightlyRequest(FrozenModel):
+    """Every unprocessed scan of every site (or of ``sites``), then a federated round."""
+
+    data_root: str | None = Field(default=None, description="Folder of <site>.zarr stores; default from settings.")
+    sites: tuple[str, ...] | None = Field(default=None, description="Only these sites (default: all).")
+    config: PipelineConfig = Field(default_factory=PipelineConfig)
+    federated: bool = Field(default=True, description="Run a federated round after the scans.")
+    report: bool = Field(default=True, description="Write report.html next to the stores.")
+
+
+@task(name="discover-scans", task_run_name="discover-scans")
+def discover_scans(data_root: str, sites: tuple[str, ...] | None) -> list[ScanRef]:
+    """Every ingested scan of the chosen sites (stages that are already done skip themselves)."""
+    from tasks.pipeline_support import find_scans
+
+    return find_scans(data_root, sites)
+
+
+def _chain(ref: ScanRef | PrefectFuture[ScanRef], config: PipelineConfig) -> dict[str, PrefectFuture[ScanRef]]:
+    """Submit one scan's stages; each waits for the one before (a failed stage stops its scan only)."""
+    d = denoise_stage.submit(ref, config.denoise)
+    r = reconstruct_stage.submit(d, config.reconstruct)
+    s = surrogate_stage.submit(r, config.surrogate)
+    return {"denoise": d, "reconstruct": r, "surrogate": s}
+
+
+def _outcome(name: str, futures: dict[str, PrefectFuture[ScanRef]]) -> ScanOutcome:
+    for stage, fut in futures.items():
+        fut.wait()
+        state = fut.state
+        if not state.is_completed():
+            message = state.message or state.name
+            return ScanOutcome(scan=name, ok=False, failed_stage=stage, error=str(message)[:500])
+    return ScanOutcome(scan=name, ok=True)
+
+
+@flow(name="process-scan", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def process_scan(request: ProcessScanRequest) -> PipelineReport:
+    """Ingest (if given a source), denoise, reconstruct and make surrogates of one scan."""
+    settings = get_settings()
+    root = request.data_root or settings.data_root
+    with dask_client(settings.dask):
+        if request.source is not None:
+            if request.site_id is None:
+                raise ValueError("process-scan with a source needs site_id")
+            ref: ScanRef = ingest_scan(request.source, site_id=request.site_id, data_root=root)
+        elif request.scan is not None:
+            ref = request.scan
+        else:
+            raise ValueError("process-scan needs a scan or a source")
+        outcome = _outcome(str(ref), _chain(ref, request.config))
+    if not outcome.ok:
+        raise RuntimeError(f"scan {outcome.scan} failed in {outcome.failed_stage}: {outcome.error}")
+    return PipelineReport(scans=(outcome,))
+
+
+@flow(name="on-scan-arrived", flow_run_name="scan-arrived-{site_id}")
+def on_scan_arrived(path: str, site_id: str, data_root: str | None = None) -> PipelineReport:
+    """Started by the ``fedscan.scan.arrived`` event: process the one scan that landed."""
+    return process_scan(ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root))
+
+
+@flow(name="nightly", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def nightly(request: NightlyRequest) -> PipelineReport:
+    """Every unprocessed scan of every site, in parallel (bounded), then a federated round; failures are
+    recorded in the report and the other scans go on."""
+    from tasks.pipeline_support import publish_run_report
+
+    settings = get_settings()
+    root = request.data_root or settings.data_root
+    with dask_client(settings.dask):
+        refs = discover_scans(root, request.sites)
+        chains = {str(ref): _chain(ref, request.config) for ref in refs}
+        outcomes = tuple(_outcome(name, futures) for name, futures in chains.items())
+    federated = None
+    if request.federated and any(o.ok for o in outcomes):
+        from flows.federated import FederatedRequest, federated_training
+
+        state = federated_training(
+            FederatedRequest(data_root=root, config=request.config.federation), return_state=True
+        )
+        if state.is_completed():
+            federated = state.result().model_dump(mode="json")
+        else:
+            federated = {"status": "failed", "error": str(state.message)[:500], "rounds": []}
+    report_path = publish_run_report(root, outcomes, federated) if request.report else None
+    report = PipelineReport(scans=outcomes, report_path=report_path, federated=federated)
+    if report.failed or (federated and federated.get("status") == "failed"):
+        get_run_logger().error(
+            "nightly finished with %d failed scans%s; see %s",
+            len(report.failed),
+            " and a failed federated run" if federated and federated.get("status") == "failed" else "",
+            report_path or "the task logs",
+        )
+    return report

@@ -1,0 +1,250 @@
+"""Stage drivers: open a scan's Zarr arrays, build the Dask graph around the stage's kernel, write the result
+chunk by chunk with provenance (``ScanStore.run_stage``). They use the current Dask scheduler (the flow's
+``distributed.Client`` when one is active) and never start a cluster themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import dask.array as da
+import numpy as np
+
+from schemas.denoise import DenoiseConfig
+from schemas.manifest import DataKind
+from schemas.reconstruct import ReconstructConfig
+from schemas.surrogate import SurrogateConfig
+from tasks.errors import InvalidInputError, StageIncompleteError
+from tasks.storage import ScanStore, StageOutput, StageResult
+
+INGEST = "ingest"
+DENOISE = "denoise"
+RECONSTRUCT = "reconstruct"
+SURROGATE = "surrogate"
+
+
+def _upstream(scan: ScanStore, stage: str) -> dict[str, str]:
+    rec = scan.stage_record(stage)
+    if rec is None:
+        raise StageIncompleteError(f"scan {scan.scan_id!r} of site {scan.site.site_id!r}: stage {stage!r} is not done")
+    return {stage: rec.config_hash}
+
+
+def _skip_if_done(scan: ScanStore, stage: str, config_hash: str, inputs: Mapping[str, str]) -> StageResult | None:
+    if scan.is_done(stage, config_hash, inputs):
+        rec = scan.stage_record(stage)
+        assert rec is not None
+        return StageResult(record=rec, skipped=True, chunks_written=0, chunks_present=0)
+    return None
+
+
+def psnr_db(estimate: da.Array, truth: da.Array) -> float:
+    """PSNR against a truth volume (peak = the truth's range), streamed chunk by chunk."""
+    mse = float(((estimate.astype(np.float64) - truth) ** 2).mean().compute())
+    lo, hi = da.compute(truth.min(), truth.max())
+    peak = float(hi - lo)
+    return math.inf if mse == 0 else 10.0 * math.log10(peak**2 / mse)
+
+
+# ------------------------------------------------------------------------------------------------
+def denoise_scan(scan: ScanStore, config: DenoiseConfig, *, force: bool = False) -> StageResult:
+    """``projections`` → ``projections_denoised`` (same chunks), resumable."""
+    from tasks.denoise.chunked import denoise_dask
+
+    inputs = _upstream(scan, INGEST)
+    if not force and (done := _skip_if_done(scan, DENOISE, config.config_hash(), inputs)):
+        return done
+    manifest = scan.manifest
+    if manifest.data_kind is DataKind.HU_IMAGES:
+        raise InvalidInputError(f"scan {scan.scan_id!r} holds images only; there are no projections to denoise")
+    target = scan.array("projections")
+    projections = scan.read("projections")
+    result, record = denoise_dask(
+        projections, config=config, geometry=manifest.geometry, i0_photons=manifest.i0_photons
+    )
+    elements = int(np.prod(projections.shape))
+
+    def metrics(_scan: ScanStore, seconds: float) -> dict[str, float | int | str | bool | None]:
+        return {
+            "noise_sigma": float(record.noise_sigma),
+            "periodic_views": bool(record.periodic_views),
+            "view_halo": int(record.view_halo),
+            "elements_per_s": elements / seconds if seconds > 0 else None,
+        }
+
+    return scan.run_stage(
+        stage=DENOISE,
+        config=config,
+        inputs=inputs,
+        outputs=[
+            StageOutput(
+                "projections_denoised",
+                result,
+                ("view", "row", "col"),
+                tuple(target.chunks),
+                {"units": "line integral"},
+            )
+        ],
+        metrics=metrics,
+        force=force,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+def _central(n: int) -> int:
+    return max(0, (n - 1) // 2)
+
+
+def reconstruct_scan(scan: ScanStore, config: ReconstructConfig, *, force: bool = False) -> StageResult:
+    """``projections_denoised`` (or ``projections`` when the scan was not denoised) → ``volume``."""
+    from tasks.device import resolve_device
+    from tasks.reconstruct.chunked import reconstruct_volume
+
+    source = "projections_denoised" if scan.is_done(DENOISE) else "projections"
+    inputs = _upstream(scan, DENOISE if source == "projections_denoised" else INGEST)
+    if not force and (done := _skip_if_done(scan, RECONSTRUCT, config.config_hash(), inputs)):
+        return done
+    manifest = scan.manifest
+    geometry = manifest.geometry
+    if geometry is None:
+        raise InvalidInputError(f"scan {scan.scan_id!r} has no geometry; nothing to reconstruct")
+    water = manifest.water_attenuation_per_mm
+    volume = reconstruct_volume(
+        scan.read(source),
+        geometry,
+        method=config.method,
+        filter_name=config.filter_name,
+        frequency_cutoff=config.frequency_cutoff,
+        iterations=config.iterations,
+        relaxation=config.relaxation,
+        nonnegative=config.nonnegative,
+        slice_block=config.slice_block,
+        output_unit=config.output_unit,
+        water_attenuation_per_mm=water,
+        device=resolve_device(config.device),
+    )
+    has_truth = "volume_truth" in scan.array_names()
+
+    def metrics(s: ScanStore, seconds: float) -> dict[str, float | int | str | bool | None]:
+        out: dict[str, float | int | str | bool | None] = {
+            "source": source,
+            "slices_per_s": volume.shape[0] / seconds if seconds > 0 else None,
+        }
+        if has_truth:
+            truth = s.read("volume_truth")
+            if config.output_unit == "hu":
+                truth = (truth - water) / water * 1000.0
+            out["psnr_db"] = round(psnr_db(s.read("volume"), truth), 3)
+        return out
+
+    unit = "HU" if config.output_unit == "hu" else "1/mm"
+    return scan.run_stage(
+        stage=RECONSTRUCT,
+        config=config,
+        inputs=inputs,
+        outputs=[StageOutput("volume", volume, ("slice", "y", "x"), None, {"units": unit})],
+        metrics=metrics,
+        force=force,
+    )
+
+
+def reconstruction_preview(scan: ScanStore, config: ReconstructConfig) -> str | None:
+    """Markdown with the central slice: raw-data FBP next to the stored (denoised) reconstruction."""
+    from tasks.artifacts import montage_png, png_markdown
+    from tasks.reconstruct.kernels import attenuation_to_hu, fbp
+
+    geometry = scan.manifest.geometry
+    if geometry is None or "volume" not in scan.array_names():
+        return None
+    k = _central(geometry.n_detector_rows)
+    raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
+    raw_img = np.asarray(fbp(raw[None], geometry, filter_name=config.filter_name))[0]
+    if config.output_unit == "hu":
+        raw_img = attenuation_to_hu(raw_img, water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm)
+    stored = np.asarray(scan.array("volume")[k], dtype=np.float32)
+    label = "denoised" if scan.is_done(DENOISE) else "stored"
+    window = (-200.0, 300.0) if config.output_unit == "hu" else None
+    png = montage_png([("raw FBP", raw_img), (f"{label} FBP", stored)], window=window)
+    return png_markdown(f"{scan.site.site_id}/{scan.scan_id} slice {k}", png, "Same filter, same window.")
+
+
+# ------------------------------------------------------------------------------------------------
+def surrogate_scan(scan: ScanStore, config: SurrogateConfig, *, force: bool = False) -> StageResult:
+    """``volume`` → ``surrogate`` (slice k of the surrogate keeps label k), resumable."""
+    from tasks.surrogate.chunked import surrogate_volume
+
+    inputs = _upstream(scan, RECONSTRUCT) if scan.is_done(RECONSTRUCT) else _upstream(scan, INGEST)
+    if not force and (done := _skip_if_done(scan, SURROGATE, config.config_hash(), inputs)):
+        return done
+    volume = scan.read("volume")
+    labels = None
+    if "labels" in scan.array_names():
+        labels = np.asarray(scan.array("labels")[...])
+        if labels.shape != (volume.shape[0],):
+            raise InvalidInputError(
+                f"scan {scan.scan_id!r}: labels of shape {labels.shape} do not match {volume.shape[0]} slices"
+            )
+    surrogate = surrogate_volume(volume, config, site_id=scan.site.site_id, labels=labels)
+    return scan.run_stage(
+        stage=SURROGATE,
+        config=config,
+        inputs=inputs,
+        outputs=[StageOutput("surrogate", surrogate, ("slice", "y", "x"), None, {"units": "host intensity"})],
+        metrics=lambda _s, seconds: {"slices_per_s": volume.shape[0] / seconds if seconds > 0 else None},
+        force=force,
+    )
+
+
+def surrogate_preview(scan: ScanStore) -> str | None:
+    """Markdown with the central surrogate slice alone (never beside the private image)."""
+    from tasks.artifacts import montage_png, png_markdown
+
+    if "surrogate" not in scan.array_names():
+        return None
+    arr = scan.array("surrogate")
+    k = _central(arr.shape[0])
+    png = montage_png([("surrogate", np.asarray(arr[k], dtype=np.float32))])
+    return png_markdown(f"{scan.site.site_id}/{scan.scan_id} surrogate, slice {k}", png)
+
+
+def report_images(data_root: str) -> list[tuple[str, bytes]]:
+    """For the local run report: per site, the first scan's central slice, raw vs stored FBP."""
+    from tasks.artifacts import montage_png
+    from tasks.reconstruct.kernels import attenuation_to_hu, fbp
+    from tasks.storage import SiteStore, find_site_stores
+
+    images = []
+    for path in find_site_stores(data_root):
+        site = SiteStore.open(path, mode="r")
+        for scan in site.scans():
+            geometry = scan.manifest.geometry
+            if geometry is None or not scan.is_done(RECONSTRUCT):
+                continue
+            k = _central(geometry.n_detector_rows)
+            raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
+            rec = scan.stage_record(RECONSTRUCT)
+            assert rec is not None
+            filt = str(rec.config.get("filter_name", "hann"))
+            raw_img = np.asarray(fbp(raw[None], geometry, filter_name=filt))[0]  # type: ignore[arg-type]
+            panels = []
+            if "volume_truth" in scan.array_names():
+                panels.append(("truth", np.asarray(scan.array("volume_truth")[k], dtype=np.float32)))
+            panels.append(("raw FBP", raw_img))
+            stored = np.asarray(scan.array("volume")[k], dtype=np.float32)
+            if rec.config.get("output_unit") == "hu":
+                water = scan.manifest.water_attenuation_per_mm
+                stored = stored * np.float32(water / 1000.0) + np.float32(water)
+            panels.append(("denoised FBP" if scan.is_done(DENOISE) else "FBP", stored))
+            if "surrogate" in scan.array_names():
+                sur = np.asarray(scan.array("surrogate")[k], dtype=np.float32)
+                images.append(
+                    (f"{site.site_id}/{scan.scan_id} surrogate, slice {k}", montage_png([("surrogate", sur)]))
+                )
+            hu = [
+                (name, attenuation_to_hu(img, water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm))
+                for name, img in panels
+            ]
+            images.insert(0, (f"{site.site_id}/{scan.scan_id} slice {k}", montage_png(hu, window=(-200.0, 300.0))))
+            break
+    return images
