@@ -1,0 +1,71 @@
+"""Configuration of the reconstruction stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ReconstructMethod = Literal["fbp", "sart", "sirt"]
+FilterName = Literal["ram-lak", "shepp-logan", "cosine", "hann"]
+OutputUnit = Literal["hu", "attenuation"]
+DeviceRequest = Literal["auto", "cpu", "cuda"]
+
+
+class ReconstructConfig(BaseModel):
+    """How slices are reconstructed from (denoised) line-integral projections."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: ReconstructMethod = Field(
+        default="fbp", description="fbp (filtered back-projection), sart or sirt (iterative)."
+    )
+    filter_name: FilterName = Field(
+        default="hann",
+        description="FBP window on the ramp filter; hann suppresses noise best (the honest baseline).",
+    )
+    frequency_cutoff: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="FBP filter cutoff as a fraction of the Nyquist frequency (dimensionless, (0, 1]).",
+    )
+    iterations: int = Field(
+        default=20, ge=1, le=10_000, description="SART/SIRT sweeps over all views (count; unused by fbp)."
+    )
+    relaxation: float = Field(
+        default=1.0,
+        gt=0.0,
+        lt=2.0,
+        allow_inf_nan=False,
+        description="SART/SIRT relaxation factor (dimensionless, (0, 2); unused by fbp).",
+    )
+    nonnegative: bool = Field(default=True, description="SART/SIRT: clip negative attenuation to 0 after each update.")
+    slice_block: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="Slices (detector rows) per task; memory per task ~ views x cols x slice_block x 4 B "
+        "in, ny x nx x slice_block x 4 B out.",
+    )
+    output_unit: OutputUnit = Field(
+        default="hu", description="hu (Hounsfield units, via water_attenuation_per_mm) or attenuation (1/mm)."
+    )
+    water_attenuation_per_mm: float = Field(
+        default=0.0192,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Linear attenuation of water at the effective energy, 1/mm (HU = 0).",
+    )
+    device: DeviceRequest = Field(
+        default="auto", description="auto (CUDA when present), cpu, or cuda (an error without CUDA)."
+    )
+
+    def config_hash(self) -> str:
+        """First 16 hex characters of the sha256 of the canonical JSON (sorted keys) of this config."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

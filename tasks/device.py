@@ -1,0 +1,49 @@
+"""Turn a device request ("auto" | "cpu" | "cuda") into a :class:`torch.device`.
+
+Kernels never pick a device; the code that calls them resolves the user's request once, here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from tasks.errors import DeviceUnavailableError, InvalidInputError
+
+DeviceRequest = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(request: DeviceRequest | str = "auto") -> torch.device:
+    """Return the torch device for a request.
+
+    Parameters
+    ----------
+    request : {"auto", "cpu", "cuda"}
+        ``"auto"`` gives CUDA when available, else the CPU; ``"cpu"`` always the CPU; ``"cuda"`` the
+        current CUDA device, or an error when there is none.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    DeviceUnavailableError
+        ``"cuda"`` was requested but torch sees no CUDA device (CPU-only build or no GPU).
+    InvalidInputError
+        ``request`` is not one of the three names.
+    """
+    if request == "cpu":
+        return torch.device("cpu")
+    if request == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if request == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else f"torch CUDA {torch.version.cuda}"
+            raise DeviceUnavailableError(
+                f"device='cuda' was requested but no CUDA device is available ({build}); "
+                "use device='cpu' or device='auto'"
+            )
+        return torch.device("cuda")
+    raise InvalidInputError(f"device must be 'auto', 'cpu' or 'cuda', got {request!r}")
