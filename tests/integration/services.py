@@ -37,7 +37,7 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str, proc: su
 
 
 def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=3) as resp:
         return bool(resp.status == 200)
 
 
@@ -53,7 +53,11 @@ class Services:
         log = (self.workdir / f"{name}.log").open("wb")
         exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
         proc = subprocess.Popen(
-            [exe, *cmd[1:]], cwd=ROOT, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            [exe, *cmd[1:]],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.procs.append((name, proc))
@@ -62,8 +66,13 @@ class Services:
     def run(self, *cmd: str, timeout: float = 300, env: dict[str, str] | None = None) -> str:
         exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
         out = subprocess.run(
-            [exe, *cmd[1:]], cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True,
-            timeout=timeout, check=False,
+            [exe, *cmd[1:]],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if out.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
