@@ -1,0 +1,570 @@
+"""FESF surrogates: privacy (PSNR/SSIM, inversion attacks, host identification), utility (lesion AUC), speed.
+
+Usage::
+
+    python benchmarks/surrogate.py --quick --json out.json
+    python benchmarks/surrogate.py --json out.json --png tradeoff.png --device cuda
+    python benchmarks/surrogate.py --quick --image slice.npy --pixel-mm 0.8
+
+Data: demo sites (``schemas.demo.default_sites``) rendered noise-free at 64² (``tasks.demo.generate.render_truth``),
+several scans per site; the last scan of every site is the test set. At 64² (6 mm pixels) the demo lesions are
+1–2 pixels and 15–60 HU, so by default their contrast is scaled ×3 and their radius ×1.5 (``--lesion-contrast-scale``
+``--lesion-radius-scale``) and prevalence set to 0.5; a plaintext row on the unscaled lesions is printed as well.
+
+Rows: ``privacy`` (surrogate vs private, attacks), ``utility`` (plaintext / surrogates / IQEM surrogates),
+``sweep`` (α, β), ``speed``. Ratios: ``attack_psnr_drop_db`` = PSNR(unprotected attack) − PSNR(known-host attack
+on surrogates), ``surrogate_ssim``, ``auc_drop_vs_plaintext`` = AUC(plaintext) − AUC(surrogates),
+``hide_slices_per_s`` (512², 2 torch threads, CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import parse_args, print_table, write_json
+
+
+@dataclass
+class Site:
+    site_id: str
+    host_seed: int
+    private: np.ndarray  # (n, ny, nx) unit range
+    mu: np.ndarray  # (n, ny, nx) 1/mm
+    labels: np.ndarray  # (n,) 0/1
+    scan: np.ndarray  # (n,) scan index within the site
+    water: float
+
+
+def make_sites(n_sites, n_scans, n_slices, size, *, contrast_scale, radius_scale, prevalence, seed):
+    from schemas.demo import default_sites
+    from tasks.demo.generate import plan_scan, render_truth
+    from tasks.surrogate.kernels import to_unit_range
+
+    sites = []
+    for si, p in enumerate(default_sites(n_sites)):
+        if contrast_scale != 1.0 or radius_scale != 1.0 or prevalence is not None:
+            lo, hi = p.lesion_contrast_hu
+            update = {
+                "lesion_contrast_hu": (
+                    max(-500.0, lo * contrast_scale),
+                    min(500.0, hi * contrast_scale),
+                ),
+                "lesion_radius_mm": (p.lesion_radius_mm[0] * radius_scale, p.lesion_radius_mm[1] * radius_scale),
+            }
+            if prevalence is not None:
+                update["lesion_prevalence_fraction"] = prevalence
+            p = type(p).model_validate({**p.model_dump(), **update})
+        mus, labels, scans = [], [], []
+        for k in range(n_scans):
+            plan = plan_scan(p, n_slices=n_slices, grid=p.grid(size), rng=np.random.default_rng([seed, si, k]))
+            mu, masks = render_truth(plan, 0, n_slices)
+            mus.append(mu)
+            labels.append(masks.reshape(n_slices, -1).any(axis=1).astype(np.int64))
+            scans.append(np.full(n_slices, k))
+        mu = np.concatenate(mus)
+        private = to_unit_range(mu, unit="per_mm", water_attenuation_per_mm=p.water_attenuation_per_mm)
+        sites.append(
+            Site(
+                p.site_id,
+                1000 + 17 * si,
+                private,
+                mu,
+                np.concatenate(labels),
+                np.concatenate(scans),
+                p.water_attenuation_per_mm,
+            )
+        )
+    return sites
+
+
+def save_data(path, sites, raw_sites, public):
+    arrays = {"public": public}
+    for tag, group in (("s", sites), ("r", raw_sites)):
+        for s in group:
+            for field in ("private", "mu", "labels", "scan"):
+                arrays[f"{tag}|{s.site_id}|{s.host_seed}|{s.water}|{field}"] = getattr(s, field)
+    np.savez_compressed(path, **arrays)
+
+
+def load_data(path):
+    z = np.load(path)
+    groups = {"s": {}, "r": {}}
+    for key in z.files:
+        if key == "public":
+            continue
+        tag, site_id, seed, water, field = key.split("|")
+        groups[tag].setdefault((site_id, int(seed), float(water)), {})[field] = z[key]
+    out = [
+        [Site(k[0], k[1], v["private"], v["mu"], v["labels"], v["scan"], k[2]) for k, v in groups[t].items()]
+        for t in ("s", "r")
+    ]
+    return out[0], out[1], z["public"]
+
+
+def site_config(site, *, alpha, beta, iqem=None, device="cpu"):
+    from schemas.surrogate import IqemConfig, SurrogateConfig
+
+    return SurrogateConfig(
+        alpha=alpha,
+        beta=beta,
+        host_seed=site.host_seed,
+        input_unit="per_mm",
+        water_attenuation_per_mm=site.water,
+        iqem=iqem or IqemConfig(),
+        device=device,
+    )
+
+
+def site_host(site, shape, config):
+    from tasks.surrogate.hosts import HOST_NAMES, select_host_indices
+
+    idx = int(
+        select_host_indices(
+            np.array([0]),
+            policy=config.host_policy,
+            seed=config.host_seed,
+            site_id=site.site_id,
+            n_hosts=len(HOST_NAMES),
+        )[0]
+    )
+    from tasks.surrogate.hosts import load_host
+
+    return idx, np.array(load_host(HOST_NAMES[idx], shape))
+
+
+def surrogates_of(site, config, generator=None):
+    from tasks.surrogate.chunked import surrogate_slices
+
+    return surrogate_slices(site.mu, config=config, site_id=site.site_id, generator=generator)
+
+
+def attack_rows(sites, surr, *, alpha, beta, public, settings, rng, rows, case, known_only=False):
+    """Unprotected, pool and known-host inversion attacks; returns the known-host PSNR/SSIM (slice-weighted)."""
+    from tasks.surrogate.evaluation import TrainSettings, image_metrics, predict, train_regressor
+    from tasks.surrogate.hosts import HOST_NAMES, load_host
+    from tasks.surrogate.kernels import hide
+
+    shape = public.shape[1:]
+    out = {}
+    if not known_only:
+        pool = np.stack([np.array(load_host(n, shape)) for n in HOST_NAMES])
+        t0 = time.perf_counter()
+        net = train_regressor(public, public, settings=settings)
+        private = np.concatenate([s.private for s in sites])
+        psnr, ssim = image_metrics(private, predict(net, private))
+        rows.append(
+            {
+                "case": case,
+                "method": "attack-unprotected",
+                "psnr_db": psnr,
+                "ssim": ssim,
+                "train_s": time.perf_counter() - t0,
+            }
+        )
+        out["unprotected"] = (psnr, ssim)
+        t0 = time.perf_counter()
+        pool_in = hide(public, pool[rng.integers(len(pool), size=len(public))], alpha=alpha, beta=beta)
+        net = train_regressor(pool_in, public, settings=settings)
+        rec = np.concatenate([predict(net, surr[s.site_id]) for s in sites])
+        psnr, ssim = image_metrics(private, rec)
+        rows.append(
+            {
+                "case": case,
+                "method": "attack-pool-hosts",
+                "psnr_db": psnr,
+                "ssim": ssim,
+                "train_s": time.perf_counter() - t0,
+            }
+        )
+        out["pool"] = (psnr, ssim)
+    ps, ss, ns = [], [], []
+    t0 = time.perf_counter()
+    for s in sites:
+        _, host = site_host(s, shape, site_config(s, alpha=alpha, beta=beta))
+        net = train_regressor(
+            hide(public, host, alpha=alpha, beta=beta),
+            public,
+            settings=TrainSettings(**{**settings.__dict__, "seed": settings.seed + 1}),
+        )
+        psnr, ssim = image_metrics(s.private, predict(net, surr[s.site_id]))
+        ps.append(psnr)
+        ss.append(ssim)
+        ns.append(len(s.private))
+    psnr, ssim = float(np.average(ps, weights=ns)), float(np.average(ss, weights=ns))
+    rows.append(
+        {
+            "case": case,
+            "method": "attack-known-host",
+            "psnr_db": psnr,
+            "ssim": ssim,
+            "train_s": time.perf_counter() - t0,
+        }
+    )
+    out["known"] = (psnr, ssim)
+    return out
+
+
+def split(sites, images):
+    tr_x, tr_y, te_x, te_y = [], [], [], []
+    for s in sites:
+        test = s.scan == s.scan.max()
+        tr_x.append(images[s.site_id][~test])
+        tr_y.append(s.labels[~test])
+        te_x.append(images[s.site_id][test])
+        te_y.append(s.labels[test])
+    return (np.concatenate(tr_x), np.concatenate(tr_y)), (np.concatenate(te_x), np.concatenate(te_y))
+
+
+def throughput(device_name, *, n=16, size=512, repeat=3):
+    import torch
+
+    from tasks.surrogate.hosts import load_host
+    from tasks.surrogate.iqem import Generator, enhance
+    from tasks.surrogate.kernels import hide
+
+    dev = torch.device(device_name)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((n, size, size), dtype=np.float32)).to(dev)
+    h = torch.from_numpy(np.array(load_host("camera", (size, size)))).to(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return n / best
+
+    hide_rate = timed(lambda: hide(x, h, alpha=0.1, beta=0.5))
+    hide_random_rate = timed(lambda: hide(x, x.flip(0), alpha=0.1, beta=0.5))
+    g = Generator(16).to(dev).eval()
+    iqem_rate = timed(lambda: enhance(x, g, batch_size=8))
+    return hide_rate, hide_random_rate, iqem_rate
+
+
+def main() -> None:
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--device", default="cpu", help="torch device of the networks (cpu | cuda)")
+    extra.add_argument("--png", type=Path, default=None, help="write the privacy–utility curve here")
+    extra.add_argument("--lesion-contrast-scale", type=float, default=3.0)
+    extra.add_argument("--lesion-radius-scale", type=float, default=1.5)
+    extra.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is 2 cores)")
+    extra.add_argument("--smoke", action="store_true", help="tiny everything: checks the code paths only")
+    extra.add_argument("--save-data", type=Path, default=None, help="write the generated data (npz) and stop")
+    extra.add_argument("--data", type=Path, default=None, help="read the data from a --save-data npz")
+    own, rest = extra.parse_known_args()
+    args = parse_args(__doc__.split("\n")[0], image=True, argv=rest)
+
+    import torch
+
+    from schemas.surrogate import IqemConfig
+    from tasks.surrogate.evaluation import (
+        TrainSettings,
+        classify,
+        draw_tradeoff_png,
+        identify_hosts,
+        image_metrics,
+        public_ct_like_images,
+    )
+    from tasks.surrogate.hosts import HOST_NAMES, load_host
+    from tasks.surrogate.iqem import train_iqem
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.set_num_threads(own.threads)
+    device = own.device
+    quick = args.quick
+    size = 64
+    p = {
+        "n_scans": 3 if quick else 5,
+        "n_slices": 16 if quick else 32,
+        "public": 96 if quick else 1024,
+        "attack": TrainSettings(
+            steps=30 if quick else 1000, batch_size=8 if quick else 32, learning_rate=2e-3, device=device
+        ),
+        "attack_sweep": TrainSettings(
+            steps=20 if quick else 500, batch_size=8 if quick else 32, learning_rate=2e-3, device=device
+        ),
+        "clf": TrainSettings(
+            steps=40 if quick else 600, batch_size=16 if quick else 32, learning_rate=2e-3, device=device
+        ),
+        "seeds": [0, 1] if quick else [0, 1, 2, 3, 4],
+        "sweep_seeds": [0] if quick else [0, 1],
+        "iqem": IqemConfig(enabled=True, steps=20 if quick else 300, batch_size=8, channels=16, seed=0),
+        "sweep": [(0.1, 0.5), (0.2, 0.8)] if quick else [(a, b) for a in (0.05, 0.1, 0.2) for b in (0.3, 0.5, 0.8)],
+    }
+    if own.smoke:
+        tiny = TrainSettings(steps=1, batch_size=2, device=device)
+        p.update(
+            n_scans=2,
+            n_slices=8,
+            public=8,
+            attack=tiny,
+            attack_sweep=tiny,
+            clf=tiny,
+            seeds=[0],
+            sweep_seeds=[0],
+            sweep=[(0.1, 0.5)],
+            iqem=IqemConfig(enabled=True, steps=1, batch_size=2, seed=0),
+        )
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, object]] = []
+    t_start = time.perf_counter()
+
+    # ---- data --------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    if own.data is not None:
+        sites, raw_sites, public = load_data(own.data)
+    else:
+        sites = make_sites(
+            3,
+            p["n_scans"],
+            p["n_slices"],
+            size,
+            contrast_scale=own.lesion_contrast_scale,
+            radius_scale=own.lesion_radius_scale,
+            prevalence=0.5,
+            seed=1,
+        )
+        raw_sites = make_sites(
+            3, p["n_scans"], p["n_slices"], size, contrast_scale=1.0, radius_scale=1.0, prevalence=0.5, seed=1
+        )
+        public = public_ct_like_images(p["public"], (size, size), rng=rng)
+    if own.save_data is not None:
+        save_data(own.save_data, sites, raw_sites, public)
+        print(f"data written to {own.save_data}")
+        return
+    print(
+        f"data: {sum(len(s.private) for s in sites)} slices/variant, {len(public)} public images "
+        f"({time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+
+    # ---- privacy at the default ------------------------------------------------------------------------
+    alpha, beta = 0.1, 0.5
+    configs = {s.site_id: site_config(s, alpha=alpha, beta=beta) for s in sites}
+    surr = {s.site_id: surrogates_of(s, configs[s.site_id]) for s in sites}
+    private_all = np.concatenate([s.private for s in sites])
+    surr_all = np.concatenate([surr[s.site_id] for s in sites])
+    psnr, ssim = image_metrics(private_all, surr_all)
+    rows.append({"case": "default a=0.1 b=0.5", "method": "surrogate-vs-private", "psnr_db": psnr, "ssim": ssim})
+    pool = np.stack([np.array(load_host(n, (size, size))) for n in HOST_NAMES])
+    hits = []
+    for s in sites:
+        idx, host = site_host(s, (size, size), configs[s.site_id])
+        hits.append(identify_hosts(surr[s.site_id], pool, alpha=alpha) == idx)
+    host_id_rate = float(np.concatenate(hits).mean())
+    rows.append(
+        {"case": "default a=0.1 b=0.5", "method": "host-identification", "rate": host_id_rate, "pool": len(HOST_NAMES)}
+    )
+    attacks = attack_rows(
+        sites,
+        surr,
+        alpha=alpha,
+        beta=beta,
+        public=public,
+        settings=p["attack"],
+        rng=rng,
+        rows=rows,
+        case="default a=0.1 b=0.5",
+    )
+    print(f"privacy done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # ---- IQEM --------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    surr_iqem, host_like = {}, []
+    dev = torch.device(device)
+    for s in sites:
+        _, host = site_host(s, (size, size), configs[s.site_id])
+        result = train_iqem(surr[s.site_id], host, config=p["iqem"], device=dev)
+        cfg = site_config(s, alpha=alpha, beta=beta, iqem=p["iqem"], device=device)
+        surr_iqem[s.site_id] = surrogates_of(s, cfg, generator=result.generator)
+        host_like.append(
+            (
+                image_metrics(np.broadcast_to(host, surr[s.site_id].shape), surr[s.site_id])[0],
+                image_metrics(np.broadcast_to(host, surr[s.site_id].shape), surr_iqem[s.site_id])[0],
+            )
+        )
+    iqem_s = (time.perf_counter() - t0) / len(sites)
+    iq_all = np.concatenate([surr_iqem[s.site_id] for s in sites])
+    psnr, ssim = image_metrics(private_all, iq_all)
+    rows.append(
+        {
+            "case": "default a=0.1 b=0.5",
+            "method": "iqem-surrogate-vs-private",
+            "psnr_db": psnr,
+            "ssim": ssim,
+            "train_s": iqem_s,
+        }
+    )
+    hl = np.mean(host_like, axis=0)
+    rows.append({"case": "default a=0.1 b=0.5", "method": "surrogate-vs-host", "psnr_db": float(hl[0])})
+    rows.append({"case": "default a=0.1 b=0.5", "method": "iqem-surrogate-vs-host", "psnr_db": float(hl[1])})
+    print(f"iqem done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # ---- utility -----------------------------------------------------------------------------------
+    plain = {s.site_id: s.private for s in sites}
+    util = {}
+    for name, images, ss in (
+        ("plaintext", plain, sites),
+        ("plaintext-unscaled-lesions", {s.site_id: s.private for s in raw_sites}, raw_sites),
+        ("surrogate", surr, sites),
+        ("surrogate+iqem", surr_iqem, sites),
+    ):
+        t0 = time.perf_counter()
+        train, test = split(ss, images)
+        util[name] = classify(train, test, seeds=p["seeds"], settings=p["clf"])
+        rows.append(
+            {
+                "case": "utility",
+                "method": name,
+                **util[name],
+                "n_train": len(train[1]),
+                "n_test": len(test[1]),
+                "pos_test": int(test[1].sum()),
+                "train_s": time.perf_counter() - t0,
+            }
+        )
+        print(f"utility {name} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # ---- sweep -------------------------------------------------------------------------------------
+    points = []
+    for a, b in p["sweep"]:
+        cfgs = {s.site_id: site_config(s, alpha=a, beta=b) for s in sites}
+        sw = {s.site_id: surrogates_of(s, cfgs[s.site_id]) for s in sites}
+        ps_, ss_ = image_metrics(private_all, np.concatenate([sw[s.site_id] for s in sites]))
+        sub_rows: list[dict[str, object]] = []
+        att = attack_rows(
+            sites[:1],
+            sw,
+            alpha=a,
+            beta=b,
+            public=public,
+            settings=p["attack_sweep"],
+            rng=rng,
+            rows=sub_rows,
+            case="sweep",
+            known_only=True,
+        )
+        train, test = split(sites, sw)
+        u = classify(train, test, seeds=p["sweep_seeds"], settings=p["clf"])
+        pt = {
+            "alpha": a,
+            "beta": b,
+            "surrogate_psnr_db": ps_,
+            "surrogate_ssim": ss_,
+            "attack_psnr_db": att["known"][0],
+            "attack_ssim": att["known"][1],
+            "auc": u["auc"],
+            "auc_ci95": u["auc_ci95"],
+        }
+        points.append(pt)
+        rows.append(
+            {
+                "case": "sweep",
+                "method": f"a={a:g} b={b:g}",
+                **{k: v for k, v in pt.items() if k not in ("alpha", "beta")},
+            }
+        )
+        print(f"sweep a={a} b={b} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    plain_auc = util["plaintext"]["auc"]
+    unprot = attacks["unprotected"][0]
+    ok = [q for q in points if unprot - q["attack_psnr_db"] >= 10 and q["surrogate_ssim"] < 0.3]
+    best = max(ok, key=lambda q: q["auc"]) if ok else None
+    recommendation = (
+        {"alpha": best["alpha"], "beta": best["beta"], "auc": best["auc"], "attack_psnr_db": best["attack_psnr_db"]}
+        if best
+        else None
+    )
+    if own.png is not None:
+        draw_tradeoff_png(points, own.png, reference={"attack_psnr_db": unprot, "auc": plain_auc})
+
+    # ---- speed -------------------------------------------------------------------------------------
+    cpu_hide, cpu_hide_per_slice_host, cpu_iqem = throughput("cpu", n=2 if own.smoke else 8 if quick else 32)
+    rows.append(
+        {"case": "speed 512² cpu", "method": f"hide fixed host ({own.threads} threads)", "slices_per_s": cpu_hide}
+    )
+    rows.append(
+        {
+            "case": "speed 512² cpu",
+            "method": f"hide host per slice ({own.threads} threads)",
+            "slices_per_s": cpu_hide_per_slice_host,
+        }
+    )
+    rows.append(
+        {"case": "speed 512² cpu", "method": f"iqem G inference ({own.threads} threads)", "slices_per_s": cpu_iqem}
+    )
+    if device == "cuda" and torch.cuda.is_available():
+        g_hide, g_hide2, g_iqem = throughput("cuda", n=64)
+        rows.append({"case": "speed 512² cuda", "method": "hide fixed host", "slices_per_s": g_hide})
+        rows.append({"case": "speed 512² cuda", "method": "hide host per slice", "slices_per_s": g_hide2})
+        rows.append({"case": "speed 512² cuda", "method": "iqem G inference", "slices_per_s": g_iqem})
+
+    # ---- a user image ------------------------------------------------------------------------------
+    if args.image is not None:
+        from tasks.surrogate.chunked import surrogate_slices
+
+        mu = np.load(args.image).astype(np.float32)
+        if mu.ndim != 2:
+            raise SystemExit(f"--image must be a 2-D attenuation image, got shape {mu.shape}")
+        cfg = site_config(sites[0], alpha=alpha, beta=beta)
+        s_img = surrogate_slices(mu[None], config=cfg, site_id="A")
+        from tasks.surrogate.kernels import to_unit_range
+
+        u_img = to_unit_range(mu[None], unit="per_mm")
+        psnr, ssim = image_metrics(u_img, s_img)
+        rows.append(
+            {
+                "case": f"image {args.image.name} ({mu.shape[0]}x{mu.shape[1]}, {args.pixel_mm} mm)",
+                "method": "surrogate-vs-private",
+                "psnr_db": psnr,
+                "ssim": ssim,
+            }
+        )
+
+    ratios = {
+        "attack_psnr_drop_db": unprot - attacks["known"][0],
+        "attack_psnr_drop_db_pool_attacker": unprot - attacks["pool"][0],
+        "surrogate_ssim": next(r["ssim"] for r in rows if r["method"] == "surrogate-vs-private"),
+        "auc_drop_vs_plaintext": plain_auc - util["surrogate"]["auc"],
+        "auc_drop_vs_plaintext_iqem": plain_auc - util["surrogate+iqem"]["auc"],
+        "hide_slices_per_s": cpu_hide,
+        "host_identification_rate": host_id_rate,
+    }
+    print_table(rows, ratios)
+    print(f"recommended (attack drop >= 10 dB, SSIM < 0.3, best AUC): {recommendation}")
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    write_json(
+        args.json,
+        rows,
+        ratios,
+        sweep=points,
+        recommendation=recommendation,
+        settings={
+            "quick": quick,
+            "device": device,
+            "size": size,
+            "threads": own.threads,
+            "lesion_contrast_scale": own.lesion_contrast_scale,
+            "lesion_radius_scale": own.lesion_radius_scale,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The hiding kernel: identity at zero strength, host phase, β of the private amplitude, batching, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.errors import InvalidInputError
+from tasks.surrogate.kernels import hide, low_frequency_half_width, low_frequency_mask, to_unit_range
+
+SHAPES = [(16, 16), (17, 23), (15, 32), (9, 8)]
+
+
+def _pair(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[-2], : shape[-1]]
+    # Smooth structure plus texture, so every frequency has energy.
+    base = np.sin(xx / 3.0) + np.cos(yy / 2.0)
+    images = (base + rng.random(shape)).astype(np.float32)
+    host = (rng.random(shape[-2:]) + 0.5 * np.cos((xx + 2 * yy) / 4.0)).astype(np.float32)
+    return images, host
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("alpha", "beta"), [(0.0, 0.7), (0.2, 0.0), (0.0, 0.0)])
+def test_zero_strength_returns_the_host(shape, alpha, beta):
+    images, host = _pair((3, *shape), 0)
+    out = hide(images, host, alpha=alpha, beta=beta)
+    assert out.shape == images.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, np.broadcast_to(host, images.shape), atol=1e-6)
+
+
+def test_half_width_follows_fda_convention():
+    assert low_frequency_half_width((64, 64), alpha=0.1) == 6
+    assert low_frequency_half_width((512, 300), alpha=0.1) == 30
+    mask = low_frequency_mask((16, 20), alpha=0.1)  # b = 1: |ky|, |kx| <= 1
+    assert mask.sum() == 9 and mask[0, 0] and mask[-1, -1] and mask[1, 19] and not mask[2, 0]
+    assert not low_frequency_mask((16, 20), alpha=0.0).any()
+    assert low_frequency_mask((16, 16), alpha=0.5).all()  # every frequency of a square image
+    assert low_frequency_mask((16, 20), alpha=0.5).sum() == 16 * 17
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("alpha", "beta"), [(0.1, 0.5), (0.25, 0.3), (0.5, 1.0), (0.04, 0.8)])
+def test_spectrum_host_phase_and_beta_mix_inside_the_mask(shape, alpha, beta):
+    images, host = _pair(shape, 1)
+    out = hide(images, host, alpha=alpha, beta=beta)
+    fs, fh, fx = np.fft.fft2(out), np.fft.fft2(host), np.fft.fft2(images)
+    mask = low_frequency_mask(shape, alpha=alpha)
+    # Amplitude: β of the private amplitude inside the mask, the host's outside.
+    expected = np.where(mask, (1 - beta) * np.abs(fh) + beta * np.abs(fx), np.abs(fh))
+    scale = np.abs(fh).max()
+    np.testing.assert_allclose(np.abs(fs), expected, atol=1e-5 * scale)
+    # Phase: the host's wherever the surrogate's amplitude is not negligible.
+    strong = np.abs(fs) > 1e-3 * scale
+    dphi = np.angle(fs[strong] * np.conj(fh[strong]))
+    assert np.abs(dphi).max() < 1e-3
+
+
+def test_surrogate_is_mostly_host():
+    images, host = _pair((32, 32), 2)
+    out = hide(images, host, alpha=0.1, beta=0.5)
+    assert np.corrcoef(out.ravel(), host.ravel())[0, 1] > np.corrcoef(out.ravel(), images.ravel())[0, 1]
+
+
+def test_batched_equals_per_image_and_per_slice_hosts():
+    images, host = _pair((5, 17, 20), 3)
+    hosts = np.stack([host * (1 + k) for k in range(5)])
+    batched = hide(images, hosts, alpha=0.15, beta=0.6)
+    single = np.stack([hide(images[k], hosts[k], alpha=0.15, beta=0.6) for k in range(5)])
+    np.testing.assert_allclose(batched, single, atol=1e-6)
+    shared = hide(images, host, alpha=0.15, beta=0.6)
+    np.testing.assert_allclose(
+        shared, hide(images, np.broadcast_to(host, images.shape).copy(), alpha=0.15, beta=0.6), atol=1e-6
+    )
+
+
+def test_torch_in_torch_out_and_inputs_untouched():
+    images, host = _pair((2, 16, 16), 4)
+    ti, th = torch.from_numpy(images.copy()), torch.from_numpy(host.copy())
+    out = hide(ti, th, alpha=0.1, beta=0.5, device="cpu")
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), hide(images, host, alpha=0.1, beta=0.5), atol=1e-6)
+    np.testing.assert_array_equal(ti.numpy(), images)
+    np.testing.assert_array_equal(th.numpy(), host)
+
+
+def test_deterministic():
+    images, host = _pair((3, 24, 24), 5)
+    a = hide(images, host, alpha=0.1, beta=0.5)
+    b = hide(images, host, alpha=0.1, beta=0.5)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_zero_amplitude_host_takes_phase_zero():
+    images, _ = _pair((16, 16), 6)
+    out = hide(images, np.zeros((16, 16), np.float32), alpha=0.5, beta=1.0)
+    # Whole spectrum, zero host: the amplitude of the image with phase 0 (a real, even function).
+    expected = np.real(np.fft.ifft2(np.abs(np.fft.fft2(images))))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": -0.01, "beta": 0.5}, "alpha"),
+        ({"alpha": 0.51, "beta": 0.5}, "alpha"),
+        ({"alpha": float("nan"), "beta": 0.5}, "alpha"),
+        ({"alpha": 0.1, "beta": 1.5}, "beta"),
+        ({"alpha": 0.1, "beta": -0.1}, "beta"),
+    ],
+)
+def test_bad_strengths_refused(kwargs, match):
+    images, host = _pair((8, 8), 0)
+    with pytest.raises(InvalidInputError, match=match):
+        hide(images, host, **kwargs)
+
+
+def test_bad_arrays_refused():
+    images, host = _pair((2, 16, 16), 0)
+    with pytest.raises(InvalidInputError, match=r"host size \(16, 12\)"):
+        hide(images, host[:, :12], alpha=0.1, beta=0.5)
+    with pytest.raises(InvalidInputError, match="one per slice"):
+        hide(images, np.stack([host] * 3), alpha=0.1, beta=0.5)
+    bad = images.copy()
+    bad[1, 3, 4] = np.nan
+    with pytest.raises(InvalidInputError, match="images contain NaN.*slice 1"):
+        hide(bad, host, alpha=0.1, beta=0.5)
+    with pytest.raises(InvalidInputError, match="images contain NaN.*slice 1"):
+        hide(bad, host, alpha=0.0, beta=0.5)
+    bad_host = host.copy()
+    bad_host[0, 0] = np.inf
+    with pytest.raises(InvalidInputError, match="hosts contain"):
+        hide(images, bad_host, alpha=0.1, beta=0.5)
+    with pytest.raises(InvalidInputError, match="shape"):
+        hide(images[0, 0], host[0], alpha=0.1, beta=0.5)
+
+
+def test_to_unit_range_hu_and_per_mm_agree():
+    hu = np.array([-1000.0, 0.0, 1000.0, 40.0], dtype=np.float32)
+    np.testing.assert_allclose(to_unit_range(hu, unit="hu"), [0.0, 0.5, 1.0, 0.52], atol=1e-6)
+    mu = 0.0192 * (1 + hu / 1000.0)
+    np.testing.assert_allclose(
+        to_unit_range(mu, unit="per_mm", water_attenuation_per_mm=0.0192), to_unit_range(hu, unit="hu"), atol=1e-5
+    )
+    with pytest.raises(InvalidInputError, match="window_hu"):
+        to_unit_range(hu, unit="hu", window_hu=(10.0, -10.0))
