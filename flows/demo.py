@@ -93,7 +93,8 @@ def run_demo(
     console.print(table)
     if report.federated:
         fed = report.federated
-        console.print(f"federated run: {fed.get('status')}, {len(fed.get('rounds', []))} rounds")
+        rounds = fed.get("rounds") or []
+        console.print(f"federated run: {fed.get('status')}, {len(rounds) if isinstance(rounds, list) else 0} rounds")
     if report.report_path:
         console.print(f"report: {report.report_path}")
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from prefect import flow
 from pydantic import Field
 
@@ -26,5 +28,5 @@ def federated_training(request: FederatedRequest) -> FederationReport:
 
     root = request.data_root or get_settings().data_root
     stores = federated_sites(root, request.sites)
-    report: FederationReport = federated_stage(stores, request.config, f"{root.rstrip('/')}/models")
-    return report
+    report = federated_stage(stores, request.config, f"{root.rstrip('/')}/models")
+    return cast(FederationReport, report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.futures import PrefectFuture
@@ -70,11 +71,11 @@ def discover_scans(data_root: str, sites: tuple[str, ...] | None) -> list[ScanRe
     return find_scans(data_root, sites)
 
 
-def _chain(ref: ScanRef | PrefectFuture[ScanRef], config: PipelineConfig) -> dict[str, PrefectFuture[ScanRef]]:
+def _chain(ref: Any, config: PipelineConfig) -> dict[str, PrefectFuture[ScanRef]]:
     """Submit one scan's stages; each waits for the one before (a failed stage stops its scan only)."""
     d = denoise_stage.submit(ref, config.denoise)
-    r = reconstruct_stage.submit(d, config.reconstruct)
-    s = surrogate_stage.submit(r, config.surrogate)
+    r = reconstruct_stage.submit(cast(Any, d), config.reconstruct)
+    s = surrogate_stage.submit(cast(Any, r), config.surrogate)
     return {"denoise": d, "reconstruct": r, "surrogate": s}
 
 
@@ -88,7 +89,7 @@ def _outcome(name: str, futures: dict[str, PrefectFuture[ScanRef]]) -> ScanOutco
     return ScanOutcome(scan=name, ok=True)
 
 
-@flow(name="process-scan", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="process-scan", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=1)))
 def process_scan(request: ProcessScanRequest) -> PipelineReport:
     """Ingest (if given a source), denoise, reconstruct and make surrogates of one scan."""
     settings = get_settings()
@@ -114,7 +115,7 @@ def on_scan_arrived(path: str, site_id: str, data_root: str | None = None) -> Pi
     return process_scan(ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root))
 
 
-@flow(name="nightly", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="nightly", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=2)))
 def nightly(request: NightlyRequest) -> PipelineReport:
     """Every unprocessed scan of every site, in parallel (bounded), then a federated round; failures are
     recorded in the report and the other scans go on."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from schemas.base import StageConfig
 
 ReconstructMethod = Literal["fbp", "sart", "sirt"]
 FilterName = Literal["ram-lak", "shepp-logan", "cosine", "hann"]
@@ -14,10 +14,12 @@ OutputUnit = Literal["hu", "attenuation"]
 DeviceRequest = Literal["auto", "cpu", "cuda"]
 
 
-class ReconstructConfig(BaseModel):
-    """How slices are reconstructed from (denoised) line-integral projections."""
+class ReconstructConfig(StageConfig):
+    """How slices are reconstructed from (denoised) line-integral projections.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    The stage driver takes the water value from the scan's manifest; ``water_attenuation_per_mm`` here serves
+    direct calls of the chunked functions.
+    """
 
     method: ReconstructMethod = Field(
         default="fbp", description="fbp (filtered back-projection), sart or sirt (iterative)."
@@ -64,8 +66,3 @@ class ReconstructConfig(BaseModel):
     device: DeviceRequest = Field(
         default="auto", description="auto (CUDA when present), cpu, or cuda (an error without CUDA)."
     )
-
-    def config_hash(self) -> str:
-        """First 16 hex characters of the sha256 of the canonical JSON (sorted keys) of this config."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run every check: lint, types, import contracts, the whole test suite.
 source "$(dirname "$0")/_env.sh"
+source "$(dirname "$0")/_system_deps.sh"
 echo "== ruff" && ruff check .
 echo "== mypy" && mypy schemas tasks flows
 echo "== import contracts" && lint-imports

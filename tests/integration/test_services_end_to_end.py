@@ -243,7 +243,7 @@ def test_deployed_topology_on_loopback(tmp_path):
                     {
                         "request": {
                             "data_root": str(data_root),
-                            "config": {"federation": {"num_rounds": 2, "local_epochs": 1, "min_available_clients": 2}},
+                            "config": {"federation": {"num_rounds": 1, "local_epochs": 1, "min_available_clients": 2}},
                         }
                     },
                 )

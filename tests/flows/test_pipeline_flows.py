@@ -1,0 +1,123 @@
+"""The pipeline flows on the embedded default (a temporary Prefect API, threads for Dask)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from schemas.geometry import Geometry, ReconGrid
+from schemas.ingest import IngestConfig
+from schemas.manifest import ScanManifest
+from tasks.phantoms import parallel_line_integrals, shepp_logan
+from tasks.storage import SiteStore, StageOutput
+
+
+def make_site(
+    root: Path,
+    *,
+    site_id: str = "A",
+    n_scans: int = 1,
+    views: int = 180,
+    rows: int = 2,
+    cols: int = 48,
+    i0: float = 2e4,
+    seed: int = 0,
+    nan_in: int | None = None,
+) -> SiteStore:
+    """A site store with noisy Shepp–Logan scans (counts with I0), written as the ingest stage would."""
+    grid = ReconGrid(nx_pixels=cols, ny_pixels=cols, pixel_size_mm=1.0)
+    geometry = Geometry(
+        beam="parallel", n_views=views, n_detector_cols=cols, n_detector_rows=rows, detector_pitch_mm=1.0, grid=grid
+    )
+    clean = parallel_line_integrals(shepp_logan(0.45 * cols), geometry).astype(np.float32)  # (views, cols)
+    site = SiteStore.open_or_create(root / f"{site_id}.zarr", site_id=site_id)
+    rng = np.random.default_rng(seed)
+    for k in range(n_scans):
+        counts = rng.poisson(i0 * np.exp(-np.repeat(clean[:, None, :], rows, axis=1))).astype(np.float32)
+        p = np.log(i0 / np.maximum(counts, 0.5)).astype(np.float32)
+        if nan_in is not None and k == nan_in:
+            p[7, 0, 3] = np.nan
+        sha = f"{seed:08x}{k:056x}"
+        scan = site.create_scan(
+            ScanManifest(
+                scan_id=f"{site_id}-{k}",
+                site_id=site_id,
+                data_kind="counts",
+                geometry=geometry,
+                i0_photons=i0,
+                source_sha256=sha,
+            )
+        )
+        scan.run_stage(
+            stage="ingest",
+            config=IngestConfig(source_sha256=sha, reader="npy", data_kind="counts"),
+            outputs=[StageOutput("projections", da.from_array(p), ("view", "row", "col"))],
+        )
+    return site
+
+
+@pytest.mark.slow
+def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path, prefect_harness):
+    from flows.pipeline import NightlyRequest, nightly
+
+    make_site(tmp_path, site_id="A", n_scans=2)
+    make_site(tmp_path, site_id="B", n_scans=2, seed=1, nan_in=1)  # B-1 holds a NaN: denoise refuses it
+    report = nightly(NightlyRequest(data_root=str(tmp_path), federated=False))
+    outcomes = {o.scan: o for o in report.scans}
+    assert set(outcomes) == {"A/A-0", "A/A-1", "B/B-0", "B/B-1"}
+    assert [o.scan for o in report.failed] == ["B/B-1"]
+    assert outcomes["B/B-1"].failed_stage == "denoise"
+    assert "non-finite" in (outcomes["B/B-1"].error or "") or "NaN" in (outcomes["B/B-1"].error or "")
+    for site_id in ("A", "B"):
+        for scan in SiteStore.open(tmp_path / f"{site_id}.zarr").scans():
+            done = scan.scan_id != "B-1"
+            assert scan.is_done("surrogate") is done
+    html = Path(report.report_path).read_text()
+    assert "Failed scans" in html and "B-1" in html and "data:image/png;base64," in html
+    first = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
+    # a rerun skips every finished stage: records unchanged
+    nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
+    again = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
+    assert again == first
+
+
+@pytest.mark.slow
+def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng):
+    from flows.pipeline import ProcessScanRequest, process_scan
+    from tasks.scanner_output import ScannerFormat, write_scanner_output
+
+    cols = 40
+    geometry = Geometry(
+        beam="fan",
+        detector_shape="curved",
+        n_views=120,
+        n_detector_cols=cols,
+        n_detector_rows=2,
+        detector_pitch_mm=1.5,
+        source_to_isocenter_mm=400,
+        source_to_detector_mm=700,
+        grid=ReconGrid(nx_pixels=32, ny_pixels=32, pixel_size_mm=1.0),
+    )
+    p = np.full((120, 2, cols), 0.5, np.float32)
+    counts = rng.poisson(1e4 * np.exp(-p)).astype(np.float32)
+    src = write_scanner_output(
+        tmp_path / "in",
+        scan_id="fan-1",
+        geometry=geometry,
+        line_integrals=p,
+        counts=counts,
+        i0_photons=1e4,
+        water_attenuation_per_mm=0.0192,
+        fmt=ScannerFormat.NPY_COUNTS,
+    )
+    report = process_scan(ProcessScanRequest(source=src, site_id="S", data_root=str(tmp_path / "data")))
+    assert [o.ok for o in report.scans] == [True]
+    scan = SiteStore.open(tmp_path / "data" / "S.zarr").scan("fan-1")
+    for stage in ("ingest", "denoise", "reconstruct", "surrogate"):
+        assert scan.is_done(stage), stage
+    assert scan.array("volume").shape == (2, 32, 32)
+    assert scan.array("surrogate").shape == (2, 32, 32)
+    assert np.isfinite(scan.array("surrogate")[...]).all()
