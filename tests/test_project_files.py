@@ -30,3 +30,19 @@ def test_readme_quickstart_has_two_commands_and_ci_runs_the_second():
     for cmd in commands:
         assert (ROOT / cmd.split()[0]).is_file(), cmd
     assert commands[1] in (ROOT / ".ci/run").read_text()
+
+
+def test_shipped_pipeline_config_parses_and_unknown_keys_are_refused(tmp_path):
+    from pydantic import ValidationError
+
+    from schemas.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(ROOT / "configs" / "pipeline.yaml")
+    assert cfg.reconstruct.output_unit == "hu"
+    assert cfg == PipelineConfig()  # the file spells out the defaults
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("denoise:\n  views_per_grup: 8\n")
+    import pytest
+
+    with pytest.raises(ValidationError, match="views_per_grup"):
+        PipelineConfig.from_yaml(bad)

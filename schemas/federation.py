@@ -1,0 +1,255 @@
+"""Federated training: the configuration of one Flower run, the per-round record and the run's report.
+
+:class:`FederationConfig` is the one model behind the Flower run config. The runner turns it into the flat
+``{str: str | int | float | bool}`` mapping that ``flwr run --run-config`` takes
+(:meth:`FederationConfig.to_run_config`); the ServerApp and every ClientApp parse it back with
+:meth:`FederationConfig.from_run_config`, which refuses unknown keys, missing keys and a ``config_hash`` that
+does not match the parsed values. Keys under :data:`RUNTIME_KEYS` carry where the ServerApp writes its outputs;
+they are not part of the training configuration (nor of its hash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Literal, Self
+
+from pydantic import Field, ValidationError, model_validator
+
+from schemas.base import FrozenModel, StageConfig
+
+RunConfigValue = str | int | float | bool
+
+#: Run-config keys that say where outputs go (set by the runner per run; not hashed).
+RUNTIME_KEYS: tuple[str, ...] = ("metrics_path", "models_dir", "audit_path")
+#: Run-config key holding :meth:`FederationConfig.config_hash`.
+HASH_KEY = "config_hash"
+
+
+class StrategyName(StrEnum):
+    """Server-side aggregation (Flower's ``flwr.serverapp.strategy`` classes)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"  # FedAvg aggregation; the proximal term is added by each client
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDMEDIAN = "fedmedian"  # coordinate-wise median (robust)
+    FEDTRIMMEDAVG = "fedtrimmedavg"  # trimmed mean (robust)
+
+
+class DpMode(StrEnum):
+    """Where the updates are clipped for differential privacy (noise is always added to the aggregate)."""
+
+    OFF = "off"
+    SERVER = "server"  # DifferentialPrivacyServerSideFixedClipping: the server clips each update
+    CLIENT = "client"  # DifferentialPrivacyClientSideFixedClipping + fixedclipping_mod: clients clip
+
+
+class CompressionKind(StrEnum):
+    """How a client encodes its update (the difference to the global model) for the uplink."""
+
+    NONE = "none"
+    FLOAT16 = "float16"  # half-precision deltas: 2 bytes per value
+    TOPK = "topk"  # the largest |delta| entries (int32 index + float32 value), with error feedback
+
+
+class FederatedTask(StrEnum):
+    """What the model learns from the surrogate slices."""
+
+    CLASSIFY = "classify"  # per-slice lesion present / absent (labels)
+    SEGMENT = "segment"  # per-pixel lesion mask (lesion_masks)
+
+
+class FederationConfig(StageConfig):
+    """One federated training run: rounds, strategy, local training, privacy, compression, dropout handling."""
+
+    task: FederatedTask = Field(default=FederatedTask.CLASSIFY, description="Classification or segmentation.")
+    num_rounds: int = Field(default=5, ge=1, le=1000, description="Global rounds.")
+    strategy: StrategyName = Field(default=StrategyName.FEDAVG, description="Server-side aggregation.")
+    local_epochs: int = Field(default=2, ge=1, le=100, description="Epochs over the site's training slices per round.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="Client Adam learning rate.")
+    batch_size: int = Field(default=16, ge=1, le=4096, description="Slices per client mini-batch.")
+    proximal_mu: float = Field(
+        default=0.0, ge=0, le=100.0, description="FedProx μ: weight of (μ/2)·‖w − w_global‖² in the client loss."
+    )
+    server_learning_rate: float = Field(
+        default=1e-2, gt=0, le=10.0, description="η of FedAdam/FedYogi (server optimiser step)."
+    )
+    trimmed_fraction: float = Field(
+        default=0.2, ge=0, lt=0.5, description="FedTrimmedAvg β: fraction cut at each end per coordinate."
+    )
+    fedbn: bool = Field(default=False, description="BatchNorm parameters and statistics stay at each site (FedBN).")
+    base_channels: int = Field(default=8, ge=2, le=128, description="Width of the first convolution block.")
+    # ---- secure aggregation ----------------------------------------------------------------------
+    secagg: bool = Field(default=False, description="SecAgg+ (the server only sees the sum of the updates).")
+    secagg_num_shares: int = Field(
+        default=3, ge=2, le=1000, description="SecAgg+: shares of each client's secrets (neighbours incl. itself)."
+    )
+    secagg_reconstruction_threshold: int = Field(
+        default=2, ge=2, le=1000, description="SecAgg+: shares needed to rebuild a dropped client's mask."
+    )
+    secagg_clipping_range: float = Field(
+        default=8.0, gt=0, le=1e6, description="SecAgg+: model values are clipped to ±this before quantisation."
+    )
+    secagg_quantization_range: int = Field(
+        default=4_194_304, ge=2, le=2**30, description="SecAgg+: quantisation levels over the clipping range."
+    )
+    # ---- differential privacy --------------------------------------------------------------------
+    dp_mode: DpMode = Field(default=DpMode.OFF, description="Fixed-clipping DP on the server or on the clients.")
+    dp_clipping_norm: float = Field(default=1.0, gt=0, le=1e6, description="L2 bound of one client's update.")
+    dp_noise_multiplier: float = Field(
+        default=0.1, ge=0, le=100.0, description="Gaussian noise std on the aggregate, in units of the clip norm."
+    )
+    # ---- communication ---------------------------------------------------------------------------
+    compression: CompressionKind = Field(default=CompressionKind.NONE, description="Uplink update encoding.")
+    topk_fraction: float = Field(
+        default=0.1, gt=0, le=1.0, description="Top-k: fraction of the update's entries sent per round."
+    )
+    # ---- participation and dropout -----------------------------------------------------------------
+    min_available_clients: int = Field(
+        default=2,
+        ge=1,
+        le=10000,
+        description="Nodes that must be connected before a round starts, and replies a round needs to count.",
+    )
+    fraction_train: float = Field(default=1.0, gt=0, le=1.0, description="Share of connected nodes asked per round.")
+    round_timeout_s: float = Field(
+        default=300.0, gt=0, le=86400.0, description="A round aggregates whatever replies arrived by then, s."
+    )
+    wait_for_nodes_s: float = Field(
+        default=120.0, gt=0, le=86400.0, description="How long a round waits for min_available_clients nodes, s."
+    )
+    # ---- evaluation, personalisation, reproducibility ----------------------------------------------
+    holdout_fraction: float = Field(
+        default=0.25, gt=0, lt=1.0, description="Share of each site's slices kept for its local evaluation."
+    )
+    personalisation_epochs: int = Field(
+        default=0, ge=0, le=100, description="Local fine-tuning epochs after the last round (0: none)."
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seeds model init, splits and shuffling.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.strategy is StrategyName.FEDPROX and self.proximal_mu <= 0:
+            raise ValueError("strategy 'fedprox' needs proximal_mu > 0 (μ = 0 is plain FedAvg)")
+        if self.secagg:
+            if self.compression is not CompressionKind.NONE:
+                raise ValueError("secagg quantises the updates itself: set compression to 'none'")
+            if self.dp_mode is DpMode.SERVER:
+                raise ValueError("server-side DP clips individual updates, which SecAgg+ hides: use dp_mode 'client'")
+            if self.strategy in (StrategyName.FEDMEDIAN, StrategyName.FEDTRIMMEDAVG):
+                raise ValueError(f"robust aggregation ({self.strategy}) needs individual updates; SecAgg+ hides them")
+            if self.secagg_reconstruction_threshold > self.secagg_num_shares:
+                raise ValueError("secagg_reconstruction_threshold must not exceed secagg_num_shares")
+            if self.min_available_clients < 2:
+                raise ValueError("secagg needs min_available_clients >= 2")
+        if self.dp_mode is not DpMode.OFF and self.strategy not in (StrategyName.FEDAVG, StrategyName.FEDPROX):
+            raise ValueError("DP fixed clipping wraps a FedAvg-style strategy: use fedavg or fedprox")
+        return self
+
+    # ---- the Flower run config ---------------------------------------------------------------------
+    def to_run_config(
+        self, *, metrics_path: str = "", models_dir: str = "", audit_path: str = ""
+    ) -> dict[str, RunConfigValue]:
+        """The flat run config of this configuration (enum values as strings), its hash and output paths.
+
+        ``metrics_path``: JSON-lines file of :class:`RoundRecord`; ``models_dir``: root of
+        ``<run_id>/round-<k>``; ``audit_path``: JSON-lines inventory (names, shapes, dtypes; never values) of
+        every message the server receives. Empty: not written.
+        """
+        out: dict[str, RunConfigValue] = dict(self.model_dump(mode="json"))
+        out[HASH_KEY] = self.config_hash()
+        out["metrics_path"] = metrics_path
+        out["models_dir"] = models_dir
+        out["audit_path"] = audit_path
+        return out
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, RunConfigValue]) -> Self:
+        """Parse a Flower run config; refuses unknown or missing keys and a hash that does not match.
+
+        Raises
+        ------
+        RunConfigMismatchError
+            A key is unknown or missing, a value is invalid, or ``config_hash`` differs from the hash of the
+            parsed values (the run config was edited, or server and client disagree on the schema).
+        """
+        fields = set(cls.model_fields)
+        given = set(run_config)
+        unknown = sorted(given - fields - set(RUNTIME_KEYS) - {HASH_KEY})
+        if unknown:
+            raise RunConfigMismatchError(f"run config has keys FederationConfig does not know: {unknown}")
+        missing = sorted(fields - given)
+        if missing:
+            raise RunConfigMismatchError(f"run config lacks FederationConfig keys: {missing}")
+        try:
+            config = cls.model_validate({k: run_config[k] for k in fields})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise RunConfigMismatchError(
+                f"run config value {'.'.join(str(p) for p in first['loc'])!s}={first.get('input')!r} is invalid: "
+                f"{first['msg']}"
+            ) from exc
+        expected = run_config.get(HASH_KEY)
+        if expected not in (None, "") and expected != config.config_hash():
+            raise RunConfigMismatchError(
+                f"run config hash {expected!r} does not match its values (hash {config.config_hash()!r}): "
+                "a key was overridden without the runner, or server and client run different fedscan versions"
+            )
+        return config
+
+
+class RunConfigMismatchError(ValueError):
+    """A Flower run config that is not exactly one :class:`FederationConfig` (schemas import no error classes)."""
+
+
+class RoundRecord(FrozenModel):
+    """What one round did, as the ServerApp writes it (one JSON line per round)."""
+
+    run_id: str = Field(description="Flower run id.")
+    round: int = Field(ge=0, description="Round number, from 1; 0 for the personalisation phase.")
+    phase: Literal["train", "personalise"] = "train"
+    nodes_sampled: int = Field(ge=0, description="Nodes sent a train message.")
+    replies_ok: int = Field(ge=0, description="Updates that were aggregated.")
+    replies_failed: int = Field(ge=0, description="Replies with an error, or none before the timeout.")
+    replies_rejected: int = Field(ge=0, description="Updates refused by the server (non-finite, wrong keys/shapes).")
+    aggregated: bool = Field(description="False when too few updates arrived: the global model stayed as it was.")
+    train_loss: float | None = Field(default=None, description="Mean client training loss (weighted by slices).")
+    eval_loss: float | None = None
+    eval_auc: float | None = Field(default=None, description="Mean of the sites' held-out AUC (weighted by slices).")
+    eval_accuracy: float | None = None
+    eval_dice: float | None = None
+    bytes_down: int = Field(ge=0, description="Array bytes sent to the nodes this round.")
+    bytes_up: int = Field(ge=0, description="Array bytes received from the nodes this round.")
+    seconds: float = Field(ge=0, description="Wall time of the round (train + evaluate), s.")
+    model_dir: str | None = Field(default=None, description="Folder of the global model after this round.")
+
+
+class FederationReport(FrozenModel):
+    """What :func:`tasks.federated.runner.run_federation` returns."""
+
+    run_id: str
+    mode: Literal["simulation", "deployment"]
+    status: str = Field(description="Flower's final status, e.g. 'finished:completed'.")
+    config_hash: str
+    rounds: tuple[RoundRecord, ...]
+    final_model_dir: str | None = Field(description="Folder of the last aggregated global model.")
+    wall_seconds: float = Field(ge=0)
+
+    @property
+    def train_rounds(self) -> tuple[RoundRecord, ...]:
+        return tuple(r for r in self.rounds if r.phase == "train")
+
+
+__all__ = [
+    "HASH_KEY",
+    "RUNTIME_KEYS",
+    "CompressionKind",
+    "DpMode",
+    "FederatedTask",
+    "FederationConfig",
+    "FederationReport",
+    "RoundRecord",
+    "RunConfigMismatchError",
+    "StrategyName",
+]

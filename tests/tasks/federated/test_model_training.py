@@ -1,0 +1,155 @@
+"""Plain-torch parts: models, shared keys (FedBN), metrics, local training, update compression."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from schemas.federation import FederatedTask
+from tasks.errors import InvalidInputError
+from tasks.federated.compression import TOPK_INDICES, decode_update, encode_update, payload_bytes
+from tasks.federated.model import batchnorm_keys, build_model, get_arrays, model_signature, set_arrays, shared_keys
+from tasks.federated.training import auc_score, dice_score, evaluate, train_local
+
+from .conftest import synthetic_scans
+
+CPU = torch.device("cpu")
+
+
+def test_auc_matches_pairwise_definition_with_ties(rng):
+    scores = rng.integers(0, 5, size=40).astype(float)  # many ties
+    labels = rng.integers(0, 2, size=40)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p, n in itertools.product(pos, neg)]
+    assert auc_score(scores, labels) == pytest.approx(np.mean(pairs))
+    assert auc_score([0.1, 0.9], [0, 1]) == 1.0
+    assert np.isnan(auc_score([0.1, 0.2], [1, 1]))
+
+
+def test_dice():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert dice_score(a, b) == pytest.approx(2 * 4 / 16)
+    assert dice_score(a, a) == 1.0
+    assert dice_score(np.zeros(3), np.zeros(3)) == 1.0
+
+
+def test_fedbn_keeps_batchnorm_and_integer_buffers_local():
+    model = build_model("classify", base_channels=4, seed=0)
+    bn = batchnorm_keys(model)
+    assert any(k.endswith("running_mean") for k in bn)
+    everything = shared_keys(model, fedbn=False)
+    local_bn = shared_keys(model, fedbn=True)
+    assert not any("num_batches_tracked" in k for k in everything)
+    assert set(local_bn) == set(everything) - bn
+    assert model_signature(model, everything) != model_signature(model, local_bn)
+
+
+def test_build_model_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = get_arrays(build_model("segment", base_channels=4, seed=3), ["out.weight"])
+    b = get_arrays(build_model("segment", base_channels=4, seed=3), ["out.weight"])
+    c = get_arrays(build_model("segment", base_channels=4, seed=4), ["out.weight"])
+    assert np.array_equal(a["out.weight"], b["out.weight"])
+    assert not np.array_equal(a["out.weight"], c["out.weight"])
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_set_arrays_refuses_a_model_mismatch():
+    model = build_model("classify", base_channels=4, seed=0)
+    other = build_model("classify", base_channels=8, seed=0)
+    keys = shared_keys(other, fedbn=False)
+    with pytest.raises(InvalidInputError, match="mismatch"):
+        set_arrays(model, get_arrays(other, keys))
+
+
+@pytest.mark.parametrize("task", [FederatedTask.CLASSIFY, pytest.param(FederatedTask.SEGMENT, marks=pytest.mark.slow)])
+def test_local_training_learns_the_synthetic_lesions(task):
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    scans = synthetic_scans(rng, n_scans=2, n_slices=32)
+    (_, x_tr, y_tr, m_tr), (_, x_te, y_te, m_te) = scans
+    model = build_model(task, base_channels=4, seed=0)
+    targets_tr, targets_te = (y_tr, y_te) if task is FederatedTask.CLASSIFY else (m_tr, m_te)
+    before = evaluate(model, x_te, targets_te, task=task, batch_size=16, device=CPU)
+    train_local(
+        model,
+        x_tr,
+        targets_tr,
+        task=task,
+        epochs=8,
+        learning_rate=1e-2,
+        batch_size=8,
+        generator=torch.Generator().manual_seed(0),
+        device=CPU,
+    )
+    after = evaluate(model, x_te, targets_te, task=task, batch_size=16, device=CPU)
+    assert after["loss"] < before["loss"]
+    assert after["auc"] > 0.85
+    if task is FederatedTask.SEGMENT:
+        assert after["dice"] > before["dice"]
+
+
+def test_fedprox_term_keeps_the_model_near_the_anchor():
+    rng = np.random.default_rng(1)
+    ((_, x, y, _),) = synthetic_scans(rng, n_scans=1, n_slices=24)
+    drift = {}
+    for mu in (0.0, 10.0):
+        model = build_model("classify", base_channels=4, seed=0)
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+        train_local(
+            model,
+            x,
+            y,
+            task="classify",
+            epochs=3,
+            learning_rate=1e-2,
+            batch_size=8,
+            generator=torch.Generator().manual_seed(0),
+            device=CPU,
+            proximal_mu=mu,
+            anchor=anchor,
+        )
+        drift[mu] = sum(float(((p.detach() - anchor[k]) ** 2).sum()) for k, p in model.named_parameters())
+    assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_float16_compression_halves_bytes_and_stays_close(rng):
+    ref = {"a": rng.normal(size=(64, 3)).astype(np.float32), "b": rng.normal(size=7).astype(np.float32)}
+    local = {k: v + 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in ref.items()}
+    enc, residual = encode_update(local, ref, kind="float16")
+    assert residual is None
+    assert payload_bytes(enc) * 2 == payload_bytes(local)
+    dec = decode_update(enc, ref, kind="float16")
+    for k in ref:
+        np.testing.assert_allclose(dec[k], local[k], atol=1e-4)
+    assert ref["a"].flags.writeable and np.array_equal(ref["a"], ref["a"].copy())
+
+
+def test_topk_sends_the_largest_entries_and_carries_the_rest(rng):
+    ref = {"a": np.zeros((10, 10), np.float32), "b": np.zeros(20, np.float32)}
+    local = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in ref.items()}
+    enc, residual = encode_update(local, ref, kind="topk", topk_fraction=0.1)
+    assert enc[TOPK_INDICES].size == 12
+    assert payload_bytes(enc) < payload_bytes(local) / 4
+    dec = decode_update(enc, ref, kind="topk")
+    flat_local = np.concatenate([local["a"].ravel(), local["b"]])
+    flat_dec = np.concatenate([dec["a"].ravel(), dec["b"]])
+    np.testing.assert_allclose(flat_dec + residual, flat_local, atol=1e-6)  # nothing lost
+    assert np.abs(flat_local[flat_dec != 0]).min() >= np.abs(residual).max()  # the kept ones are the largest
+    # next round: the residual is added back before selecting
+    enc2, _ = encode_update(ref, ref, kind="topk", topk_fraction=0.1, residual=residual)
+    assert np.abs(decode_update(enc2, ref, kind="topk")["a"]).sum() > 0
+
+
+def test_decode_refuses_malformed_updates():
+    ref = {"a": np.zeros(4, np.float32)}
+    with pytest.raises(InvalidInputError):
+        decode_update({"a": np.zeros(5, np.float16)}, ref, kind="float16")
+    with pytest.raises(InvalidInputError):
+        decode_update({TOPK_INDICES: np.array([9], np.int32), "topk.values": np.ones(1, np.float32)}, ref, kind="topk")

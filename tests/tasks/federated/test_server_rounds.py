@@ -1,0 +1,184 @@
+"""The ServerApp's rounds and the ClientApp's handlers, wired in-process through a Grid that calls the ClientApp
+directly (real Flower messages, no processes): aggregation, rejection of NaN updates, dropout, bad stores,
+model mismatch, compression, FedBN and the audit of what the server receives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from schemas.federation import FederationConfig, RoundRecord
+from tasks.errors import InvalidInputError
+from tasks.federated import client_app as ca
+from tasks.federated import server_app as sa
+from tasks.federated.inprocess import InProcessGrid, run_in_process
+from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    torch.set_num_threads(1)
+
+
+def run_rounds(cfg: FederationConfig, stores, tmp_path: Path, tamper=None):
+    return run_in_process(cfg, stores, tmp_path, tamper=tamper)
+
+
+def small(**kw) -> FederationConfig:
+    base = dict(
+        num_rounds=2,
+        local_epochs=1,
+        learning_rate=5e-3,
+        batch_size=8,
+        base_channels=4,
+        min_available_clients=2,
+        round_timeout_s=30,
+        wait_for_nodes_s=2,
+    )
+    base.update(kw)
+    return FederationConfig(**base)
+
+
+def test_rounds_aggregate_save_models_and_never_receive_images(site_stores, tmp_path):
+    grid, records = run_rounds(small(num_rounds=2), site_stores, tmp_path)
+    assert [r.round for r in records] == [1, 2]
+    assert all(r.aggregated and r.replies_ok == 3 and r.bytes_up > 0 for r in records)
+    assert all(r.eval_auc is not None for r in records)
+    saved = torch.load(Path(records[-1].model_dir) / "model.pt")
+    assert set(saved) == set(shared_keys(build_model("classify", base_channels=4, seed=0), fedbn=False))
+    # every array the server received: model-shaped, never an image or a stack of slices
+    audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(audit) == len(grid.received) > 0
+    image_numel = 32 * 32
+    for entry in audit:
+        for arr in entry["arrays"]:
+            assert tuple(arr["shape"][-2:]) != (32, 32)
+            assert int(np.prod(arr["shape"])) % image_numel != 0 or arr["name"].endswith("weight")
+    for reply in grid.received:
+        for record in reply.content.array_records.values():
+            for name, a in record.items():
+                assert name in saved or name.startswith("topk.")
+                assert tuple(a.shape) == tuple(saved[name].shape)
+
+
+def poison(reply: Message) -> Message:
+    if "arrays" not in reply.content:  # evaluate replies carry metrics only
+        return reply
+    rec = reply.content["arrays"]
+    bad = {k: v.numpy().copy() for k, v in rec.items()}
+    first = next(iter(bad))
+    bad[first][...] = np.nan
+    reply.content["arrays"] = ArrayRecord({k: Array(v) for k, v in bad.items()})
+    return reply
+
+
+def test_a_nan_update_is_rejected_and_the_round_continues(site_stores, tmp_path):
+    _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={101: poison})
+    (r,) = records
+    assert r.replies_rejected == 1 and r.replies_ok == 2 and r.aggregated
+    saved = torch.load(Path(r.model_dir) / "model.pt")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_too_few_updates_keep_the_global_model(site_stores, tmp_path):
+    _, records = run_rounds(
+        small(num_rounds=1, min_available_clients=3), site_stores, tmp_path, tamper={100: poison, 101: poison}
+    )
+    (r,) = records
+    assert not r.aggregated and r.model_dir is None and r.replies_ok == 1
+
+
+def test_a_site_without_surrogates_fails_alone(site_stores, tmp_path):
+    from tasks.storage import SiteStore
+
+    empty = tmp_path / "empty.zarr"
+    SiteStore.create(empty, site_id="E")
+    _, records = run_rounds(small(num_rounds=1), [*site_stores[:2], empty], tmp_path)
+    (r,) = records
+    assert r.replies_failed == 1 and r.replies_ok == 2 and r.aggregated
+
+
+def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
+    cfg = small(num_rounds=1)
+    grid = InProcessGrid(list(site_stores), cfg.to_run_config())
+    grid.down.add(102)  # gone after being listed: sampled, never answers
+    grid.get_node_ids = lambda: list(grid.contexts)  # type: ignore[method-assign]
+    model = build_model("classify", base_channels=4, seed=0)
+    keys = shared_keys(model, fedbn=False)
+    writer = sa.RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    sa.run_message_api(
+        sa.AuditingGrid(grid),
+        cfg,
+        writer,
+        ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)}),
+    )
+    (r,) = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert r.nodes_sampled == 3 and r.replies_failed == 1 and r.replies_ok == 2 and r.aggregated
+
+
+def test_client_refuses_a_server_with_another_model(site_stores):
+    cfg = small()
+    ctx = Context(
+        run_id=1,
+        node_id=100,
+        node_config={ca.NODE_STORE_KEY: str(site_stores[0])},
+        state=RecordDict(),
+        run_config=cfg.to_run_config(),
+    )
+    other = build_model("classify", base_channels=8, seed=0)
+    keys = shared_keys(other, fedbn=False)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in get_arrays(other, keys).items()}),
+            "config": ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(other, keys)}),
+        }
+    )
+    msg = Message(content, dst_node_id=100, message_type="train")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    with pytest.raises(InvalidInputError, match="model mismatch"):
+        ca.app(msg, ctx)
+
+
+def test_compression_cuts_uplink_bytes_and_fedbn_keeps_bn_home(site_stores, tmp_path):
+    _, plain = run_rounds(small(num_rounds=1, base_channels=8), site_stores[:2], tmp_path / "a")
+    _, f16 = run_rounds(small(num_rounds=1, base_channels=8, compression="float16"), site_stores[:2], tmp_path / "b")
+    _, topk = run_rounds(
+        small(num_rounds=1, base_channels=8, compression="topk", topk_fraction=0.1), site_stores[:2], tmp_path / "c"
+    )
+    assert all(r[0].aggregated for r in (plain, f16, topk))
+    assert f16[0].bytes_up < 0.55 * plain[0].bytes_up
+    assert topk[0].bytes_up < 0.25 * plain[0].bytes_up
+    grid, _ = run_rounds(small(num_rounds=1, fedbn=True), site_stores[:2], tmp_path / "d")
+    names = {n for reply in grid.received for rec in reply.content.array_records.values() for n in rec}
+    assert names and not any("running_mean" in n or ".1.weight" in n for n in names)
+
+
+def test_personalisation_reports_local_metrics(site_stores, tmp_path):
+    _, records = run_rounds(small(num_rounds=1, personalisation_epochs=1), site_stores[:2], tmp_path)
+    assert [r.phase for r in records] == ["train", "personalise"]
+    assert records[1].replies_ok == 2 and records[1].eval_auc is not None
+
+
+def test_server_side_dp_wrapper_runs(site_stores, tmp_path):
+    _, records = run_rounds(small(num_rounds=1, dp_mode="server", dp_noise_multiplier=0.01), site_stores[:2], tmp_path)
+    assert records[0].aggregated
+
+
+def test_secagg_plus_aggregates_without_the_server_seeing_a_single_update(site_stores, tmp_path):
+    cfg = small(num_rounds=1, secagg=True, dp_mode="client", dp_noise_multiplier=0.01, dp_clipping_norm=5.0)
+    grid, records = run_rounds(cfg, site_stores, tmp_path)
+    (r,) = records
+    assert r.aggregated and r.replies_ok == 3
+    train_replies = [m for m in grid.received if m.metadata.message_type == "train" and not m.has_error()]
+    assert train_replies
+    for reply in train_replies:  # SecAgg+ stages: keys, shares and masked vectors as bytes, no model arrays
+        assert all(len(rec) == 0 for rec in reply.content.array_records.values())
+    saved = torch.load(Path(r.model_dir) / "model.pt")
+    assert all(torch.isfinite(t).all() for t in saved.values())
