@@ -283,12 +283,12 @@ def train(msg: Message, context: Context) -> Message:
             metrics={"train_loss": float(metrics["train_loss"])},
         )
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
-    received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    received = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
     new, metrics = _train(received, _single_config(msg), context)
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(dict(metrics)),
         }
     )
     return Message(content, reply_to=msg)
@@ -309,17 +309,17 @@ def evaluate(msg: Message, context: Context) -> Message:
             metrics={k: v for k, v in metrics.items() if k != "num-examples"},
         )
         return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
-    received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    received = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
     metrics = _evaluate(received, _single_config(msg), context)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
 
 
 @app.train("personalise")
 def personalise(msg: Message, context: Context) -> Message:
     """Fine-tune the final global model on this site only; reports held-out metrics before and after."""
-    received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    received = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
     metrics = _personalise(received, _single_config(msg), context)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
 
 
 __all__ = ["app", "site_store_path"]

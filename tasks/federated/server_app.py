@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,7 @@ class RoundWriter:
             fh.write(record.model_dump_json() + "\n")
 
 
-def weighted_metrics(rows: list[Mapping[str, Any]], *, weight_key: str = "num-examples") -> dict[str, float]:
+def weighted_metrics(rows: Sequence[Mapping[str, Any]], *, weight_key: str = "num-examples") -> dict[str, float]:
     """Weighted mean of every numeric, finite metric over the rows (a metric missing in a row is skipped)."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -303,7 +303,7 @@ def _evaluate_round(
         for n in nodes
     ]
     replies = grid.send_and_receive(msgs, timeout=timeout)
-    rows = [dict(r.content["metrics"]) for r in replies if not r.has_error() and "metrics" in r.content]
+    rows = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error() and "metrics" in r.content]
     for r in replies:
         if r.has_error():
             LOG.warning("evaluation failed on node %d: %s", r.metadata.src_node_id, r.error.reason)
@@ -399,7 +399,7 @@ def personalise(
         for n in nodes
     ]
     replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
-    rows = [dict(r.content["metrics"]) for r in replies if not r.has_error()]
+    rows = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error()]
     m = weighted_metrics(rows)
     writer.write(
         RoundRecord(
@@ -479,7 +479,7 @@ def run_secagg(
             inner, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, max(cfg.min_available_clients, len(nodes))
         )
 
-    class Recording(ls.Strategy):  # type: ignore[misc]
+    class Recording(ls.Strategy):
         """Delegates to the configured strategy; writes a record and a checkpoint per round."""
 
         def initialize_parameters(self, client_manager: Any) -> Any:
