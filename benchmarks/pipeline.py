@@ -65,10 +65,21 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         print(json.dumps(_one(sys.argv[2], sys.argv[3])))
         return
-    args = parse_args(__doc__ or "", image=False)
-    sizes = [1, 2] if args.quick else [1, 2, 4, 8]
-    size = "tiny" if args.quick else "small"
-    n_sites, n_slices = 3, 8
+    import argparse
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--size", default=None, help="demo grid: tiny | small | medium | full")
+    extra.add_argument("--slices", type=int, default=None, help="slices per scan")
+    extra.add_argument("--scans-per-site", default=None, help="comma list, e.g. 1,2,4,8")
+    known, rest = extra.parse_known_args()
+    args = parse_args(__doc__ or "", image=False, argv=rest)
+    sizes = (
+        [int(x) for x in known.scans_per_site.split(",")]
+        if known.scans_per_site
+        else ([1, 2] if args.quick else [1, 2, 4, 8])
+    )
+    size = known.size or ("tiny" if args.quick else "small")
+    n_sites, n_slices = 3, known.slices or (8 if args.quick else 16)
     from tasks.demo.build import build_demo_sites
 
     rows = []

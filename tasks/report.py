@@ -31,6 +31,8 @@ def html_table(rows: Sequence[Mapping[str, object]]) -> str:
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

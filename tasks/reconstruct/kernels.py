@@ -431,7 +431,9 @@ class _Operator:
         return _csr(ray.reshape(npix, -1), w.reshape(npix, -1), (npix, nv * width))
 
 
-@lru_cache(maxsize=2)
+# Four: a nightly run keeps several sites' geometries in flight at once (plus the UI preview); with two, the
+# operators were rebuilt on every stage and dominated small scans (benchmarks/pipeline.py).
+@lru_cache(maxsize=4)
 def _operator(geometry: Geometry, device: torch.device) -> _Operator:
     return _Operator(geometry, device)
 
