@@ -98,8 +98,7 @@ def _central(n: int) -> int:
 
 def reconstruct_scan(scan: ScanStore, config: ReconstructConfig, *, force: bool = False) -> StageResult:
     """``projections_denoised`` (or ``projections`` when the scan was not denoised) → ``volume``."""
-    from tasks.device import resolve_device
-    from tasks.reconstruct.chunked import reconstruct_volume
+    from tasks.reconstruct.chunked import reconstruct_with_config
 
     source = "projections_denoised" if scan.is_done(DENOISE) else "projections"
     inputs = _upstream(scan, DENOISE if source == "projections_denoised" else INGEST)
@@ -110,20 +109,7 @@ def reconstruct_scan(scan: ScanStore, config: ReconstructConfig, *, force: bool 
     if geometry is None:
         raise InvalidInputError(f"scan {scan.scan_id!r} has no geometry; nothing to reconstruct")
     water = manifest.water_attenuation_per_mm
-    volume = reconstruct_volume(
-        scan.read(source),
-        geometry,
-        method=config.method,
-        filter_name=config.filter_name,
-        frequency_cutoff=config.frequency_cutoff,
-        iterations=config.iterations,
-        relaxation=config.relaxation,
-        nonnegative=config.nonnegative,
-        slice_block=config.slice_block,
-        output_unit=config.output_unit,
-        water_attenuation_per_mm=water,
-        device=resolve_device(config.device),
-    )
+    volume = reconstruct_with_config(scan.read(source), geometry, config, water_attenuation_per_mm=water)
     has_truth = "volume_truth" in scan.array_names()
 
     def metrics(s: ScanStore, seconds: float) -> dict[str, float | int | str | bool | None]:

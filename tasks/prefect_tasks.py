@@ -92,6 +92,15 @@ def ingest_scan(source: Path, *, site_id: str, data_root: str, sidecar: IngestSi
 # ------------------------------------------------------------------------------------------------
 # Stage tasks: (ScanRef, config) -> StageReport. Artifacts: a metrics table and, where useful, one image.
 # ------------------------------------------------------------------------------------------------
+#: Every stage task: two retries with backoff, for transient faults only; a tag for concurrency limits.
+STAGE_TASK_OPTIONS: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": retry_only_transient,
+    "tags": ["fedscan-stage"],
+}
+
+
 def _open_scan(ref: ScanRef) -> Any:
     return SiteStore.open(ref.store_uri).scan(ref.scan_id)
 
@@ -128,14 +137,7 @@ def _publish(report: StageReport, markdown: str | None = None) -> None:
         pass
 
 
-@task(
-    name="denoise",
-    task_run_name="denoise-{ref.site_id}-{ref.scan_id}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_only_transient,
-    tags=["fedscan-stage"],
-)
+@task(name="denoise", task_run_name="denoise-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
 def denoise_stage(ref: ScanRef, config: Any) -> ScanRef:
     """Low-rank view-group denoising of the scan's projections."""
     from tasks.drivers import denoise_scan
@@ -145,14 +147,7 @@ def denoise_stage(ref: ScanRef, config: Any) -> ScanRef:
     return ref
 
 
-@task(
-    name="reconstruct",
-    task_run_name="reconstruct-{ref.site_id}-{ref.scan_id}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_only_transient,
-    tags=["fedscan-stage"],
-)
+@task(name="reconstruct", task_run_name="reconstruct-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
 def reconstruct_stage(ref: ScanRef, config: Any) -> ScanRef:
     """FBP / SART of the (denoised) projections into the scan's volume."""
     from tasks.drivers import reconstruct_scan, reconstruction_preview
@@ -163,14 +158,7 @@ def reconstruct_stage(ref: ScanRef, config: Any) -> ScanRef:
     return ref
 
 
-@task(
-    name="surrogate",
-    task_run_name="surrogate-{ref.site_id}-{ref.scan_id}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_only_transient,
-    tags=["fedscan-stage"],
-)
+@task(name="surrogate", task_run_name="surrogate-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
 def surrogate_stage(ref: ScanRef, config: Any) -> ScanRef:
     """FESF surrogates of the scan's volume: the only images federated training will see."""
     from tasks.drivers import surrogate_preview, surrogate_scan

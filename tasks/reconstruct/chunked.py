@@ -136,8 +136,17 @@ def reconstruct_volume(
     )
 
 
-def reconstruct_with_config(projections: da.Array, geometry: Geometry, config: ReconstructConfig) -> da.Array:
-    """:func:`reconstruct_volume` with every option taken from ``config`` (its device resolved here)."""
+def reconstruct_with_config(
+    projections: da.Array,
+    geometry: Geometry,
+    config: ReconstructConfig,
+    *,
+    water_attenuation_per_mm: float | None = None,
+) -> da.Array:
+    """:func:`reconstruct_volume` with every option taken from ``config`` (its device resolved here).
+
+    ``water_attenuation_per_mm`` overrides the config's value (the stage driver passes the scan manifest's).
+    """
     return reconstruct_volume(
         projections,
         geometry,
@@ -149,6 +158,8 @@ def reconstruct_with_config(projections: da.Array, geometry: Geometry, config: R
         nonnegative=config.nonnegative,
         slice_block=config.slice_block,
         output_unit=config.output_unit,
-        water_attenuation_per_mm=config.water_attenuation_per_mm,
+        water_attenuation_per_mm=(
+            config.water_attenuation_per_mm if water_attenuation_per_mm is None else water_attenuation_per_mm
+        ),
         device=resolve_device(config.device),
     )
