@@ -243,3 +243,28 @@ def test_open_or_create_checks_site(tmp_path):
     assert a.site_id == b.site_id == "x"
     with pytest.raises(InvalidInputError, match="belongs to site 'x'"):
         SiteStore.open_or_create(p, site_id="y")
+
+
+def test_fsspec_url_store_round_trip_and_resume(monkeypatch):
+    import uuid
+
+    url = f"memory://fedscan-test-{uuid.uuid4().hex}/site-a.zarr"
+    site = SiteStore.create(url, site_id="site-a")
+    scan = site.create_scan(manifest())
+    data = np.arange(40 * 3 * 16, dtype="f4").reshape(40, 3, 16)
+    outputs = [StageOutput("p", da.from_array(data, chunks=(8, 3, 16)), ("view", "row", "col"), (8, 3, 16))]
+    real, calls = storage._write_block, {"n": 0}
+
+    def flaky(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("connection reset by object store")
+        return real(*a)
+
+    monkeypatch.setattr(storage, "_write_block", flaky)
+    with dask.config.set(scheduler="synchronous"), pytest.raises(OSError):
+        scan.run_stage(stage="ingest", config=Cfg(), outputs=outputs)
+    monkeypatch.setattr(storage, "_write_block", real)
+    res = SiteStore.open(url).scan("s1").run_stage(stage="ingest", config=Cfg(), outputs=outputs)
+    assert (res.chunks_written, res.chunks_present) == (3, 2)
+    np.testing.assert_array_equal(SiteStore.open(url, mode="r").scan("s1").array("p")[...], data)
