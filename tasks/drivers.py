@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import dask.array as da
 import numpy as np
+import numpy.typing as npt
 
 from schemas.denoise import DenoiseConfig
 from schemas.manifest import DataKind
@@ -135,20 +136,29 @@ def reconstruct_scan(scan: ScanStore, config: ReconstructConfig, *, force: bool 
     )
 
 
-def reconstruction_preview(scan: ScanStore, config: ReconstructConfig) -> str | None:
-    """Markdown with the central slice: raw-data FBP next to the stored (denoised) reconstruction."""
-    from tasks.artifacts import montage_png, png_markdown
+def _central_slices(
+    scan: ScanStore, *, filter_name: str, output_unit: str
+) -> tuple[int, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The central slice index, the FBP of the raw projections there and the stored volume's slice (same unit)."""
     from tasks.reconstruct.kernels import attenuation_to_hu, fbp
 
     geometry = scan.manifest.geometry
-    if geometry is None or "volume" not in scan.array_names():
-        return None
+    assert geometry is not None
     k = _central(geometry.n_detector_rows)
     raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
-    raw_img = np.asarray(fbp(raw[None], geometry, filter_name=config.filter_name))[0]
-    if config.output_unit == "hu":
+    raw_img = np.asarray(fbp(raw[None], geometry, filter_name=filter_name), dtype=np.float32)[0]  # type: ignore[arg-type]
+    if output_unit == "hu":
         raw_img = attenuation_to_hu(raw_img, water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm)
-    stored = np.asarray(scan.array("volume")[k], dtype=np.float32)
+    return k, raw_img, np.asarray(scan.array("volume")[k], dtype=np.float32)
+
+
+def reconstruction_preview(scan: ScanStore, config: ReconstructConfig) -> str | None:
+    """Markdown with the central slice: raw-data FBP next to the stored (denoised) reconstruction."""
+    from tasks.artifacts import montage_png, png_markdown
+
+    if scan.manifest.geometry is None or "volume" not in scan.array_names():
+        return None
+    k, raw_img, stored = _central_slices(scan, filter_name=config.filter_name, output_unit=config.output_unit)
     label = "denoised" if scan.is_done(DENOISE) else "stored"
     window = (-200.0, 300.0) if config.output_unit == "hu" else None
     png = montage_png([("raw FBP", raw_img), (f"{label} FBP", stored)], window=window)
@@ -182,55 +192,53 @@ def surrogate_scan(scan: ScanStore, config: SurrogateConfig, *, force: bool = Fa
     )
 
 
+def _surrogate_png(scan: ScanStore) -> tuple[int, bytes]:
+    from tasks.artifacts import montage_png
+
+    arr = scan.array("surrogate")
+    k = _central(arr.shape[0])
+    return k, montage_png([("surrogate", np.asarray(arr[k], dtype=np.float32))])
+
+
 def surrogate_preview(scan: ScanStore) -> str | None:
     """Markdown with the central surrogate slice alone (never beside the private image)."""
-    from tasks.artifacts import montage_png, png_markdown
+    from tasks.artifacts import png_markdown
 
     if "surrogate" not in scan.array_names():
         return None
-    arr = scan.array("surrogate")
-    k = _central(arr.shape[0])
-    png = montage_png([("surrogate", np.asarray(arr[k], dtype=np.float32))])
+    k, png = _surrogate_png(scan)
     return png_markdown(f"{scan.site.site_id}/{scan.scan_id} surrogate, slice {k}", png)
 
 
 def report_images(data_root: str) -> list[tuple[str, bytes]]:
-    """For the local run report: per site, the first scan's central slice, raw vs stored FBP."""
+    """For the local run report: per site, the first reconstructed scan's central slice (truth where known, raw
+    FBP, stored FBP, in HU), then its surrogate."""
     from tasks.artifacts import montage_png
-    from tasks.reconstruct.kernels import attenuation_to_hu, fbp
+    from tasks.reconstruct.kernels import attenuation_to_hu
     from tasks.storage import SiteStore, find_site_stores
 
     images = []
     for path in find_site_stores(data_root):
         site = SiteStore.open(path, mode="r")
         for scan in site.scans():
-            geometry = scan.manifest.geometry
-            if geometry is None or not scan.is_done(RECONSTRUCT):
+            if scan.manifest.geometry is None or not scan.is_done(RECONSTRUCT):
                 continue
-            k = _central(geometry.n_detector_rows)
-            raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
             rec = scan.stage_record(RECONSTRUCT)
             assert rec is not None
-            filt = str(rec.config.get("filter_name", "hann"))
-            raw_img = np.asarray(fbp(raw[None], geometry, filter_name=filt))[0]  # type: ignore[arg-type]
+            unit = str(rec.config.get("output_unit", "attenuation"))
+            k, raw_img, stored = _central_slices(
+                scan, filter_name=str(rec.config.get("filter_name", "hann")), output_unit=unit
+            )
+            water = scan.manifest.water_attenuation_per_mm
             panels = []
             if "volume_truth" in scan.array_names():
-                panels.append(("truth", np.asarray(scan.array("volume_truth")[k], dtype=np.float32)))
-            panels.append(("raw FBP", raw_img))
-            stored = np.asarray(scan.array("volume")[k], dtype=np.float32)
-            if rec.config.get("output_unit") == "hu":
-                water = scan.manifest.water_attenuation_per_mm
-                stored = stored * np.float32(water / 1000.0) + np.float32(water)
-            panels.append(("denoised FBP" if scan.is_done(DENOISE) else "FBP", stored))
+                truth = np.asarray(scan.array("volume_truth")[k], dtype=np.float32)
+                panels.append(("truth", attenuation_to_hu(truth, water_attenuation_per_mm=water)))
+            for name, img in (("raw FBP", raw_img), ("denoised FBP" if scan.is_done(DENOISE) else "FBP", stored)):
+                panels.append((name, img if unit == "hu" else attenuation_to_hu(img, water_attenuation_per_mm=water)))
+            images.append((f"{site.site_id}/{scan.scan_id} slice {k}", montage_png(panels, window=(-200.0, 300.0))))
             if "surrogate" in scan.array_names():
-                sur = np.asarray(scan.array("surrogate")[k], dtype=np.float32)
-                images.append(
-                    (f"{site.site_id}/{scan.scan_id} surrogate, slice {k}", montage_png([("surrogate", sur)]))
-                )
-            hu = [
-                (name, attenuation_to_hu(img, water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm))
-                for name, img in panels
-            ]
-            images.insert(0, (f"{site.site_id}/{scan.scan_id} slice {k}", montage_png(hu, window=(-200.0, 300.0))))
+                ks, png = _surrogate_png(scan)
+                images.append((f"{site.site_id}/{scan.scan_id} surrogate, slice {ks}", png))
             break
     return images

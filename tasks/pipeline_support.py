@@ -72,9 +72,10 @@ def publish_run_report(data_root: str, outcomes: Sequence[Any], federated: Mappi
     path = write_report(
         root / "report.html", title="fedscan run report", sections=sections, images=images, failures=failures
     )
-    with contextlib.suppress(Exception):
-        from prefect.artifacts import create_link_artifact
+    from prefect.artifacts import create_link_artifact
+    from prefect.exceptions import MissingContextError
 
+    with contextlib.suppress(MissingContextError):  # called outside a run: no UI to link from
         create_link_artifact(key="fedscan-run-report", link=path.resolve().as_uri(), description="HTML run report")
     return str(path)
 

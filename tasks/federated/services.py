@@ -100,6 +100,17 @@ class TlsFiles:
     keyfile: Path
 
 
+def _spawn(
+    cmd: list[str], *, log_path: Path, flwr_home: Path, env: Mapping[str, str]
+) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """Start a Flower service in its own process group, its output appended to ``log_path``."""
+    log = log_path.open("ab")
+    proc = subprocess.Popen(
+        cmd, env=flower_env(flwr_home, env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return proc, log
+
+
 def _stop(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
     """SIGTERM the process group we started, then SIGKILL after ``grace_s``."""
     if proc.poll() is not None:
@@ -161,14 +172,7 @@ class SuperLink:
         if self.enable_supernode_auth:
             cmd.append("--enable-supernode-auth")
         self.log_path = self.log_path or self.flwr_home / f"superlink-{self.port}.log"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            cmd,
-            env=flower_env(self.flwr_home, self.env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc, self._log = _spawn(cmd, log_path=self.log_path, flwr_home=self.flwr_home, env=self.env)
         try:
             wait_for_health(
                 self.address,
@@ -229,14 +233,7 @@ class SuperNode:
         if self.auth_private_key is not None:
             cmd += ["--auth-supernode-private-key", str(self.auth_private_key)]
         self.log_path = self.log_path or self.flwr_home / f"supernode-{self.port}.log"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            cmd,
-            env=flower_env(self.flwr_home, self.env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc, self._log = _spawn(cmd, log_path=self.log_path, flwr_home=self.flwr_home, env=self.env)
         return self
 
     def kill(self) -> None:
