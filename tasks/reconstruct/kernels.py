@@ -310,6 +310,12 @@ class _Operator:
     taps: int = field(init=False)
     half_window: float = field(init=False)
     coords: torch.Tensor = field(init=False)
+    ray_coefficients: torch.Tensor = field(init=False)
+    pixel_i: torch.Tensor = field(init=False)
+    pixel_j: torch.Tensor = field(init=False)
+    tap_offsets: torch.Tensor = field(init=False)
+    view_offsets: torch.Tensor = field(init=False)
+    parallel_hat: torch.Tensor | None = field(init=False)
     _cache: dict[tuple[str, int, int], torch.Tensor] = field(init=False, default_factory=dict)
     _cached_nnz: int = field(init=False, default=0)
 
@@ -334,6 +340,15 @@ class _Operator:
             return torch.as_tensor(np.ascontiguousarray(v).ravel()).to(device=self.device, dtype=dtype)
 
         self.a, self.b, self.step_mm = padded(a), padded(b), padded(step)
+        # Parallel beam: every ray of a view shares its direction, so a pixel's weight for the ray at detector
+        # column c is step * max(0, 1 - s |c - c*|), with c* where the ray through its centre meets the
+        # detector and s = |da/dc| the per-column shift of the sampled coordinate: no per-ray gather needed.
+        self.parallel_hat = None
+        if not g.is_fan and g.n_detector_cols > 1:
+            scale = np.abs(a[:, 1] - a[:, 0])
+            self.parallel_hat = torch.as_tensor(np.stack([scale, step[:, 0]], axis=1), dtype=torch.float32).to(
+                self.device
+            )
         self.y_dominant = padded(y_dom, torch.bool)
         self.n_steps = max(nx, ny)
         self.coords = _pixel_coordinates(g, self.device)
@@ -353,6 +368,24 @@ class _Operator:
             m *= 1.02
         self.half_window = m
         self.taps = max(1, math.ceil(2 * m - 1e-9))
+        # The column-wise build (A^T) needs, per ray, the signed distance of a pixel (i, j) from the ray in
+        # units of the sampled axis: f - (a + b k) with (k, f) = (j, i) for y-dominant rays, (i, j) otherwise.
+        self.ray_coefficients = torch.stack(
+            [
+                self.a,
+                torch.where(self.y_dominant, -1.0, self.b),
+                torch.where(self.y_dominant, self.b, -1.0),
+                self.step_mm,
+            ],
+            dim=1,
+        ).contiguous()
+        self.pixel_i = torch.arange(nx, device=self.device, dtype=torch.float32).repeat(ny)[:, None]
+        self.pixel_j = torch.arange(ny, device=self.device, dtype=torch.float32).repeat_interleave(nx)[:, None]
+        self.tap_offsets = torch.arange(self.taps, device=self.device, dtype=torch.float32)
+        width = g.n_detector_cols + 2
+        self.view_offsets = (torch.arange(g.n_views, device=self.device, dtype=torch.float32) * width + 1.0)[
+            None, :, None
+        ]
         per_view = max((g.n_detector_cols + 2) * 2 * self.n_steps, nx * ny * self.taps)
         self.view_chunk = max(1, min(g.n_views, _CHUNK_NNZ // per_view))
 
@@ -414,21 +447,22 @@ class _Operator:
         nx, ny = grid.nx_pixels, grid.ny_pixels
         npix, nv, width = nx * ny, v1 - v0, ncols + 2
         cstar, _ = _pixel_columns(self.geometry, self.coords, v0, v1)  # (npix, nv)
-        first = torch.floor(cstar - self.half_window) + 1
-        offs = torch.arange(self.taps, device=self.device, dtype=torch.float32)
-        cand = (first[..., None] + offs).clamp_(-1.0, float(ncols))  # (npix, nv, taps); -1, ncols: pad rays
-        views = torch.arange(nv, device=self.device, dtype=torch.float32)[None, :, None]
-        ray = torch.addcmul(cand + 1.0, views, torch.tensor(float(width), device=self.device)).long()
-        ray_abs = ray + v0 * width
-        a, b = self.a[ray_abs], self.b[ray_abs]
-        step, ydom = self.step_mm[ray_abs], self.y_dominant[ray_abs]
-        jj = self.coords.new_tensor(np.repeat(np.arange(ny), nx), dtype=torch.float32)[:, None, None]
-        ii = self.coords.new_tensor(np.tile(np.arange(nx), ny), dtype=torch.float32)[:, None, None]
-        k = torch.where(ydom, jj, ii)
-        fp = torch.where(ydom, ii, jj)
-        dist = torch.addcmul(a, b, k).sub_(fp).abs_()
-        w = torch.relu_(dist.neg_().add_(1.0)).mul_(step)
-        return _csr(ray.reshape(npix, -1), w.reshape(npix, -1), (npix, nv * width))
+        first = torch.floor(cstar - self.half_window).add_(1.0)
+        cand = (first[..., None] + self.tap_offsets).clamp_(-1.0, float(ncols))  # (npix, nv, taps); -1, ncols: pad
+        if self.parallel_hat is not None:
+            scale, step = self.parallel_hat[v0:v1, 0, None], self.parallel_hat[v0:v1, 1, None]
+            w = (cand - cstar[..., None]).abs_().mul_(scale).neg_().add_(1.0).relu_().mul_(step)
+            w.masked_fill_((cand < 0) | (cand >= ncols), 0.0)  # the pad rays weigh nothing
+            ray = cand.add_(self.view_offsets[:, :nv]).to(torch.int32)
+        else:
+            # Padded ray index within the chunk, exact in float32: cand + 1 + view * width.
+            ray = cand.add_(self.view_offsets[:, :nv]).to(torch.int32)
+            # One gather of the packed per-ray coefficients: distance = c0 + cx i + cy j, weight = step * hat.
+            coef = self.ray_coefficients[v0 * width : v1 * width].index_select(0, ray.view(-1)).view(npix, -1, 4)
+            dist = torch.addcmul(coef[..., 0], coef[..., 1], self.pixel_i)
+            dist.addcmul_(coef[..., 2], self.pixel_j).abs_()
+            w = dist.neg_().add_(1.0).relu_().mul_(coef[..., 3])
+        return _csr(ray.view(npix, -1), w, (npix, nv * width))
 
 
 # Four: a nightly run keeps several sites' geometries in flight at once (plus the UI preview); with two, the
@@ -943,25 +977,40 @@ def sart(
     nx, ny, width = grid.nx_pixels, grid.ny_pixels, ncols + 2
     yp = torch.nn.functional.pad(y.permute(1, 2, 0), (0, 0, 1, 1))  # (views, cols + 2, slices)
     x = _start(initial, y.shape[0], geometry, dev)
+    # The image lives zero-padded, as the rows of A index it; the update matrix relaxation * C_v A_v^T is
+    # stored with empty rows for the pad pixels so that one in-place sparse addmm applies it.
     xp = torch.zeros(ny + 3, nx + 3, y.shape[0], device=dev, dtype=torch.float32)
     interior = xp[1:-2, 1:-2]
     interior += x.reshape(ny, nx, -1)
     xp_cols = xp.view(-1, y.shape[0])
-    ones_pix = torch.ones(xp_cols.shape[0], 1, device=dev)
-    ones_ray = torch.ones(width, 1, device=dev)
-    inv_rows: dict[int, torch.Tensor] = {}
-    inv_cols: dict[int, torch.Tensor] = {}
+    inside = torch.zeros(ny + 3, nx + 3, device=dev, dtype=torch.float32)
+    inside[1:-2, 1:-2] = 1.0
+    ones_pix = inside.view(-1, 1)
+    per_pixel = op.taps
+    padded_crow = torch.cat([inside.new_zeros(1), inside.view(-1).cumsum(0)]).mul_(per_pixel).to(torch.int32)
+    updates: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    budget = _CACHE_NNZ
     for _ in range(iterations):
         for v in _view_order(geometry.n_views):
-            rows, cols = op.rows(v, v + 1), op.columns(v, v + 1)
-            if v not in inv_rows:
-                inv_rows[v] = _safe_reciprocal(rows @ ones_pix)
-                inv_cols[v] = relaxation * _safe_reciprocal(cols @ ones_ray)
-            inv_row, inv_col = inv_rows[v], inv_cols[v]
+            hit = updates.get(v)
+            if hit is None:
+                rows, cols = op._build_rows(v, v + 1), op._build_columns(v, v + 1)
+                inv_row = _safe_reciprocal(rows @ ones_pix)
+                col_sums = cols.values().view(-1, per_pixel).sum(1, keepdim=True)
+                scaled = (cols.values().view(-1, per_pixel) * (relaxation * _safe_reciprocal(col_sums))).view(-1)
+                update = torch.sparse_csr_tensor(
+                    padded_crow, cols.col_indices(), scaled, (xp_cols.shape[0], width), check_invariants=False
+                )
+                hit = (rows, inv_row, update)
+                nnz = int(rows.values().numel() + scaled.numel())
+                if iterations > 1 and nnz <= budget:  # reused in the next sweep
+                    updates[v] = hit
+                    budget -= nnz
+            rows, inv_row, update = hit
             resid = inv_row * (yp[v] - rows @ xp_cols)
-            interior += (inv_col * (cols @ resid)).view(ny, nx, -1)
+            xp_cols.addmm_(update, resid)
             if nonnegative:
-                interior.clamp_(min=0)
+                xp_cols.clamp_(min=0)
     x = interior.reshape(nx * ny, -1)
     grid = geometry.grid
     return _as_output(_columns_to_images(x, grid.ny_pixels, grid.nx_pixels), was_numpy=was_numpy, was_2d=was_2d)
