@@ -24,37 +24,111 @@ import numpy as np
 import torch
 
 from schemas.demo import default_sites
-from schemas.federation import FederationConfig
-from tasks.demo.generate import generate_scan
+from schemas.federation import DpMode, FederationConfig
+from tasks.demo.generate import plan_scan, render_truth
 from tasks.federated.data import SiteData, load_site_data, split_holdout, stand_in_surrogate, write_site_surrogates
 from tasks.federated.inprocess import run_in_process
 from tasks.federated.model import build_model, set_arrays
-from tasks.federated.training import evaluate, train_local
+from tasks.federated.privacy import gaussian_dp_epsilon, secagg_parameters
+from tasks.federated.training import auc_score, evaluate, predict, train_local
 
 CPU = torch.device("cpu")
 
 
-def build_sites(root: Path, *, n_sites: int, n_scans: int, n_slices: int, grid: int, seed: int) -> list[Path]:
+#: Lesions of the benchmark: larger and stronger than the demo defaults, so that a small CNN can learn them from
+#: crops of a 128² grid in minutes of CPU (the demo's own 15–60 HU, 3–12 mm lesions are near chance here).
+LESION_RADIUS_MM = (10.0, 18.0)
+LESION_CONTRAST_HU = (100.0, 250.0)
+
+
+def _crop_centres(
+    masks: np.ndarray, body: np.ndarray, *, crop: int, per_slice: int, rng: np.random.Generator
+) -> list[tuple[int, int, int]]:
+    """(slice, cy, cx) of ``per_slice`` crops per slice: on a lesion slice the first is centred on the lesion
+    (jittered by up to a quarter crop), the others (and all on lesion-free slices) at random body pixels whose
+    crop holds no lesion pixel (background regions; labels are still recomputed from the crop's mask)."""
+    n, ny, nx = masks.shape
+    half = crop // 2
+    out = []
+    for k in range(n):
+        for j in range(per_slice):
+            if j == 0 and masks[k].any():
+                cy, cx = np.argwhere(masks[k]).mean(axis=0)
+                cy += rng.integers(-crop // 4, crop // 4 + 1)
+                cx += rng.integers(-crop // 4, crop // 4 + 1)
+            else:  # a background region: the first of 20 random body pixels whose crop holds no lesion pixel
+                inside = np.argwhere(body[k]) if body[k].any() else np.array([[ny // 2, nx // 2]])
+                for _ in range(20):
+                    cy, cx = (
+                        int(np.clip(v, half, e - half))
+                        for v, e in zip(inside[rng.integers(len(inside))], (ny, nx), strict=True)
+                    )
+                    if not masks[k, cy - half : cy + half, cx - half : cx + half].any():
+                        break
+            out.append((k, int(np.clip(cy, half, ny - half)), int(np.clip(cx, half, nx - half))))
+    return out
+
+
+def build_sites(
+    root: Path,
+    *,
+    n_sites: int,
+    n_scans: int,
+    n_slices: int,
+    grid: int,
+    crop: int,
+    crops_per_slice: int,
+    surrogate: str,
+    seed: int,
+) -> list[Path]:
+    """One store per demo site holding surrogate crops (``crop``² regions of interest of ``grid``² slices).
+
+    Each site keeps its own anatomy mix and lesion polarity (A, C hypodense, B hyperdense and with heads):
+    the sites are heterogeneous. Labels are recomputed on each crop (lesion pixels inside it), so a crop at a
+    random body pixel may be positive. ``surrogate``: ``fesf`` hides every crop with the FESF stage
+    (:func:`tasks.surrogate.chunked.surrogate_slices` with :class:`schemas.surrogate.SurrogateConfig`'s
+    defaults, read at run time; one fixed host per site), ``stand-in`` applies the per-site affine map of
+    :func:`tasks.federated.data.stand_in_surrogate`, ``plain`` stores the private crops (an upper bound).
+    """
+    from schemas.surrogate import SurrogateConfig
+    from tasks.surrogate.chunked import surrogate_slices
+    from tasks.surrogate.kernels import to_unit_range
+
     stores = []
     for k, profile in enumerate(default_sites(n_sites)):
-        hi = profile.lesion_contrast_hu[1]
-        sign = 1.0 if hi > 0 else -1.0
-        p = profile.model_copy(
-            update={
-                "lesion_radius_mm": (14.0, 24.0),
-                "lesion_contrast_hu": tuple(sorted((sign * 150.0, sign * 300.0))),
+        sign = 1.0 if profile.lesion_contrast_hu[1] > 0 else -1.0
+        p = type(profile).model_validate(
+            {
+                **profile.model_dump(),
+                "lesion_radius_mm": LESION_RADIUS_MM,
+                "lesion_contrast_hu": tuple(sorted(sign * c for c in LESION_CONTRAST_HU)),
                 "lesion_prevalence_fraction": 0.5,
             }
         )
+        water = p.water_attenuation_per_mm
+        scfg = SurrogateConfig(input_unit="per_mm", water_attenuation_per_mm=water)
         scans = []
         for j in range(n_scans):
-            s = generate_scan(
-                p, n_slices=n_slices, grid=p.grid(grid), rng=np.random.default_rng([seed, k, j]), noise=False
+            plan = plan_scan(p, n_slices=n_slices, grid=p.grid(grid), rng=np.random.default_rng([seed, k, j]))
+            mu, masks = render_truth(plan, 0, n_slices)
+            body = mu > 0.5 * water
+            centres = _crop_centres(
+                masks, body, crop=crop, per_slice=crops_per_slice, rng=np.random.default_rng([seed, k, j, 1])
             )
-            hu = (s.volume_truth / p.water_attenuation_per_mm - 1.0) * 1000.0
-            scans.append((f"scan-{j}", stand_in_surrogate(hu, site_id=p.site_id), s.labels, s.masks))
+            h = crop // 2
+            mu_c = np.stack([mu[s, y - h : y + h, x - h : x + h] for s, y, x in centres])
+            m_c = np.stack([masks[s, y - h : y + h, x - h : x + h] for s, y, x in centres]).astype(np.uint8)
+            labels = m_c.reshape(len(centres), -1).any(axis=1).astype(np.uint8)
+            if surrogate == "fesf":
+                first = j * len(centres)
+                images = surrogate_slices(mu_c, config=scfg, site_id=p.site_id, first_slice=first)
+            elif surrogate == "stand-in":
+                images = stand_in_surrogate((mu_c / water - 1.0) * 1000.0, site_id=p.site_id)
+            else:
+                images = to_unit_range(mu_c, unit="per_mm", water_attenuation_per_mm=water)
+            scans.append((f"scan-{j}", images, labels, m_c))
         path = root / f"{p.site_id}.zarr"
-        write_site_surrogates(path, site_id=p.site_id, scans=scans)
+        write_site_surrogates(path, site_id=p.site_id, scans=scans, pixel_size_mm=p.grid(grid).pixel_size_mm)
         stores.append(path)
     return stores
 
@@ -81,27 +155,137 @@ def centralised_auc(train: list[SiteData], test: tuple[np.ndarray, np.ndarray], 
     return evaluate(model, *test, task="classify", batch_size=64, device=CPU)["auc"]
 
 
+DP_DELTA = 1e-5
+
+
 def model_auc(model_dir: str, test: tuple[np.ndarray, np.ndarray], cfg: FederationConfig) -> float:
     model = build_model("classify", base_channels=cfg.base_channels, seed=cfg.seed)
     set_arrays(model, {k: v.numpy() for k, v in torch.load(Path(model_dir) / "model.pt").items()})
     return evaluate(model, *test, task="classify", batch_size=64, device=CPU)["auc"]
 
 
+def _federated_row(
+    name: str,
+    cfg: FederationConfig,
+    stores: list[Path],
+    out: Path,
+    test: tuple[np.ndarray, np.ndarray],
+    splits: list[tuple[SiteData, SiteData]],
+) -> dict[str, object]:
+    t = time.perf_counter()
+    grid, recs = run_in_process(cfg, stores, out)
+    wall = time.perf_counter() - t
+    train = [r for r in recs if r.phase == "train"]
+    final = next((r.model_dir for r in reversed(train) if r.model_dir), None)
+    if final is None:
+        auc = float("nan")
+    elif cfg.fedbn:
+        auc = fedbn_auc(grid, final, splits, cfg)
+    else:
+        auc = model_auc(final, test, cfg)
+    steady = train[1:] or train  # round 1 excluded in every arm alike
+    row: dict[str, object] = {
+        "case": "federated",
+        "method": name,
+        "auc": auc,
+        "round_s": float(np.mean([r.seconds for r in steady])),
+        "bytes_up_per_round": float(np.mean([r.bytes_up for r in train])),
+        "bytes_down_per_round": float(np.mean([r.bytes_down for r in train])),
+        "array_bytes_up_per_round": float(np.mean([r.array_bytes_up for r in train])),
+        "array_bytes_down_per_round": float(np.mean([r.array_bytes_down for r in train])),
+        "rounds_aggregated": sum(r.aggregated for r in train),
+        "wall_s": wall,
+    }
+    if cfg.dp_mode is not DpMode.OFF:
+        row["dp_noise_multiplier"] = cfg.dp_noise_multiplier
+        row["dp_clipping_norm"] = cfg.dp_clipping_norm
+        row["dp_epsilon"] = gaussian_dp_epsilon(
+            cfg.dp_noise_multiplier, rounds=cfg.num_rounds, delta=DP_DELTA, sampling_rate=cfg.fraction_train
+        )
+    return row
+
+
+def fedbn_auc(grid: object, model_dir: str, splits: list[tuple[SiteData, SiteData]], cfg: FederationConfig) -> float:
+    """FedBN has no single global model: each site's held-out crops are scored by the final global layers with
+    that site's own BatchNorm (as its ClientApp evaluates), then one AUC over all sites' held-out crops."""
+    from tasks.federated.client_app import _LOCAL_MODEL
+
+    shared = {k: v.numpy() for k, v in torch.load(Path(model_dir) / "model.pt").items()}
+    scores, labels = [], []
+    for (_, hold), ctx in zip(splits, grid.contexts.values(), strict=True):  # type: ignore[attr-defined]
+        model = build_model("classify", base_channels=cfg.base_channels, seed=cfg.seed)
+        model.load_state_dict(ctx.state.array_records[_LOCAL_MODEL].to_torch_state_dict())
+        set_arrays(model, shared)
+        scores.append(predict(model, hold.images, batch_size=64, device=CPU))
+        labels.append(hold.targets)
+    return auc_score(np.concatenate(scores), np.concatenate(labels))
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def secagg_scaling(
+    root: Path, base: FederationConfig, *, clients: list[int], sizes: dict[str, int], surrogate: str, rounds: int
+) -> list[dict[str, object]]:
+    """Round time of FedAvg with and without SecAgg+ for ``n`` clients (same sites, model, rounds, seed; round 1
+    excluded in both arms); SecAgg+ parameters from :func:`secagg_parameters`."""
+    rows = []
+    stores_all = build_sites(root / "scaling-sites", n_sites=max(clients), seed=1, surrogate=surrogate, **sizes)
+    for n in clients:
+        shares, threshold = secagg_parameters(n)
+        cfg = base.model_copy(update={"num_rounds": rounds, "min_available_clients": 2})
+        sec = cfg.model_copy(
+            update={"secagg": True, "secagg_num_shares": shares, "secagg_reconstruction_threshold": threshold}
+        )
+        times = {}
+        for tag, c in (("plain", cfg), ("secagg", sec)):
+            c = FederationConfig.model_validate(c.model_dump())
+            _, recs = run_in_process(c, stores_all[:n], root / f"scaling-{n}-{tag}")
+            steady = [r.seconds for r in recs if r.phase == "train"][1:]
+            times[tag] = float(np.mean(steady))
+        rows.append(
+            {
+                "clients": n,
+                "num_shares": shares,
+                "reconstruction_threshold": threshold,
+                "plain_round_s": times["plain"],
+                "secagg_round_s": times["secagg"],
+                "ratio": times["secagg"] / times["plain"],
+                "overhead_s": times["secagg"] - times["plain"],
+            }
+        )
+        print(f"secagg scaling: {rows[-1]}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 sites, few scans and rounds")
+    ap.add_argument("--quick", action="store_true", help="3 sites, fewer scans, rounds and one seed")
     ap.add_argument("--json", type=Path, help="write rows and ratios here")
     ap.add_argument("--sites", type=int, default=None)
+    ap.add_argument("--seeds", type=int, default=None, help="seeds of the AUC rows (default: 1 quick, 3 full)")
+    ap.add_argument(
+        "--surrogate", choices=("fesf", "stand-in", "plain"), default="fesf", help="what the sites train on"
+    )
+    ap.add_argument("--no-scaling", action="store_true", help="skip the SecAgg+ 3/5/10-client timing")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n_sites = args.sites or 3
-    sizes = dict(n_scans=4, n_slices=12, grid=32) if args.quick else dict(n_scans=8, n_slices=16, grid=64)
-    rounds = 4 if args.quick else 10
+    if args.quick:
+        sizes = dict(n_scans=6, n_slices=12, grid=128, crop=32, crops_per_slice=3)
+        rounds, local_epochs, seeds, clients = 8, 2, args.seeds or 1, [3, 5]
+        scaling_sizes = dict(n_scans=2, n_slices=8, grid=128, crop=32, crops_per_slice=2)
+    else:
+        sizes = dict(n_scans=8, n_slices=16, grid=128, crop=32, crops_per_slice=3)
+        rounds, local_epochs, seeds, clients = 12, 2, args.seeds or 2, [3, 5, 10]
+        scaling_sizes = dict(n_scans=4, n_slices=12, grid=128, crop=32, crops_per_slice=2)
     base = FederationConfig(
         num_rounds=rounds,
-        local_epochs=2,
-        learning_rate=5e-3,
-        batch_size=8,
+        local_epochs=local_epochs,
+        learning_rate=3e-3,
+        batch_size=16,
         base_channels=8,
         min_available_clients=2,
         seed=0,
@@ -109,32 +293,26 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fedscan-bench-"))
     try:
         t0 = time.perf_counter()
-        stores = build_sites(root / "sites", n_sites=n_sites, seed=0, **sizes)
+        stores = build_sites(root / "sites", n_sites=n_sites, seed=0, surrogate=args.surrogate, **sizes)
         splits = [
             split_holdout(load_site_data(s, task="classify"), fraction=base.holdout_fraction, seed=base.seed)
             for s in stores
         ]
         test = pooled_test(splits)
-        rows: list[dict[str, object]] = []
-        print(f"built {n_sites} sites in {time.perf_counter() - t0:.1f} s; pooled test: {test[0].shape[0]} slices")
-        for tr, _ in splits:
-            rows.append(
-                {"case": "single-site", "method": f"site {tr.site_id} alone", "auc": centralised_auc([tr], test, base)}
-            )
-        rows.append(
-            {
-                "case": "pooled",
-                "method": "centralised on pooled surrogates",
-                "auc": centralised_auc([t for t, _ in splits], test, base),
-            }
+        print(
+            f"built {n_sites} sites ({args.surrogate} surrogates) in {time.perf_counter() - t0:.1f} s; "
+            f"train {sum(t.num_slices for t, _ in splits)} crops, pooled test {test[0].shape[0]} "
+            f"({int(test[1].sum())} positive)",
+            flush=True,
         )
-        runs = {
+        runs: dict[str, dict[str, object]] = {
             "fedavg": {},
             "fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
             "fedbn": {"fedbn": True},
             "fedavg+secagg": {"secagg": True},
-            "fedavg+dp-server": {"dp_mode": "server", "dp_clipping_norm": 5.0, "dp_noise_multiplier": 0.01},
-            "fedavg+secagg+dp-client": {
+            "fedavg+dp-server σ=0.01": {"dp_mode": "server", "dp_clipping_norm": 5.0, "dp_noise_multiplier": 0.01},
+            "fedavg+dp-server σ=0.3": {"dp_mode": "server", "dp_clipping_norm": 5.0, "dp_noise_multiplier": 0.3},
+            "fedavg+secagg+dp-client σ=0.01": {
                 "secagg": True,
                 "dp_mode": "client",
                 "dp_clipping_norm": 5.0,
@@ -143,51 +321,93 @@ def main() -> None:
             "fedavg+float16": {"compression": "float16"},
             "fedavg+topk10": {"compression": "topk", "topk_fraction": 0.1},
         }
-        for name, kw in runs.items():
-            cfg = FederationConfig.model_validate({**base.model_dump(), **kw})
-            t = time.perf_counter()
-            _, recs = run_in_process(cfg, stores, root / name)
-            train = [r for r in recs if r.phase == "train"]
-            final = next((r.model_dir for r in reversed(train) if r.model_dir), None)
-            auc = (train[-1].eval_auc if cfg.fedbn else model_auc(final, test, cfg)) if final else float("nan")
-            rows.append(
-                {
-                    "case": "federated",
-                    "method": name,
-                    "auc": auc,
-                    "round_s": float(np.mean([r.seconds for r in train[1:]] or [r.seconds for r in train])),
-                    "bytes_up_per_round": float(np.mean([r.bytes_up for r in train])),
-                    "bytes_down_per_round": float(np.mean([r.bytes_down for r in train])),
-                    "rounds_aggregated": sum(r.aggregated for r in train),
-                    "wall_s": time.perf_counter() - t,
-                }
+        seeded = ("fedavg", "fedprox", "fedbn", "fedavg+float16")  # the AUC comparisons get every seed
+        per_seed: dict[str, list[dict[str, object]]] = {}
+        for s in range(seeds):
+            cfg_s = base.model_copy(update={"seed": s})
+            for tr, _ in splits:
+                per_seed.setdefault(f"site {tr.site_id} alone", []).append(
+                    {"case": "single-site", "auc": centralised_auc([tr], test, cfg_s)}
+                )
+            per_seed.setdefault("centralised on pooled surrogates", []).append(
+                {"case": "pooled", "auc": centralised_auc([t for t, _ in splits], test, cfg_s)}
             )
-        by = {r["method"]: r for r in rows}
-        singles = [float(r["auc"]) for r in rows if r["case"] == "single-site"]
+            for name, kw in runs.items():
+                if s > 0 and name not in seeded:
+                    continue
+                cfg = FederationConfig.model_validate({**cfg_s.model_dump(), **kw})
+                per_seed.setdefault(name, []).append(
+                    _federated_row(name, cfg, stores, root / f"{name}-{s}", test, splits)
+                )
+                print(f"seed {s} {name}: auc {float(per_seed[name][-1]['auc']):.3f}", flush=True)
+        rows: list[dict[str, object]] = []
+        for method, group in per_seed.items():
+            row = dict(group[0])
+            row["method"] = method
+            mean, sd = _mean_sd([float(g["auc"]) for g in group])
+            row.update(auc=mean, auc_sd=sd, seeds=len(group), auc_per_seed=[float(g["auc"]) for g in group])
+            for key in ("round_s", "wall_s"):
+                if key in row:
+                    row[key] = float(np.mean([float(g[key]) for g in group]))  # type: ignore[arg-type]
+            rows.append(row)
+        scaling = (
+            []
+            if args.no_scaling
+            else secagg_scaling(root, base, clients=clients, sizes=scaling_sizes, surrogate=args.surrogate, rounds=3)
+        )
+        by = {str(r["method"]): r for r in rows}
+        singles = [float(r["auc"]) for r in rows if r["case"] == "single-site"]  # type: ignore[arg-type]
+        f = {k: {kk: float(vv) for kk, vv in v.items() if isinstance(vv, int | float)} for k, v in by.items()}
         ratios = {
-            "auc_fedavg_minus_pooled": float(by["fedavg"]["auc"])
-            - float(by["centralised on pooled surrogates"]["auc"]),
-            "auc_fedavg_minus_best_single_site": float(by["fedavg"]["auc"]) - max(singles),
-            "secagg_round_time_ratio": float(by["fedavg+secagg"]["round_s"]) / float(by["fedavg"]["round_s"]),
-            "compression_bytes_ratio": float(by["fedavg"]["bytes_up_per_round"])
-            / float(by["fedavg+float16"]["bytes_up_per_round"]),
-            "compression_topk_bytes_ratio": float(by["fedavg"]["bytes_up_per_round"])
-            / float(by["fedavg+topk10"]["bytes_up_per_round"]),
-            "auc_float16_minus_fedavg": float(by["fedavg+float16"]["auc"]) - float(by["fedavg"]["auc"]),
-            "auc_topk10_minus_fedavg": float(by["fedavg+topk10"]["auc"]) - float(by["fedavg"]["auc"]),
+            "auc_fedavg_minus_pooled": f["fedavg"]["auc"] - f["centralised on pooled surrogates"]["auc"],
+            "auc_fedavg_minus_best_single_site": f["fedavg"]["auc"] - max(singles),
+            "auc_fedbn_minus_pooled": f["fedbn"]["auc"] - f["centralised on pooled surrogates"]["auc"],
+            "auc_fedprox_minus_pooled": f["fedprox"]["auc"] - f["centralised on pooled surrogates"]["auc"],
+            "secagg_round_time_ratio": (
+                max(float(r["ratio"]) for r in scaling)  # type: ignore[arg-type]
+                if scaling
+                else f["fedavg+secagg"]["round_s"] / f["fedavg"]["round_s"]
+            ),
+            "secagg_round_time_ratio_main_run": f["fedavg+secagg"]["round_s"] / f["fedavg"]["round_s"],
+            "compression_bytes_ratio": f["fedavg"]["bytes_up_per_round"] / f["fedavg+float16"]["bytes_up_per_round"],
+            "compression_bytes_ratio_params_only": f["fedavg"]["array_bytes_up_per_round"]
+            / f["fedavg+float16"]["array_bytes_up_per_round"],
+            "compression_bytes_ratio_up_and_down": (
+                f["fedavg"]["bytes_up_per_round"] + f["fedavg"]["bytes_down_per_round"]
+            )
+            / (f["fedavg+float16"]["bytes_up_per_round"] + f["fedavg+float16"]["bytes_down_per_round"]),
+            "compression_topk_bytes_ratio": f["fedavg"]["bytes_up_per_round"]
+            / f["fedavg+topk10"]["bytes_up_per_round"],
+            "auc_float16_minus_fedavg": f["fedavg+float16"]["auc"] - f["fedavg"]["auc"],
+            "auc_topk10_minus_fedavg": f["fedavg+topk10"]["auc"] - f["fedavg"]["auc"],
         }
-        print(f"\n{'case':<12} {'method':<34} {'AUC':>6} {'round s':>8} {'up B/round':>11} {'aggregated':>10}")
+        for r in scaling:
+            ratios[f"secagg_round_time_ratio_{r['clients']}_clients"] = float(r["ratio"])  # type: ignore[arg-type]
+        print(
+            f"\n{'case':<12} {'method':<32} {'AUC':>6} {'±sd':>6} {'n':>2} {'round s':>8} {'up B/rnd':>9} "
+            f"{'down B/rnd':>10} {'aggr':>4} {'ε (δ=1e-5)':>11}"
+        )
         for r in rows:
+            eps = r.get("dp_epsilon")
             print(
-                f"{r['case']:<12} {r['method']:<34} {float(r['auc']):6.3f} "
-                f"{float(r.get('round_s', float('nan'))):8.2f} {float(r.get('bytes_up_per_round', float('nan'))):11.0f}"
-                f" {r.get('rounds_aggregated', '')!s:>10}"
+                f"{r['case']!s:<12} {r['method']!s:<32} {float(r['auc']):6.3f} {float(r['auc_sd']):6.3f} "  # type: ignore[arg-type]
+                f"{r['seeds']!s:>2} {float(r.get('round_s', float('nan'))):8.2f} "  # type: ignore[arg-type]
+                f"{float(r.get('bytes_up_per_round', float('nan'))):9.0f} "  # type: ignore[arg-type]
+                f"{float(r.get('bytes_down_per_round', float('nan'))):10.0f} "  # type: ignore[arg-type]
+                f"{r.get('rounds_aggregated', '')!s:>4} {'' if eps is None else f'{float(eps):.3g}':>11}"  # type: ignore[arg-type]
             )
         print()
         for k, v in ratios.items():
-            print(f"{k:<36} {v:+.3f}")
+            print(f"{k:<44} {v:+.3f}")
         if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2), encoding="utf-8")
+            payload = {
+                "mode": "quick" if args.quick else "full",
+                "surrogate": args.surrogate,
+                "rows": rows,
+                "secagg_scaling": scaling,
+                "ratios": ratios,
+            }
+            args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

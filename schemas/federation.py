@@ -219,8 +219,14 @@ class RoundRecord(FrozenModel):
     eval_auc: float | None = Field(default=None, description="Mean of the sites' held-out AUC (weighted by slices).")
     eval_accuracy: float | None = None
     eval_dice: float | None = None
-    bytes_down: int = Field(ge=0, description="Array bytes sent to the nodes this round.")
-    bytes_up: int = Field(ge=0, description="Array bytes received from the nodes this round.")
+    bytes_down: int = Field(
+        ge=0, description="Serialized size (Flower's protobuf Message) of everything sent to the nodes this round."
+    )
+    bytes_up: int = Field(ge=0, description="Serialized size of every reply received from the nodes this round.")
+    array_bytes_down: int = Field(
+        default=0, ge=0, description="Of bytes_down: the array payloads only (parameter values, no metadata)."
+    )
+    array_bytes_up: int = Field(default=0, ge=0, description="Of bytes_up: the array payloads only.")
     seconds: float = Field(ge=0, description="Wall time of the round (train + evaluate), s.")
     model_dir: str | None = Field(default=None, description="Folder of the global model after this round.")
 

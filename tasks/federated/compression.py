@@ -2,7 +2,9 @@
 
 A client sends ``delta = local − global`` instead of its weights:
 
-* ``float16``: every delta entry in half precision (2 bytes instead of 4).
+* ``float16``: every delta entry in half precision (2 bytes instead of 4), all of them in one flat vector
+  :data:`FLOAT16_DELTA` in the order of the reference's keys: one array in the message instead of one per
+  tensor, so the per-array overhead (name, dtype, shape, numpy header) is paid once.
 * ``topk``: the ``⌈fraction·N⌉`` entries of largest magnitude over the whole update, as int32 flat indices and
   float32 values (8 bytes per kept entry). What is left out is kept by the client and added to its next update
   (error feedback, Stich et al. 2018 / Karimireddy et al. 2019), so nothing is lost, only delayed.
@@ -24,6 +26,7 @@ from tasks.errors import InvalidInputError
 FloatArray = npt.NDArray[np.float32]
 TOPK_INDICES = "topk.indices"
 TOPK_VALUES = "topk.values"
+FLOAT16_DELTA = "float16.delta"
 
 
 def _flat(arrays: Mapping[str, npt.ArrayLike], keys: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -47,8 +50,8 @@ def encode_update(
     Returns
     -------
     encoded : dict of str to ndarray
-        ``{key: float16 delta}`` (float16), ``{TOPK_INDICES, TOPK_VALUES}`` (top-k) or ``{key: float32 delta}``
-        (none).
+        ``{FLOAT16_DELTA: flat float16 delta}`` (float16), ``{TOPK_INDICES, TOPK_VALUES}`` (top-k) or
+        ``{key: float32 delta}`` (none).
     residual : ndarray of float32, shape (N,), or None
         Top-k only: the part of the update not sent, to pass back in next round.
     """
@@ -62,10 +65,7 @@ def encode_update(
     if kind is CompressionKind.NONE:
         return {k: np.asarray(local[k], np.float32) - np.asarray(reference[k], np.float32) for k in keys}, None
     if kind is CompressionKind.FLOAT16:
-        return {
-            k: (np.asarray(local[k], np.float32) - np.asarray(reference[k], np.float32)).astype(np.float16)
-            for k in keys
-        }, None
+        return {FLOAT16_DELTA: (_flat(local, keys) - _flat(reference, keys)).astype(np.float16)}, None
     if not 0 < topk_fraction <= 1:
         raise InvalidInputError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
     delta = _flat(local, keys) - _flat(reference, keys)
@@ -98,6 +98,15 @@ def decode_update(
     kind = CompressionKind(kind)
     keys = list(reference)
     ref = {k: np.asarray(reference[k], dtype=np.float32) for k in keys}
+    if kind is CompressionKind.FLOAT16:
+        if set(encoded) != {FLOAT16_DELTA}:
+            raise InvalidInputError(f"a float16 update holds {FLOAT16_DELTA!r} only, got {sorted(encoded)[:3]}")
+        delta = np.asarray(encoded[FLOAT16_DELTA])
+        total = sum(ref[k].size for k in keys)
+        if delta.shape != (total,):
+            raise InvalidInputError(f"float16 update has shape {delta.shape}, the model {total} values")
+        flat = _flat(ref, keys) + delta.astype(np.float32)
+        return _unflatten(flat, ref)
     if kind is not CompressionKind.TOPK:
         if set(encoded) != set(keys):
             raise InvalidInputError(
@@ -120,11 +129,14 @@ def decode_update(
         raise InvalidInputError(f"top-k update malformed: {idx.shape} indices, {values.shape} values, N={total}")
     flat = _flat(ref, keys)
     flat[idx.astype(np.int64)] += values
+    return _unflatten(flat, ref)
+
+
+def _unflatten(flat: FloatArray, ref: Mapping[str, FloatArray]) -> dict[str, FloatArray]:
     out, start = {}, 0
-    for k in keys:
-        size = ref[k].size
-        out[k] = flat[start : start + size].reshape(ref[k].shape).copy()
-        start += size
+    for k, r in ref.items():
+        out[k] = flat[start : start + r.size].reshape(r.shape).copy()
+        start += r.size
     return out
 
 

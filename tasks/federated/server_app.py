@@ -71,25 +71,47 @@ def _array_inventory(msg: Message) -> list[dict[str, Any]]:
 
 
 def _array_bytes(msg: Message) -> int:
-    """Bytes of a message's records (arrays dominate; SecAgg+ sends its masked vectors as config bytes)."""
+    """Payload bytes of a message: array values (no names, shapes or headers), plus the ``bytes`` values of its
+    config records (SecAgg+ sends keys, shares and its masked vectors that way)."""
     if msg.has_error() or not msg.has_content():
         return 0
-    total = sum(rec.count_bytes() for rec in msg.content.array_records.values())
-    for rec in msg.content.config_records.values():
-        for value in rec.values():
+    total = 0
+    for rec in msg.content.array_records.values():
+        for arr in rec.values():
+            if arr.dtype:  # a numpy array
+                total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+            else:  # legacy (SecAgg+ workflow) parameters: opaque serialized bytes
+                total += len(arr.data)
+    for crec in msg.content.config_records.values():
+        for value in crec.values():
             items = value if isinstance(value, list) else [value]
-            total += sum(len(v) if isinstance(v, bytes | str) else 8 for v in items)
+            total += sum(len(v) for v in items if isinstance(v, bytes))
     return int(total)
 
 
+def wire_bytes(msg: Message) -> int:
+    """Serialized size of the whole message (Flower's protobuf ``Message``: metadata, every record, keys,
+    array headers, metrics, configs) — what a transport carries before framing and TLS."""
+    from flwr.common.serde import message_to_proto
+
+    return int(message_to_proto(msg).ByteSize())
+
+
 class AuditingGrid(Grid):
-    """A :class:`Grid` that counts the array bytes it sends and receives and logs what it receives."""
+    """A :class:`Grid` that counts the bytes it sends and receives (serialized messages and their array payloads)
+    and logs what it receives."""
 
     def __init__(self, grid: Grid, *, audit_path: str = "") -> None:
         self._grid = grid
         self._audit = Path(audit_path) if audit_path else None
         self.bytes_down = 0
         self.bytes_up = 0
+        self.array_bytes_down = 0
+        self.array_bytes_up = 0
+
+    def _count_down(self, msgs: list[Message]) -> None:
+        self.bytes_down += sum(wire_bytes(m) for m in msgs)
+        self.array_bytes_down += sum(_array_bytes(m) for m in msgs)
 
     # delegation -----------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:  # pragma: no cover - the inner grid is already set up
@@ -107,7 +129,7 @@ class AuditingGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         msgs = list(messages)
-        self.bytes_down += sum(_array_bytes(m) for m in msgs)
+        self._count_down(msgs)
         return self._grid.push_messages(msgs)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -117,13 +139,14 @@ class AuditingGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         msgs = list(messages)
-        self.bytes_down += sum(_array_bytes(m) for m in msgs)
+        self._count_down(msgs)
         replies = list(self._grid.send_and_receive(msgs, timeout=timeout))
         self._record(replies)
         return replies
 
     def _record(self, replies: list[Message]) -> None:
-        self.bytes_up += sum(_array_bytes(m) for m in replies)
+        self.bytes_up += sum(wire_bytes(m) for m in replies)
+        self.array_bytes_up += sum(_array_bytes(m) for m in replies)
         if self._audit is None:
             return
         with self._audit.open("a", encoding="utf-8") as fh:
@@ -318,7 +341,7 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
     strategy: fs.Strategy | None = None
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
-        down0, up0 = grid.bytes_down, grid.bytes_up
+        down0, up0, adown0, aup0 = grid.bytes_down, grid.bytes_up, grid.array_bytes_down, grid.array_bytes_up
         nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
         if strategy is None:
             strategy = make_strategy(
@@ -379,6 +402,8 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
                 eval_dice=evals.get("dice"),
                 bytes_down=grid.bytes_down - down0,
                 bytes_up=grid.bytes_up - up0,
+                array_bytes_down=grid.array_bytes_down - adown0,
+                array_bytes_up=grid.array_bytes_up - aup0,
                 seconds=time.perf_counter() - t0,
                 model_dir=model_dir,
             )
@@ -392,7 +417,7 @@ def personalise(
 ) -> None:
     """Ask every node to fine-tune the final global model locally; record held-out metrics before/after."""
     t0 = time.perf_counter()
-    down0, up0 = grid.bytes_down, grid.bytes_up
+    down0, up0, adown0, aup0 = grid.bytes_down, grid.bytes_up, grid.array_bytes_down, grid.array_bytes_up
     nodes = list(grid.get_node_ids())
     msgs = [
         Message(RecordDict({"arrays": arrays, "config": base}), dst_node_id=n, message_type="train.personalise")
@@ -418,6 +443,8 @@ def personalise(
             train_loss=None,
             bytes_down=grid.bytes_down - down0,
             bytes_up=grid.bytes_up - up0,
+            array_bytes_down=grid.array_bytes_down - adown0,
+            array_bytes_up=grid.array_bytes_up - aup0,
             seconds=time.perf_counter() - t0,
         )
     )
@@ -439,10 +466,11 @@ def run_secagg(
     keys = shared_keys(model, fedbn=cfg.fedbn)
     initial = ndarrays_to_parameters(list(get_arrays(model, keys).values()))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
-    state: dict[str, Any] = {"t0": time.perf_counter(), "down": 0, "up": 0, "fit": {}}
+    state: dict[str, Any] = {"t0": time.perf_counter(), "down": 0, "up": 0, "adown": 0, "aup": 0, "fit": {}}
 
     def fit_config(server_round: int) -> dict[str, Any]:
         state["t0"], state["down"], state["up"] = time.perf_counter(), grid.bytes_down, grid.bytes_up
+        state["adown"], state["aup"] = grid.array_bytes_down, grid.array_bytes_up
         out = dict(base)
         out[ROUND] = server_round
         return out
@@ -526,6 +554,8 @@ def run_secagg(
                     eval_dice=m.get("dice"),
                     bytes_down=grid.bytes_down - state["down"],
                     bytes_up=grid.bytes_up - state["up"],
+                    array_bytes_down=grid.array_bytes_down - state["adown"],
+                    array_bytes_up=grid.array_bytes_up - state["aup"],
                     seconds=time.perf_counter() - state["t0"],
                     model_dir=model_dir,
                 )

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -73,12 +74,16 @@ def _bin(name: str) -> str:
     return found
 
 
-def wait_for_health(address: str, *, timeout_s: float, tls: bool = False, verify: str | bool = True) -> None:
+def wait_for_health(
+    address: str, *, timeout_s: float, tls: bool = False, verify: str | bool | ssl.SSLContext = True
+) -> None:
     """Return once ``GET /health`` of the SuperLink at ``host:port`` answers.
 
     Raises :class:`SuperLinkUnreachableError` after ``timeout_s``.
     """
     url = f"{'https' if tls else 'http'}://{address}/health"
+    if isinstance(verify, str):  # a CA bundle (PEM file)
+        verify = ssl.create_default_context(cafile=verify)
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:

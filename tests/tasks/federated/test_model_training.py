@@ -10,7 +10,7 @@ import torch
 
 from schemas.federation import FederatedTask
 from tasks.errors import InvalidInputError
-from tasks.federated.compression import TOPK_INDICES, decode_update, encode_update, payload_bytes
+from tasks.federated.compression import FLOAT16_DELTA, TOPK_INDICES, decode_update, encode_update, payload_bytes
 from tasks.federated.model import batchnorm_keys, build_model, get_arrays, model_signature, set_arrays, shared_keys
 from tasks.federated.training import auc_score, dice_score, evaluate, train_local
 
@@ -125,8 +125,10 @@ def test_float16_compression_halves_bytes_and_stays_close(rng):
     enc, residual = encode_update(local, ref, kind="float16")
     assert residual is None
     assert payload_bytes(enc) * 2 == payload_bytes(local)
+    assert list(enc) == [FLOAT16_DELTA] and enc[FLOAT16_DELTA].dtype == np.float16  # one flat vector
     dec = decode_update(enc, ref, kind="float16")
     for k in ref:
+        assert dec[k].shape == ref[k].shape
         np.testing.assert_allclose(dec[k], local[k], atol=1e-4)
     assert ref["a"].flags.writeable and np.array_equal(ref["a"], ref["a"].copy())
 
@@ -150,6 +152,8 @@ def test_topk_sends_the_largest_entries_and_carries_the_rest(rng):
 def test_decode_refuses_malformed_updates():
     ref = {"a": np.zeros(4, np.float32)}
     with pytest.raises(InvalidInputError):
-        decode_update({"a": np.zeros(5, np.float16)}, ref, kind="float16")
+        decode_update({"a": np.zeros(4, np.float16)}, ref, kind="float16")
+    with pytest.raises(InvalidInputError):
+        decode_update({FLOAT16_DELTA: np.zeros(5, np.float16)}, ref, kind="float16")
     with pytest.raises(InvalidInputError):
         decode_update({TOPK_INDICES: np.array([9], np.int32), "topk.values": np.ones(1, np.float32)}, ref, kind="topk")
