@@ -19,7 +19,8 @@ Usage::
 
 Ratios (against BM3D measured in the same run): ``psnr_gain_minus_bm3d_db`` (min over noisy regimes of the
 best mode's Hann-FBP gain minus BM3D's), ``speed_vs_bm3d`` (min over regimes of BM3D time / best-mode time),
-``bandwidth_fraction`` (best-mode throughput × 8 bytes per element / measured copy bandwidth), and
+``bandwidth_fraction`` (best-mode throughput on a stack of ``--stack-rows`` detector rows of regime C, torch on 2
+threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth), and
 ``worker_scaling_2v1`` (dask threads, 2 workers vs 1).
 """
 
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import parse_args, write_json
 from schemas.denoise import DenoiseConfig, DenoiseDomain
 from schemas.geometry import Geometry
-from tasks.denoise.kernels import denoise_projections, estimate_noise_sigma
+from tasks.denoise.kernels import denoise_projections, estimate_noise_sigma, resolve_group_size
 
 WATER_PER_MM = 0.0192
 COUNTS_FLOOR = 0.5
@@ -150,7 +151,7 @@ def best_config() -> DenoiseConfig:
 
 def methods(case: Case, geometry: Geometry) -> dict[str, object]:
     paper = DenoiseConfig.paper()
-    best = best_config()
+    best = resolve_group_size(best_config(), geometry)
     periodic = geometry.is_full_circle
     i0 = case.i0_photons
     out: dict[str, object] = {"none": lambda s: s, "gauss-views": lambda s: gaussian_views(s, 1.0)}
@@ -179,15 +180,75 @@ def score(rec: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 
 def copy_bandwidth_bytes_per_s() -> float:
-    """Read+write bandwidth of a large numpy copy (best of 3), bytes/s."""
-    a = np.ones(64 * 2**20 // 4 * 4, dtype=np.float32)  # 256 MB
+    """Read+write bandwidth of a large copy, bytes/s: the best of 3 numpy (1 thread) and 3 torch (2 threads) copies.
+
+    The faster of the two is the floor: a denoiser that reads its input and writes its output once, at this
+    bandwidth, moves 8 bytes per float32 element.
+    """
+    import torch
+
+    a = np.ones(64 * 2**20, dtype=np.float32)  # 256 MB, far beyond the caches
     b = np.empty_like(a)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for copy in (lambda: np.copyto(b, a), lambda: tb.copy_(ta)):
+            for _ in range(3):
+                t0 = time.perf_counter()
+                copy()
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return 2 * a.nbytes / best
+
+
+def stack_throughput(
+    clean: np.ndarray, i0: float, geometry: Geometry, rng: np.random.Generator, *, rows: int
+) -> tuple[float, int]:
+    """Elements per second of the best mode on a (views, rows, cols) stack of independent noisy rows, 2 threads.
+
+    The production case is a 3-D scan: one call on many detector rows (the per-sinogram times above include the
+    fixed per-call costs). Best of 2 calls, torch on 2 threads (the 2 cores of this machine).
+    """
+    import torch
+
+    stack = np.stack([simulate(clean, i0, rng)[0] for _ in range(rows)], axis=1)
+    config = resolve_group_size(best_config(), geometry)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return stack.size / best, stack.size
+
+
+def span_sweep(
+    inputs: list[tuple[Case, Geometry, np.ndarray, np.ndarray, float]], spans: tuple[float | None, ...]
+) -> dict[str, dict[str, float]]:
+    """Hann-FBP PSNR gain of the best mode per regime for each group span (None: views_per_group=16 fixed)."""
+    from tasks.reconstruct.kernels import fbp
+
+    out: dict[str, dict[str, float]] = {}
+    for span in spans:
+        config = best_config().model_copy(update={"group_span_deg": span})
+        gains: dict[str, float] = {}
+        for case, geometry, noisy, truth, base_hann in inputs:
+            assert case.i0_photons is not None
+            c = resolve_group_size(config, geometry)
+            den = denoise_projections(
+                noisy[:, None], config=c, periodic=geometry.is_full_circle, i0_photons=case.i0_photons
+            )[:, 0]
+            rec = np.asarray(fbp(den[None], geometry, filter_name="hann"))[0]
+            gains[f"{case.name} (t={c.views_per_group})"] = round(score(rec, truth)[0] - base_hann, 3)
+        out["fixed t=16" if span is None else f"span {span:g} deg"] = gains
+    return out
 
 
 def worker_scaling(noisy: np.ndarray, i0: float, geometry: Geometry) -> tuple[float, float]:
@@ -197,16 +258,19 @@ def worker_scaling(noisy: np.ndarray, i0: float, geometry: Geometry) -> tuple[fl
 
     from tasks.denoise.chunked import denoise_dask
 
-    stack = np.repeat(noisy[:, None, :], 4, axis=1)
+    stack = np.repeat(noisy[:, None, :], 8, axis=1)
     config = best_config()
-    x = da.from_array(stack, chunks=(max(config.view_halo, stack.shape[0] // 8), -1, -1))
-    lazy, _ = denoise_dask(x, config=config, geometry=None, i0_photons=i0)
+    x = da.from_array(stack, chunks=(max(4 * config.view_halo, stack.shape[0] // 8), -1, -1))
+    lazy, _ = denoise_dask(x, config=config, geometry=geometry, i0_photons=i0)
     times = []
-    for workers in (1, 2):
-        t0 = time.perf_counter()
-        with dask.config.set(scheduler="threads", num_workers=workers):
-            lazy.compute()
-        times.append(time.perf_counter() - t0)
+    for workers in (1, 2):  # best of 2 each: other users share this machine
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            with dask.config.set(scheduler="threads", num_workers=workers):
+                lazy.compute()
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
     return times[0], times[1]
 
 
@@ -214,9 +278,10 @@ def main() -> None:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--size", type=int, help="reconstruction grid side, pixels (default 96 quick / 256)")
     extra.add_argument("--seed", type=int, default=0, help="seed of the Poisson noise")
+    extra.add_argument("--stack-rows", type=int, default=16, help="detector rows of the throughput stack")
     own, rest = extra.parse_known_args()
     args = parse_args(__doc__.split("\n")[0], image=True, argv=rest)
-    args.size, args.seed = own.size, own.seed
+    args.size, args.seed, args.stack_rows = own.size, own.seed, own.stack_rows
 
     import torch
 
@@ -235,6 +300,8 @@ def main() -> None:
     header += f"{'SSIM rl':>7s} {'SSIM hn':>7s} {'time s':>8s} {'Melem/s':>8s}"
     print(header)
     scaling_input: tuple[np.ndarray, float, Geometry] | None = None
+    stack_input: tuple[np.ndarray, float, Geometry, np.random.Generator] | None = None
+    sweep_inputs: list[tuple[Case, Geometry, np.ndarray, np.ndarray, float]] = []
     for case in cases(args.quick):
         geometry = geometry_for(case, n, pixel_mm)
         if case.phantom == "shepp-logan":
@@ -248,6 +315,7 @@ def main() -> None:
         noisy, _ = simulate(clean, case.i0_photons, rng)
         if case.name.startswith("C") and case.i0_photons is not None:
             scaling_input = (noisy, case.i0_photons, geometry)
+            stack_input = (clean, case.i0_photons, geometry, np.random.default_rng(args.seed + 1))
         base: dict[str, float] = {}
         for name, method in methods(case, geometry).items():
             t0 = time.perf_counter()
@@ -268,6 +336,8 @@ def main() -> None:
             row["time_s"] = round(elapsed, 4)
             row["elements_per_s"] = round(noisy.size / elapsed) if elapsed > 0 else None
             rows.append(row)
+            if name == "none" and case.i0_photons is not None:
+                sweep_inputs.append((case, geometry, noisy, truth, float(row["psnr_hann_db"])))  # type: ignore[arg-type]
             eps = float(noisy.size / elapsed) if elapsed > 0 else 0.0
             print(
                 f"{case.name:24s} {name:14s} {row['psnr_ramlak_db']:8.2f} {row['gain_ramlak_db']:+6.2f} "
@@ -288,8 +358,15 @@ def main() -> None:
         for key in ("hann", "ramlak")
     }
     speed = [get(c, "bm3d-anscombe", "time_s") / get(c, "fedscan-best", "time_s") for c in noisy_cases]
+
+    def best_filter_gain(case: str, method: str) -> float:  # each method's better filter vs none's better one
+        psnr = max(get(case, method, "psnr_hann_db"), get(case, method, "psnr_ramlak_db"))
+        return psnr - max(get(case, "none", "psnr_hann_db"), get(case, "none", "psnr_ramlak_db"))
+
+    gains_best = [best_filter_gain(c, "fedscan-best") - best_filter_gain(c, "bm3d-anscombe") for c in noisy_cases]
     bandwidth = copy_bandwidth_bytes_per_s()
-    throughput = max(get(c, "fedscan-best", "elements_per_s") for c in noisy_cases)
+    assert stack_input is not None
+    throughput, stack_elements = stack_throughput(*stack_input, rows=args.stack_rows)
     clean_case = next(c.name for c in cases(args.quick) if c.i0_photons is None)
     ratios: dict[str, object] = {
         "psnr_gain_minus_bm3d_db": round(min(gains["hann"]), 3),
@@ -297,6 +374,10 @@ def main() -> None:
         "psnr_gain_minus_bm3d_db_by_case_hann": dict(
             zip(noisy_cases, [round(g, 3) for g in gains["hann"]], strict=True)
         ),
+        "psnr_gain_best_filter_minus_bm3d_db_by_case": dict(
+            zip(noisy_cases, [round(g, 3) for g in gains_best], strict=True)
+        ),
+        "min_gain_best_filter_db": round(min(best_filter_gain(c, "fedscan-best") for c in noisy_cases), 3),
         "min_gain_hann_db": round(min(get(c, "fedscan-best", "gain_hann_db") for c in noisy_cases), 3),
         "min_gain_ramlak_db": round(min(get(c, "fedscan-best", "gain_ramlak_db") for c in noisy_cases), 3),
         "clean_ssim_hann_best_minus_none": round(
@@ -308,8 +389,10 @@ def main() -> None:
         "speed_vs_bm3d": round(min(speed), 1),
         "speed_vs_bm3d_by_case": dict(zip(noisy_cases, [round(s, 1) for s in speed], strict=True)),
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-        "throughput_elements_per_s": throughput,
+        "throughput_elements_per_s": round(throughput),
+        "throughput_stack_elements": stack_elements,
         "bandwidth_fraction": round(throughput * 8 / bandwidth, 5),
+        "span_sweep_hann_gain_db": span_sweep(sweep_inputs, (None, 2.0, 4.0, 8.0)),
         "config_best": best_config().model_dump(mode="json"),
         "config_best_hash": best_config().config_hash(),
         "size_pixels": n,
@@ -320,8 +403,10 @@ def main() -> None:
         ratios["worker_seconds_1_2"] = [round(t1, 3), round(t2, 3)]
     print()
     for key, value in ratios.items():
-        if key != "config_best":
+        if key not in ("config_best", "span_sweep_hann_gain_db"):
             print(f"{key}: {value}")
+    for label, gains_by_case in ratios["span_sweep_hann_gain_db"].items():  # type: ignore[attr-defined]
+        print(f"sweep {label}: {gains_by_case}")
     write_json(args.json, rows, ratios)  # type: ignore[arg-type]
 
 

@@ -55,6 +55,15 @@ class DenoiseConfig(StageConfig):
         "gives the paper's non-overlapping groups, smaller values slide the window and average the overlaps. "
         "Must divide views_per_group.",
     )
+    group_span_deg: float | None = Field(
+        default=4.0,
+        gt=0,
+        le=360,
+        allow_inf_nan=False,
+        description="Angle a group of views should span, degrees; where the scan's geometry is known, "
+        "views_per_group becomes the power of two nearest span / angular step (4..32) and view_stride keeps "
+        "its ratio to it (resolve_group_size). None: views_per_group as given.",
+    )
     tile_rows: int | None = Field(
         default=1, ge=1, le=65536, description="Detector rows per block, bins; None: all rows (whole view)."
     )
@@ -165,6 +174,7 @@ class DenoiseConfig(StageConfig):
         fields: dict[str, object] = {
             "views_per_group": views_per_group,
             "view_stride": views_per_group,
+            "group_span_deg": None,
             "tile_rows": None,
             "tile_cols": None,
             "tile_stride_rows": None,
@@ -186,6 +196,10 @@ class DenoiseRecord(FrozenModel):
     noise_sigma: float = Field(
         ge=0, allow_inf_nan=False, description="Noise σ the automatic threshold used, in the domain's units."
     )
+    views_per_group: int | None = Field(
+        default=None, ge=2, description="Views per group actually used (after resolve_group_size), views."
+    )
+    view_stride: int | None = Field(default=None, ge=1, description="View stride actually used, views.")
     periodic_views: bool = Field(description="Whether the view axis wrapped around (full-circle scan).")
     view_halo: int = Field(ge=0, description="Halo along the view axis of each chunk, views.")
     i0_photons: float | None = Field(

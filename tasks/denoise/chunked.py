@@ -30,6 +30,7 @@ from tasks.denoise.kernels import (
     estimate_noise_sigma,
     noise_sample_views,
     require_i0,
+    resolve_group_size,
     resolve_periodic,
 )
 from tasks.errors import InvalidInputError
@@ -114,6 +115,8 @@ def denoise_dask(
         ``anscombe`` without ``i0_photons``; NaN/inf or too-negative values are reported when the chunk holding
         them is computed.
     """
+    given = config
+    config = resolve_group_size(config, geometry)
     _check_projections(projections, config)
     n_views = projections.shape[0]
     periodic = resolve_periodic(config, geometry, n_views=n_views)
@@ -121,8 +124,10 @@ def denoise_dask(
     if noise_sigma is None:
         noise_sigma = estimate_noise_sigma_dask(projections, config=config, i0_photons=i0)
     record = DenoiseRecord(
-        config_hash=config.config_hash(),
+        config_hash=given.config_hash(),
         noise_sigma=noise_sigma,
+        views_per_group=config.views_per_group,
+        view_stride=config.view_stride,
         periodic_views=periodic,
         view_halo=config.view_halo,
         i0_photons=i0,

@@ -130,6 +130,37 @@ def resolve_periodic(config: DenoiseConfig, geometry: Geometry | None, *, n_view
     return full
 
 
+#: Smallest and largest group size the angular span may choose, views.
+GROUP_SIZE_RANGE = (4, 32)
+
+
+def resolve_group_size(config: DenoiseConfig, geometry: Geometry | None) -> DenoiseConfig:
+    """The config with ``views_per_group`` chosen from the scan's angular step (``config.group_span_deg``).
+
+    ``t`` is the power of two nearest ``group_span_deg / step`` (step = angular range / views), within
+    :data:`GROUP_SIZE_RANGE`; ``view_stride`` (and ``first_pass_view_stride``) keep their ratio to ``t``.
+    Unchanged when the span is None or the geometry unknown. Neighbouring views must look alike for the low-rank
+    model: a fixed ``t`` spans 16 degrees at 1 degree per view and blurs, while 4 views at 0.25 degrees leave
+    most of the noise (benchmarks/denoise.py records the sweep).
+    """
+    if config.group_span_deg is None or geometry is None:
+        return config
+    step = geometry.angular_range_deg / geometry.n_views
+    lo, hi = GROUP_SIZE_RANGE
+    t = int(min(hi, max(lo, 2 ** round(math.log2(max(config.group_span_deg / step, 1.0))))))
+    t_old = config.views_per_group
+    fields = config.model_dump()
+    fields["views_per_group"] = t
+    fields["view_stride"] = max(1, t * config.view_stride // t_old)
+    if config.first_pass_view_stride is not None:
+        fields["first_pass_view_stride"] = max(1, t * config.first_pass_view_stride // t_old)
+    while t % fields["view_stride"]:
+        fields["view_stride"] -= 1
+    while fields["first_pass_view_stride"] is not None and t % fields["first_pass_view_stride"]:
+        fields["first_pass_view_stride"] -= 1
+    return DenoiseConfig.model_validate(fields)
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """Turn ``device`` into a :class:`torch.device`, refusing CUDA where there is none."""
     dev = torch.device(device)
@@ -343,9 +374,14 @@ def _lowrank_pass(
     x = blocks_of(noisy)
     t, m = x.shape[1], x.shape[2]
     n_long, n_short = max(t, m), min(t, m)
-    x64 = x.double()
+    eye = torch.eye(t, dtype=torch.float64, device=x.device)
+    # The automatic modes work on blocks centred along views (each block's mean view is kept as it is), so the
+    # Gram matrices stay well conditioned in float32 and only the t × t algebra needs float64. The paper's
+    # modes (relative / absolute thresholds) take the SVD of the raw block, in float64.
+    center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
+    work = x - x.mean(1, keepdim=True) if center else x.double()
     if pilot is None:
-        lam, vecs = _batched_eigh(x64 @ x64.mT)
+        lam, vecs = _batched_eigh((work @ work.mT).double())
         s = torch.sqrt(torch.clamp(lam, min=0.0))
         w = _keep_factors(
             s,
@@ -359,12 +395,18 @@ def _lowrank_pass(
     elif sigma > 0:
         # Empirical Wiener in the pilot's basis, w_i = e_i / (e_i + M σ²) with e_i the pilot's energies, is
         # the matrix function P = I - Mσ² (Ĝ + Mσ² I)⁻¹ of the pilot's Gram Ĝ: a Cholesky, no eigh.
-        p64 = blocks_of(pilot).double()
-        eye = torch.eye(t, dtype=torch.float64, device=x.device)
-        chol = torch.linalg.cholesky(p64 @ p64.mT + (m * sigma**2) * eye)
-        proj = eye - (m * sigma**2) * torch.cholesky_inverse(chol)
+        p = blocks_of(pilot)
+        p = p - p.mean(1, keepdim=True) if center else p.double()
+        gram = (p @ p.mT).double()
+        # Mσ², plus a ridge far above float32 rounding of the Gram (relative 1e-5) so that the factorisation
+        # cannot fail where Mσ² is tiny (nearly noise-free data); negligible against Mσ² elsewhere.
+        ridge = m * sigma**2 + 1e-5 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] + 1e-30
+        chol = torch.linalg.cholesky(gram + ridge * eye)
+        proj = eye - ridge * torch.cholesky_inverse(chol)
     else:
-        proj = torch.eye(t, dtype=torch.float64, device=x.device).expand(x.shape[0], t, t)
+        proj = eye.expand(x.shape[0], t, t)
+    if center:  # P acts on the centred block; the mean view passes: P_total = J + P (I - J), J = 11ᵀ/t
+        proj = proj - proj.mean(-1, keepdim=True) + 1.0 / t
     if config.weighted_aggregation:
         gain = (proj**2).sum((-2, -1)).clamp(min=1.0)  # Σ w_i² = ‖P‖_F²: the block's noise gain, ≥ 1
         weight = 1.0 / gain

@@ -12,14 +12,21 @@ from hypothesis import strategies as st
 from schemas.denoise import DenoiseConfig, DenoiseDomain, ViewBoundary
 from schemas.geometry import Geometry
 from tasks.denoise.chunked import denoise_dask, estimate_noise_sigma_dask, merge_short_chunks
-from tasks.denoise.kernels import denoise_projections, estimate_noise_sigma_of
+from tasks.denoise.kernels import denoise_projections, estimate_noise_sigma_of, resolve_group_size
 from tasks.errors import InvalidInputError
 
 N_VIEWS, ROWS, COLS = 45, 3, 20
 CONFIGS = {
     "best-log": DenoiseConfig(
-        domain=DenoiseDomain.LOG, views_per_group=8, view_stride=2, tile_cols=8, tile_stride_cols=4
+        domain=DenoiseDomain.LOG,
+        views_per_group=8,
+        view_stride=2,
+        tile_cols=8,
+        tile_stride_cols=4,
+        group_span_deg=None,  # t = 8 fixed: groups not aligned with the chunks
     ),
+    # t from the angular step: 45 views over 360 deg (or 180) resolve to t = 4, stride 1 (halo 6)
+    "best-log-span": DenoiseConfig(domain=DenoiseDomain.LOG, group_span_deg=4.0, tile_cols=8, tile_stride_cols=4),
     "paper": DenoiseConfig.paper(views_per_group=6),  # 45 views: groups not aligned with the scan's end
     "anscombe-one-pass": DenoiseConfig(
         views_per_group=4, view_stride=4, tile_cols=5, tile_stride_cols=None, second_pass=False
@@ -76,7 +83,8 @@ def test_chunked_equals_whole_array(
 ) -> None:
     config = CONFIGS[name]
     geometry = _geometry(range_deg)
-    whole = denoise_projections(SCAN, config=config, periodic=geometry.is_full_circle, i0_photons=2e3)
+    resolved = resolve_group_size(config, geometry)
+    whole = denoise_projections(SCAN, config=resolved, periodic=geometry.is_full_circle, i0_photons=2e3)
     lazy, record = denoise_dask(
         da.from_array(SCAN, chunks=(view_chunks, row_chunks, col_chunks)),
         config=config,
@@ -84,7 +92,8 @@ def test_chunked_equals_whole_array(
         i0_photons=2e3,
     )
     assert record.periodic_views is geometry.is_full_circle
-    assert record.view_halo == config.view_halo
+    assert record.view_halo == resolved.view_halo
+    assert (record.views_per_group, record.view_stride) == (resolved.views_per_group, resolved.view_stride)
     assert record.config_hash == config.config_hash()
     with dask.config.set(scheduler="sync"):
         result = lazy.compute()

@@ -55,3 +55,32 @@ def test_paper_preset_is_non_overlapping_rank1_whole_views() -> None:
 def test_bad_values_are_refused(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         DenoiseConfig.model_validate(fields)
+
+
+def test_group_size_follows_the_angular_step() -> None:
+    """t is the power of two nearest span/step (clamped), the stride keeps its ratio, None/no geometry: unchanged."""
+    from schemas.geometry import Geometry
+    from tasks.denoise.kernels import resolve_group_size
+
+    def geometry(views: int, degrees: float) -> Geometry:
+        return Geometry(
+            beam="parallel",
+            n_views=views,
+            angular_range_deg=degrees,
+            n_detector_cols=8,
+            detector_pitch_mm=1.0,
+            grid={"nx_pixels": 8, "ny_pixels": 8, "pixel_size_mm": 1.0},
+        )
+
+    config = DenoiseConfig(views_per_group=16, view_stride=4, group_span_deg=4.0)
+    fine = resolve_group_size(config, geometry(1440, 360.0))  # 0.25 deg per view -> 16 views
+    coarse = resolve_group_size(config, geometry(360, 360.0))  # 1 deg -> 4 views
+    assert (fine.views_per_group, fine.view_stride) == (16, 4)
+    assert (coarse.views_per_group, coarse.view_stride) == (4, 1)
+    assert coarse.view_halo == 6  # the halo follows the resolved t
+    assert resolve_group_size(config, geometry(36, 360.0)).views_per_group == 4  # 10 deg per view: clamped
+    assert resolve_group_size(config, geometry(7200, 360.0)).views_per_group == 32  # 0.05 deg: clamped
+    assert resolve_group_size(config, None) == config
+    fixed = config.model_copy(update={"group_span_deg": None})
+    assert resolve_group_size(fixed, geometry(360, 360.0)) == fixed
+    assert resolve_group_size(DenoiseConfig.paper(), geometry(360, 360.0)).views_per_group == 8  # paper: as given
