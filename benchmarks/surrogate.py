@@ -6,15 +6,28 @@ Usage::
     python benchmarks/surrogate.py --json out.json --png tradeoff.png --device cuda
     python benchmarks/surrogate.py --quick --image slice.npy --pixel-mm 0.8
 
-Data: demo sites (``schemas.demo.default_sites``) rendered noise-free at 64² (``tasks.demo.generate.render_truth``),
-several scans per site; the last scan of every site is the test set. At 64² (6 mm pixels) the demo lesions are
-1–2 pixels and 15–60 HU, so by default their contrast is scaled ×3 and their radius ×1.5 (``--lesion-contrast-scale``
-``--lesion-radius-scale``) and prevalence set to 0.5; a plaintext row on the unscaled lesions is printed as well.
+Data: demo sites (``schemas.demo.default_sites``) rendered noise-free at ``--size`` (default 128², about 3 mm
+pixels; ``tasks.demo.generate.render_truth``), several scans per site, lesion prevalence 0.5; the last scan of
+every site is the test set. The demo lesions (15–60 HU, 3–12 mm) can be scaled with ``--lesion-contrast-scale``
+and ``--lesion-radius-scale`` (defaults in ``main``; the settings are written to the JSON).
 
 Rows: ``privacy`` (surrogate vs private, attacks), ``utility`` (plaintext / surrogates / IQEM surrogates),
-``sweep`` (α, β), ``speed``. Ratios: ``attack_psnr_drop_db`` = PSNR(unprotected attack) − PSNR(known-host attack
-on surrogates), ``surrogate_ssim``, ``auc_drop_vs_plaintext`` = AUC(plaintext) − AUC(surrogates),
-``hide_slices_per_s`` (512², 2 torch threads, CPU).
+``sweep`` (α, β), ``speed``.
+
+Attack baseline (``attack_psnr_drop_db``). The target reads "the attacker's PSNR at least 10 dB below what it
+achieves on the unprotected image pipeline". Without hiding, the site shares the image itself, so the same U-Net,
+trained the same way on public (image, image) pairs and applied to the site's images, recovers it essentially
+exactly (its PSNR is limited only by float32 and training noise, > 100 dB, which says nothing). We therefore cap
+the unprotected PSNR at ``UNPROTECTED_CAP_DB`` = 46 dB, the PSNR of a 10 HU RMS error in the 2000 HU window
+(typical CT noise): anything above that is "the image, recovered". ``attack_psnr_drop_db`` =
+min(PSNR(unprotected attack), 46 dB) − PSNR(known-host attack on the surrogates). Because that statement is weak
+(a blank guess scores well below 36 dB), the table also reports the *prior floor*, the same known-host attack on
+surrogates made with α = 0 (nothing embedded: the attacker sees only the host and can output at best the public
+mean image), and ``attack_gain_over_prior_db`` = PSNR(known-host attack) − PSNR(α = 0 attack): how much the
+surrogate reveals beyond what public data already give; near 0 is good.
+
+Ratios: ``attack_psnr_drop_db`` (above), ``surrogate_ssim``, ``auc_drop_vs_plaintext`` = AUC(plaintext) −
+AUC(surrogates) (and ``_iqem``), ``hide_slices_per_s`` (512², ``--threads`` torch threads, CPU, a batch of 32).
 """
 
 from __future__ import annotations
@@ -31,6 +44,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import parse_args, print_table, write_json
+
+#: PSNR of a 10 HU RMS error in the 2000 HU window: an unprotected attack above it has recovered the image.
+UNPROTECTED_CAP_DB = 20 * np.log10(2000.0 / 10.0)
 
 
 @dataclass
@@ -262,8 +278,9 @@ def main() -> None:
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--device", default="cpu", help="torch device of the networks (cpu | cuda)")
     extra.add_argument("--png", type=Path, default=None, help="write the privacy–utility curve here")
-    extra.add_argument("--lesion-contrast-scale", type=float, default=3.0)
+    extra.add_argument("--lesion-contrast-scale", type=float, default=2.0)
     extra.add_argument("--lesion-radius-scale", type=float, default=1.5)
+    extra.add_argument("--size", type=int, default=128, help="slice size of the privacy/utility data, pixels")
     extra.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is 2 cores)")
     extra.add_argument("--smoke", action="store_true", help="tiny everything: checks the code paths only")
     extra.add_argument("--save-data", type=Path, default=None, help="write the generated data (npz) and stop")
@@ -289,10 +306,10 @@ def main() -> None:
     torch.set_num_threads(own.threads)
     device = own.device
     quick = args.quick
-    size = 64
+    size = own.size
     p = {
-        "n_scans": 3 if quick else 5,
-        "n_slices": 16 if quick else 32,
+        "n_scans": 4 if quick else 6,
+        "n_slices": 24 if quick else 48,
         "public": 96 if quick else 1024,
         "attack": TrainSettings(
             steps=30 if quick else 1000, batch_size=8 if quick else 32, learning_rate=2e-3, device=device
@@ -301,12 +318,12 @@ def main() -> None:
             steps=20 if quick else 500, batch_size=8 if quick else 32, learning_rate=2e-3, device=device
         ),
         "clf": TrainSettings(
-            steps=40 if quick else 600, batch_size=16 if quick else 32, learning_rate=2e-3, device=device
+            steps=120 if quick else 600, batch_size=16 if quick else 32, learning_rate=2e-3, device=device
         ),
-        "seeds": [0, 1] if quick else [0, 1, 2, 3, 4],
+        "seeds": [0, 1, 2] if quick else [0, 1, 2, 3, 4],
         "sweep_seeds": [0] if quick else [0, 1],
         "iqem": IqemConfig(enabled=True, steps=20 if quick else 300, batch_size=8, channels=16, seed=0),
-        "sweep": [(0.1, 0.5), (0.2, 0.8)] if quick else [(a, b) for a in (0.05, 0.1, 0.2) for b in (0.3, 0.5, 0.8)],
+        "sweep": [(0.1, 0.5), (0.3, 1.0)] if quick else [(a, b) for a in (0.05, 0.1, 0.2, 0.3) for b in (0.5, 1.0)],
     }
     if own.smoke:
         tiny = TrainSettings(steps=1, batch_size=2, device=device)
@@ -382,6 +399,19 @@ def main() -> None:
         rng=rng,
         rows=rows,
         case="default a=0.1 b=0.5",
+    )
+    surr0 = {s.site_id: surrogates_of(s, site_config(s, alpha=0.0, beta=beta)) for s in sites}
+    floor = attack_rows(
+        sites,
+        surr0,
+        alpha=0.0,
+        beta=beta,
+        public=public,
+        settings=p["attack"],
+        rng=rng,
+        rows=rows,
+        case="prior floor a=0 (nothing embedded)",
+        known_only=True,
     )
     print(f"privacy done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
@@ -483,11 +513,21 @@ def main() -> None:
         )
         print(f"sweep a={a} b={b} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     plain_auc = util["plaintext"]["auc"]
-    unprot = attacks["unprotected"][0]
+    unprot = min(attacks["unprotected"][0], UNPROTECTED_CAP_DB)
+    # Recommendation: privacy targets first (drop >= 10 dB, SSIM < 0.3); among those, the points whose AUC is
+    # within 0.03 of plaintext, the most private (lowest attack PSNR); if none is, the most useful one.
     ok = [q for q in points if unprot - q["attack_psnr_db"] >= 10 and q["surrogate_ssim"] < 0.3]
-    best = max(ok, key=lambda q: q["auc"]) if ok else None
+    useful = [q for q in ok if plain_auc - q["auc"] <= 0.03]
+    best = min(useful, key=lambda q: q["attack_psnr_db"]) if useful else max(ok, key=lambda q: q["auc"]) if ok else None
     recommendation = (
-        {"alpha": best["alpha"], "beta": best["beta"], "auc": best["auc"], "attack_psnr_db": best["attack_psnr_db"]}
+        {
+            "alpha": best["alpha"],
+            "beta": best["beta"],
+            "auc": best["auc"],
+            "attack_psnr_db": best["attack_psnr_db"],
+            "surrogate_ssim": best["surrogate_ssim"],
+            "meets_utility_target": bool(useful),
+        }
         if best
         else None
     )
@@ -540,6 +580,8 @@ def main() -> None:
     ratios = {
         "attack_psnr_drop_db": unprot - attacks["known"][0],
         "attack_psnr_drop_db_pool_attacker": unprot - attacks["pool"][0],
+        "attack_gain_over_prior_db": attacks["known"][0] - floor["known"][0],
+        "attack_pool_gain_over_prior_db": attacks["pool"][0] - floor["known"][0],
         "surrogate_ssim": next(r["ssim"] for r in rows if r["method"] == "surrogate-vs-private"),
         "auc_drop_vs_plaintext": plain_auc - util["surrogate"]["auc"],
         "auc_drop_vs_plaintext_iqem": plain_auc - util["surrogate+iqem"]["auc"],

@@ -4,9 +4,10 @@
 residual and starts as the identity, and an L1 term ``|G(s) - s|`` keeps it near its input). ``D`` is a small
 PatchGAN on hosts. Losses are least squares (LSGAN, Mao et al. 2017):
 ``L_D = ½ E[(D(k) - 1)²] + ½ E[D(G(s))²]``, ``L_G = ½ E[(D(G(s)) - 1)²] + λ E|G(s) - s|``. After training,
-:func:`enhance_and_rehide` applies ``G`` and re-embeds the private amplitude into ``G``'s output with the IHM
-(:func:`tasks.surrogate.kernels.hide`, ``G(s)`` as the host), so the low frequencies still carry β of the
-private amplitude while the rest follows ``G``.
+:func:`enhance_and_rehide` applies ``G`` and puts the first pass's low-frequency amplitude
+``(1 - β)|H| + β|X|`` back onto ``G``'s output with the IHM (:func:`tasks.surrogate.kernels.hide`, ``G(s)`` as
+the host, β = 1 on the surrogate), so the low frequencies still carry exactly β of the private amplitude while
+the phase and the rest follow ``G``.
 
 Plain torch; all randomness from one seeded ``torch.Generator``; the caller names the device.
 """
@@ -23,7 +24,7 @@ from torch import nn
 
 from schemas.surrogate import IqemConfig
 from tasks.errors import InvalidInputError
-from tasks.surrogate.kernels import hide
+from tasks.surrogate.kernels import check_strengths, hide
 
 CHECKPOINT_FORMAT = "fedscan-iqem-v1"
 
@@ -205,7 +206,18 @@ def enhance(surrogates: torch.Tensor, generator: Generator, *, batch_size: int =
 def enhance_and_rehide(
     private: torch.Tensor, surrogates: torch.Tensor, generator: Generator, *, alpha: float, beta: float
 ) -> torch.Tensor:
-    """The IQEM output: ``hide(private, G(surrogates))`` (the second IHM pass), ``(n, ny, nx)`` float32."""
+    """The IQEM output: ``G(s)`` with the first-pass surrogate's low-frequency amplitude put back (second IHM pass).
+
+    Inside the mask the result's amplitude is ``|S| = (1 - β)|H| + β|X|`` (β of the private amplitude, exactly as
+    after the first pass) with ``G(s)``'s phase; outside it is ``G(s)``. That is ``hide(s, G(s), alpha, beta=1)``.
+    Re-hiding the *private* image into ``G(s)`` with ratio β instead (the earlier implementation) compounds the
+    share: ``G(s)`` already carries ``β|X|``, so the private share became ``1 - (1 - β)²`` (0.75 at β = 0.5) and
+    the surrogate moved *away* from the host, the opposite of what the module is for.
+
+    ``private`` is only checked for shape (the private amplitude arrives through ``surrogates``); ``beta`` is
+    validated and documents the share carried.
+    """
     if private.shape != surrogates.shape:
         raise InvalidInputError(f"private {tuple(private.shape)} and surrogates {tuple(surrogates.shape)} differ")
-    return hide(private, enhance(surrogates, generator), alpha=alpha, beta=beta)
+    check_strengths(alpha=alpha, beta=beta)
+    return hide(surrogates, enhance(surrogates, generator), alpha=alpha, beta=1.0)

@@ -9,9 +9,13 @@ For a private image ``x`` and a host ``h`` of the same size ``(H, W)`` with spec
 convention, Yang & Soatto 2020; ``α = 0`` gives an empty mask, so nothing is embedded). Outside ``M`` the
 spectrum is the host's, so ``s = h + IFFT2(M · (mixed - Y))``: the kernel transforms only what ``M`` touches.
 Along the last axis one real FFT per row keeps the ``b + 1`` lowest columns, along the first axis an FFT of
-those columns keeps the ``2b + 1`` lowest rows; the correction goes back the same way (an inverse FFT of
-``b + 1`` columns, then a zero-padded inverse real FFT per row) and is added to the host. Host blocks are
-computed once when one host serves a whole batch.
+those columns keeps the ``2b + 1`` lowest rows; the correction goes back the same way: an inverse FFT of the
+``b + 1`` columns is added to the host's own row spectra, and one inverse real FFT per row gives host plus
+correction in a single pass (no separate add). Slices go through in chunks of :data:`CHUNK_BYTES` into reused
+buffers: on a CPU, freshly mapped (page-faulted) intermediates for a whole batch cost more than the transforms.
+The host's row spectra are computed once when one host serves a whole batch. For very small masks the same
+blocks can be computed as partial DFTs by matrix products (``method="matmul"``; ``"auto"`` picks by the kept
+fraction of columns). :func:`hide_reference` is the formula on the full spectrum, for tests.
 
 Intensities: the kernel is unit-agnostic, but private images and hosts must share a range; use
 :func:`to_unit_range` for CT slices (HU or 1/mm → dimensionless, air 0, water 0.5 with the default window) and
@@ -112,19 +116,110 @@ def _low_rows(h: int, b: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(b + 1, device=device), torch.arange(h - b, h, device=device)])
 
 
-def _low_block(x: torch.Tensor, rows: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """Rows ``rows`` and columns ``[0, n_cols)`` of ``rfft2(x)``, ``(..., len(rows), n_cols)`` complex64."""
-    f = torch.fft.rfft(x, dim=-1)[..., :n_cols]
-    f = torch.fft.fft(f, dim=-2)
-    return f.index_select(-2, rows)
+#: Input bytes per chunk of the fast path: intermediates this small are reused from the allocator's heap instead
+#: of being mapped (and page-faulted) afresh for every call, which on a CPU costs more than the transforms.
+CHUNK_BYTES = 4 << 20
+#: The partial-DFT (matmul) path is used when the kept columns are at most this fraction of the width
+#: (``method="auto"``); measured crossover on 2 CPU cores at 512² (benchmarks/surrogate.py, ``speed`` rows).
+MATMUL_MAX_COLUMN_FRACTION = 0.015
+
+Method = Literal["auto", "fft", "matmul"]
 
 
-def _synthesise(block: torch.Tensor, rows: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``irfft2`` of a half-spectrum that is zero outside ``block`` (rows ``rows``, the first columns)."""
-    h, w = shape
-    full = block.new_zeros((*block.shape[:-2], h, block.shape[-1]))
-    full.index_copy_(-2, rows, block)
-    return torch.fft.irfft(torch.fft.ifft(full, dim=-2), n=w, dim=-1)
+class _Plan:
+    """Everything about one ``(H, W, b)`` transform that does not depend on the data: rows, columns, DFT matrices.
+
+    Forward: ``F = (rfft along x, first n_cols columns) → (DFT along y, the rows of the mask)``.
+    Backward: ``irfft2`` of a half-spectrum that is zero outside that block, i.e. ``ifft`` along y of the block
+    placed at its rows, then the zero-padded inverse real FFT along x (bins 0 and W/2 count once, others twice).
+    ``method="fft"`` runs both with FFTs; ``"matmul"`` with the partial DFT matrices (``W_cols``: ``W × n_cols``,
+    ``W_rows``: ``k × H``), which is faster only when ``n_cols`` is a small fraction of ``W``.
+    """
+
+    def __init__(self, h: int, w: int, b: int, device: torch.device, method: Method) -> None:
+        self.h, self.w = h, w
+        self.rows = _low_rows(h, b, device)
+        self.n_cols = min(b, w // 2) + 1
+        if method == "auto":
+            method = "matmul" if self.n_cols <= MATMUL_MAX_COLUMN_FRACTION * w else "fft"
+        self.method = method
+        if method == "matmul":
+            n = torch.arange(w, dtype=torch.float64)
+            k = torch.arange(self.n_cols, dtype=torch.float64)
+            ang = 2 * math.pi * torch.outer(n, k) / w  # (W, n_cols)
+            self.cos_f = torch.cos(ang).to(device, torch.float32)
+            self.sin_f = (-torch.sin(ang)).to(device, torch.float32)  # e^{-iθ} = cos θ - i sin θ
+            weight = torch.full((self.n_cols,), 2.0, dtype=torch.float64)
+            weight[0] = 1.0
+            if w % 2 == 0 and self.n_cols - 1 == w // 2:
+                weight[-1] = 1.0  # the Nyquist bin of an even width counts once
+            self.cos_b = (torch.cos(ang).T * weight[:, None] / w).to(device, torch.float32)  # (n_cols, W)
+            self.sin_b = (-torch.sin(ang).T * weight[:, None] / w).to(device, torch.float32)  # Re(z e^{iθ})
+            ky = self.rows.to(torch.float64).cpu()
+            m = torch.arange(h, dtype=torch.float64)
+            ang_y = 2 * math.pi * torch.outer(ky, m) / h  # (k, H)
+            self.rows_f = torch.polar(torch.ones_like(ang_y), -ang_y).to(device, torch.complex64)
+            self.rows_b = (torch.polar(torch.ones_like(ang_y), ang_y).T / h).to(device, torch.complex64)
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _buffer(self, c: int, kind: str, like: torch.Tensor) -> torch.Tensor:
+        key = (c, kind)
+        if key not in self._buffers:
+            self._buffers[key] = like.new_zeros((c, self.h, self.w // 2 + 1), dtype=torch.complex64)
+        return self._buffers[key]
+
+    def row_spectrum(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """``rfft`` of every row of ``(c, H, W)`` ``x`` into this plan's reused buffer ``kind`` (fft path)."""
+        return torch.fft.rfft(x, dim=-1, out=self._buffer(x.shape[0], kind, x))
+
+    def block(self, rows: torch.Tensor) -> torch.Tensor:
+        """The mask's block ``(c, len(rows), n_cols)`` of ``rfft2`` from the row spectra (fft path)."""
+        return torch.fft.fft(rows[..., : self.n_cols], dim=-2).index_select(-2, self.rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(c, H, W)`` real → ``(c, len(rows), n_cols)`` complex64, the mask's block of ``rfft2(x)``."""
+        if self.method == "matmul":
+            c = x.shape[0]
+            flat = x.reshape(c * self.h, self.w)
+            f = torch.complex(flat @ self.cos_f, flat @ self.sin_f).reshape(c, self.h, self.n_cols)
+            return self.rows_f @ f
+        return self.block(self.row_spectrum(x, "forward"))
+
+    def host_rows(self, host_spectrum: torch.Tensor, c: int) -> torch.Tensor:
+        """A reused ``(c, H, W//2+1)`` buffer holding one host's row spectra (fft path, shared host)."""
+        key = (c, "host")
+        if key not in self._buffers:
+            self._buffers[key] = host_spectrum.expand(c, -1, -1).clone()
+        return self._buffers[key]
+
+    def synthesise(
+        self, delta: torch.Tensor, host: torch.Tensor, out: torch.Tensor, *, host_rows: torch.Tensor | None = None
+    ) -> None:
+        """``out = host + irfft2(Z)``, ``Z`` the half-spectrum that is ``delta`` at (rows, first columns), else 0.
+
+        fft path: ``host_rows`` (the hosts' row spectra, ``rfft`` along x, broadcastable to the chunk) is required;
+        its first ``n_cols`` columns receive the correction, so one inverse real FFT per row yields host plus
+        correction without another pass over the output. Columns beyond ``n_cols`` are left as they are.
+        """
+        c = delta.shape[0]
+        if self.method == "matmul":
+            g = (self.rows_b @ delta).reshape(c * self.h, self.n_cols)  # ifft along y: (c·H, n_cols) complex
+            out.copy_(host.expand_as(out))
+            flat = out.view(c * self.h, self.w)
+            flat.addmm_(g.real.contiguous(), self.cos_b).addmm_(g.imag.contiguous(), self.sin_b)
+            return
+        if host_rows is None:
+            raise ValueError("the fft path needs the hosts' row spectra")
+        full = delta.new_zeros((c, self.h, self.n_cols))
+        full.index_copy_(-2, self.rows, delta)
+        correction = torch.fft.ifft(full, dim=-2)
+        if host_rows.shape[0] == c:  # per-slice hosts: their own row spectra, used once
+            pad = host_rows
+            pad[..., : self.n_cols] += correction
+        else:  # one host: a reused buffer whose first columns are rewritten every chunk
+            pad = self.host_rows(host_rows, c)
+            torch.add(host_rows[..., : self.n_cols], correction, out=pad[..., : self.n_cols])
+        torch.fft.irfft(pad, n=self.w, dim=-1, out=out)
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -143,19 +238,50 @@ def _as_tensor(name: str, a: FloatArray | torch.Tensor, device: torch.device | N
     return t.to(device=device if device is not None else t.device, dtype=torch.float32)
 
 
-def _check_finite(name: str, t: torch.Tensor, *, block: torch.Tensor | None = None) -> None:
+def _check_finite(name: str, t: torch.Tensor, *, block: torch.Tensor | None = None, offset: int = 0) -> None:
     """Refuse non-finite values; ``block`` (the low-frequency block of ``t``) makes the check cheap."""
     probe = t if block is None else block
     finite = torch.isfinite(probe)
     if not bool(finite.all()):
         per_slice = finite.reshape(-1, probe.shape[-2] * probe.shape[-1]).all(dim=1)
-        first = int(torch.nonzero(~per_slice)[0, 0])
+        first = offset + int(torch.nonzero(~per_slice)[0, 0])
         raise InvalidInputError(f"{name} contain NaN or infinite values (first at slice {first})")
+
+
+def _amplitude_phasor(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Amplitude and unit phasor of a spectrum block; the phase is 0 where the amplitude is exactly 0."""
+    amp = block.abs()
+    phasor = torch.where(amp > 0, block / torch.where(amp > 0, amp, 1.0), torch.ones_like(block))
+    return amp, phasor
+
+
+def hide_reference(
+    images: npt.ArrayLike, hosts: npt.ArrayLike, *, alpha: float, beta: float
+) -> npt.NDArray[np.float64]:
+    """The IHM written out on the full spectrum in float64 (numpy), for tests: slow, no validation of shapes.
+
+    ``s = Re IFFT2( M · ((1 - β)|H| + β|X|) e^{i∠H} + (1 - M) · H )`` with ``M`` = :func:`low_frequency_mask`.
+    """
+    check_strengths(alpha=alpha, beta=beta)
+    x = np.asarray(images, dtype=np.float64)
+    y = np.broadcast_to(np.asarray(hosts, dtype=np.float64), x.shape)
+    fx, fy = np.fft.fft2(x), np.fft.fft2(y)
+    amp_y = np.abs(fy)
+    phasor = np.where(amp_y > 0, fy / np.where(amp_y > 0, amp_y, 1.0), 1.0)
+    mixed = ((1.0 - beta) * amp_y + beta * np.abs(fx)) * phasor
+    mask = low_frequency_mask(x.shape[-2:], alpha=alpha)
+    return np.real(np.fft.ifft2(np.where(mask, mixed, fy)))
 
 
 @overload
 def hide(
-    images: FloatArray, hosts: FloatArray, *, alpha: float, beta: float, device: torch.device | str | None = None
+    images: FloatArray,
+    hosts: FloatArray,
+    *,
+    alpha: float,
+    beta: float,
+    device: torch.device | str | None = None,
+    method: Method = "auto",
 ) -> FloatArray: ...
 @overload
 def hide(
@@ -165,6 +291,7 @@ def hide(
     alpha: float,
     beta: float,
     device: torch.device | str | None = None,
+    method: Method = "auto",
 ) -> torch.Tensor: ...
 def hide(
     images: FloatArray | torch.Tensor,
@@ -173,6 +300,7 @@ def hide(
     alpha: float,
     beta: float,
     device: torch.device | str | None = None,
+    method: Method = "auto",
 ) -> FloatArray | torch.Tensor:
     """Hide private slices in hosts: host phase, low-frequency amplitude mixed with ratio β (the IHM).
 
@@ -191,6 +319,10 @@ def hide(
         Share of the private amplitude inside the mask, ``0 <= β <= 1``; 0 returns the host.
     device : torch.device or str, optional
         Where to compute; default: where ``images`` lives (the CPU for numpy input).
+    method : {"auto", "fft", "matmul"}
+        How the mask's block of the spectrum is computed and synthesised: pruned FFTs, or partial DFTs as
+        matrix products (faster only for very small masks); ``"auto"`` picks by the kept fraction of columns
+        (:data:`MATMUL_MAX_COLUMN_FRACTION`). All equal :func:`hide_reference` to float32 precision.
 
     Returns
     -------
@@ -224,18 +356,41 @@ def hide(
         _check_finite("hosts", y)
         out = y.expand_as(x).clone()
     else:
-        rows = _low_rows(h, b, x.device)
-        n_cols = min(b, w // 2) + 1
-        fx = _low_block(x, rows, n_cols)
-        fy = _low_block(y, rows, n_cols)
-        # A NaN or inf anywhere in a slice reaches its DC row and column: checking the block is enough.
-        _check_finite("images", x, block=fx)
-        _check_finite("hosts", y, block=fy)
-        amp_y = fy.abs()
-        # Unit phasor of the host; phase 0 where the host has no energy at all.
-        phasor = torch.where(amp_y > 0, fy / torch.where(amp_y > 0, amp_y, 1.0), torch.ones_like(fy))
-        mixed = ((1.0 - beta) * amp_y + beta * fx.abs()) * phasor
-        out = y + _synthesise(mixed - fy, rows, (h, w))
+        if method not in ("auto", "fft", "matmul"):
+            raise InvalidInputError(f"method must be 'auto', 'fft' or 'matmul', got {method!r}")
+        plan = _Plan(h, w, b, x.device, method)
+        x3 = x if x.ndim == 3 else x[None]
+        out3 = torch.empty_like(x3)
+        chunk = max(1, CHUNK_BYTES // (4 * h * w))
+        shared_host = y.ndim == 2
+        fft = plan.method == "fft"
+        host_rows: torch.Tensor | None = None
+        if shared_host:
+            if fft:
+                host_rows = torch.fft.rfft(y[None], dim=-1)
+                host_block = plan.block(host_rows)
+            else:
+                host_block = plan.forward(y[None])
+            _check_finite("hosts", y, block=host_block)
+            amp_y, phasor = _amplitude_phasor(host_block)
+        for i in range(0, x3.shape[0], chunk):
+            xc = x3[i : i + chunk]
+            yc = y[None] if shared_host else y[i : i + chunk]
+            fx = plan.forward(xc)
+            # A NaN or inf anywhere in a slice reaches its DC row and column: checking the block is enough.
+            _check_finite("images", xc, block=fx, offset=i)
+            if not shared_host:
+                if fft:
+                    host_rows = plan.row_spectrum(yc, "host_slices")
+                    host_block = plan.block(host_rows)
+                else:
+                    host_block = plan.forward(yc)
+                _check_finite("hosts", yc, block=host_block, offset=i)
+                amp_y, phasor = _amplitude_phasor(host_block)
+            # Inside the mask the surrogate's spectrum is mixed·phasor; outside it is the host's: add the difference.
+            delta = ((1.0 - beta) * amp_y + beta * fx.abs()) * phasor - host_block
+            plan.synthesise(delta, yc, out3[i : i + chunk], host_rows=host_rows)
+        out = out3 if x.ndim == 3 else out3[0]
     if was_numpy:
         return out.cpu().numpy()
     return out

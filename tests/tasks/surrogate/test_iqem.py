@@ -10,7 +10,7 @@ from schemas.surrogate import IqemConfig
 from tasks.errors import InvalidInputError
 from tasks.surrogate.hosts import load_host
 from tasks.surrogate.iqem import enhance, enhance_and_rehide, load_generator, train_iqem
-from tasks.surrogate.kernels import hide
+from tasks.surrogate.kernels import hide, low_frequency_mask
 
 CPU = torch.device("cpu")
 
@@ -76,9 +76,29 @@ def test_batched_inference_and_second_pass(trained):
         atol=1e-5,
     )
     out = enhance_and_rehide(p, s, result.generator, alpha=0.2, beta=0.8)
-    # The second pass puts β of the private amplitude back on the generator's output.
     g = enhance(s, result.generator)
-    np.testing.assert_allclose(out.numpy(), hide(p, g, alpha=0.2, beta=0.8).numpy(), atol=1e-6)
+    assert not torch.allclose(g, s, atol=1e-4)  # the trained generator changed the surrogates
+    # Second pass: inside the mask the first pass's amplitude (1 - β)|H| + β|X|, G's phase; outside, G(s).
+    _, host, _ = _site()
+    mask = low_frequency_mask(s.shape[-2:], alpha=0.2)
+    fo, fg = np.fft.fft2(out.numpy()), np.fft.fft2(g.numpy())
+    fh, fx = np.fft.fft2(host), np.fft.fft2(private)
+    expected_amp = (1 - 0.8) * np.abs(fh) + 0.8 * np.abs(fx)
+    scale = np.abs(fh).max()
+    np.testing.assert_allclose(np.abs(fo)[:, mask], expected_amp[:, mask], atol=1e-4 * scale)
+    np.testing.assert_allclose(fo[:, ~mask], fg[:, ~mask], atol=1e-4 * scale)
+    strong = np.abs(fo) > 1e-3 * scale
+    assert np.abs(np.angle(fo * np.conj(fg))[strong]).max() < 1e-3
+
+
+def test_second_pass_with_an_identity_generator_returns_the_surrogate():
+    # A fresh generator is the identity (last layer zero): the second pass must not change the private share.
+    private, _, surrogates = _site()
+    g = train_iqem(
+        surrogates, _site()[1], config=CONFIG.model_copy(update={"steps": 1, "learning_rate": 1e-9}), device=CPU
+    ).generator
+    s, p = torch.from_numpy(surrogates), torch.from_numpy(private)
+    np.testing.assert_allclose(enhance_and_rehide(p, s, g, alpha=0.2, beta=0.8).numpy(), surrogates, atol=2e-5)
 
 
 def test_bad_training_input():

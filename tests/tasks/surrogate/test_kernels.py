@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tasks.errors import InvalidInputError
-from tasks.surrogate.kernels import hide, low_frequency_half_width, low_frequency_mask, to_unit_range
+from tasks.surrogate import kernels
+from tasks.surrogate.kernels import hide, hide_reference, low_frequency_half_width, low_frequency_mask, to_unit_range
 
 SHAPES = [(16, 16), (17, 23), (15, 32), (9, 8)]
 
@@ -146,3 +147,46 @@ def test_to_unit_range_hu_and_per_mm_agree():
     )
     with pytest.raises(InvalidInputError, match="window_hu"):
         to_unit_range(hu, unit="hu", window_hu=(10.0, -10.0))
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (64, 64), (33, 48)])
+@pytest.mark.parametrize(("alpha", "beta"), [(0.1, 0.5), (0.04, 0.8), (0.25, 0.3), (0.45, 0.7), (0.5, 1.0)])
+@pytest.mark.parametrize("method", ["fft", "matmul", "auto"])
+def test_fast_paths_equal_the_full_spectrum_reference(shape, alpha, beta, method, monkeypatch):
+    # Two slices per chunk, five slices: several chunks, a short last one, reused buffers.
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 4 * shape[0] * shape[1] * 2)
+    images, _ = _pair((5, *shape), 7)
+    rng = np.random.default_rng(8)
+    host = rng.random(shape).astype(np.float32)
+    hosts = rng.random((5, *shape)).astype(np.float32)
+    for h in (host, hosts):
+        expected = hide_reference(images, h, alpha=alpha, beta=beta)
+        out = hide(images, h, alpha=alpha, beta=beta, method=method)
+        # float32 precision: FFT paths ~1e-7 relative, the matmul path sums up to W terms per product
+        np.testing.assert_allclose(out, expected, atol=1e-5 * np.abs(expected).max())
+        # Calling again reuses nothing stale (the shared-host buffer is rewritten every chunk).
+        np.testing.assert_array_equal(hide(images, h, alpha=alpha, beta=beta, method=method), out)
+
+
+def test_reference_matches_the_stated_spectrum():
+    images, host = _pair((2, 12, 15), 9)
+    out = hide_reference(images, host, alpha=0.2, beta=0.6)
+    mask = low_frequency_mask((12, 15), alpha=0.2)
+    fs, fh, fx = (np.fft.fft2(np.asarray(a, np.float64)) for a in (out, host, images))
+    tol = 1e-10 * np.abs(fh).max()
+    np.testing.assert_allclose(np.abs(fs)[:, mask], (0.4 * np.abs(fh) + 0.6 * np.abs(fx))[:, mask], atol=tol)
+    np.testing.assert_allclose(fs[:, ~mask], np.broadcast_to(fh, fs.shape)[:, ~mask], atol=tol)
+
+
+def test_unknown_method_refused():
+    images, host = _pair((2, 8, 8), 0)
+    with pytest.raises(InvalidInputError, match="method"):
+        hide(images, host, alpha=0.1, beta=0.5, method="dft")  # type: ignore[arg-type]
+
+
+def test_nan_in_a_later_chunk_names_its_slice(monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 4 * 16 * 16 * 2)
+    images, host = _pair((5, 16, 16), 0)
+    images[4, 2, 2] = np.nan
+    with pytest.raises(InvalidInputError, match="slice 4"):
+        hide(images, host, alpha=0.1, beta=0.5)
