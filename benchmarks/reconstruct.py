@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ def quality(image: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         "psnr_db": float(peak_signal_noise_ratio(truth, image.astype(np.float32), data_range=data_range)),
         "ssim": float(structural_similarity(truth, image.astype(np.float32), data_range=data_range)),
     }
+
+
+def on_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``n`` torch intra-op threads (ASTRA's CPU algorithms are single-threaded: the per-core
+    comparison runs fedscan on one thread too, and it is also the one that holds up on a loaded machine)."""
+
+    def run() -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return run
 
 
 def sgemm_gflops() -> float:
@@ -154,8 +170,10 @@ def main() -> None:
                 ratios[f"projection_rel_l2_vs_astra_{projector}"] = rel
         for filter_name, astra_filter in (("ram-lak", "ram-lak"), ("hann", "hann")):
             fbp(stack[:1], g, filter_name=filter_name)  # warm-up
-            seconds, recon = best_time(lambda: fbp(stack, g, filter_name=filter_name))  # noqa: B023
+            seconds, recon = best_time(lambda: fbp(stack, g, filter_name=filter_name), repeat=2)  # noqa: B023
             per_slice = seconds / block
+            one_core, _ = best_time(on_threads(1, lambda: fbp(stack, g, filter_name=filter_name)), repeat=2)  # noqa: B023
+            per_slice_one_core = one_core / block
             bp_flops = 2.0 * n * n * views  # one multiply-add per pixel-view (nearest sub-bin sample)
             n_pad = max(64, 1 << math.ceil(math.log2(2 * cols)))
             fft_flops = views * 2 * 5 * n_pad * math.log2(n_pad)
@@ -164,6 +182,7 @@ def main() -> None:
                 "case": case,
                 "method": f"fedscan fbp {filter_name}",
                 "seconds_per_slice": per_slice,
+                "seconds_per_slice_1_thread": per_slice_one_core,
                 **quality(recon[0], truth),
                 "gflop_per_slice": flops / 1e9,
                 "gflops": flops / per_slice / 1e9,
@@ -175,7 +194,8 @@ def main() -> None:
                 fedscan_ramlak = row
             if astra is not None and not g.is_fan:
                 seconds, theirs = best_time(
-                    lambda: astra_reconstruct(sino, g, "FBP", filter_type=astra_filter)  # noqa: B023
+                    lambda: astra_reconstruct(sino, g, "FBP", filter_type=astra_filter),  # noqa: B023
+                    repeat=2,
                 )
                 arow = {
                     "case": case,
@@ -187,6 +207,7 @@ def main() -> None:
                 rows.append(arow)
                 if filter_name == "ram-lak":
                     ratios["fbp_speed_vs_astra"] = seconds / fedscan_ramlak["seconds_per_slice"]
+                    ratios["fbp_speed_vs_astra_per_core"] = seconds / fedscan_ramlak["seconds_per_slice_1_thread"]
                     ratios["fbp_psnr_minus_astra_db"] = fedscan_ramlak["psnr_db"] - arow["psnr_db"]
                 else:
                     ratios["fbp_hann_psnr_minus_astra_db"] = row["psnr_db"] - arow["psnr_db"]
@@ -221,10 +242,12 @@ def main() -> None:
         # sweeps reuses what fits in the operator cache).
         sart_block = block
         seconds, recon = best_time(lambda: sart(stack[:sart_block], g, iterations=1, relaxation=0.9))  # noqa: B023
+        one_core, _ = best_time(on_threads(1, lambda: sart(stack[:sart_block], g, iterations=1, relaxation=0.9)))  # noqa: B023
         sart_row = {
             "case": case,
             "method": "fedscan sart (1 sweep)",
             "seconds_per_slice_iteration": seconds / sart_block,
+            "seconds_per_slice_iteration_1_thread": one_core / sart_block,
             **quality(recon[0], truth),
             "block": sart_block,
         }
@@ -241,14 +264,12 @@ def main() -> None:
                     "block": 1,
                 }
             )
-            if not g.is_fan:
-                ratios["sart_iteration_speed_vs_astra_sirt"] = (seconds / iters) / sart_row[
-                    "seconds_per_slice_iteration"
-                ]
-            else:
-                ratios["fan_sart_iteration_speed_vs_astra_sirt"] = (seconds / iters) / sart_row[
-                    "seconds_per_slice_iteration"
-                ]
+            prefix = "" if not g.is_fan else "fan_"
+            astra_it = seconds / iters
+            ratios[f"{prefix}sart_iteration_speed_vs_astra_sirt"] = astra_it / sart_row["seconds_per_slice_iteration"]
+            ratios[f"{prefix}sart_iteration_speed_vs_astra_sirt_per_core"] = (
+                astra_it / sart_row["seconds_per_slice_iteration_1_thread"]
+            )
     meta = {
         "size": n,
         "views": views,
