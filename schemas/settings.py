@@ -27,6 +27,15 @@ class DaskSettings(BaseModel):
     n_workers: int = Field(default=1, ge=1, le=1024, description="LocalCluster workers.")
     threads_per_worker: int | None = Field(default=None, ge=1, le=1024, description="None: all cores.")
     memory_limit: str = Field(default="auto", description="Per-worker memory limit of a LocalCluster.")
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description=(
+            "torch intra-op threads while an in-process LocalCluster runs; None: cores divided by the Dask "
+            "threads, so that chunk tasks running side by side do not oversubscribe the cores."
+        ),
+    )
 
 
 class FlowerSettings(BaseModel):
