@@ -65,7 +65,12 @@ class DenoiseConfig(StageConfig):
         "its ratio to it (resolve_group_size). None: views_per_group as given.",
     )
     tile_rows: int | None = Field(
-        default=1, ge=1, le=65536, description="Detector rows per block, bins; None: all rows (whole view)."
+        default=16,
+        ge=1,
+        le=65536,
+        description="Detector rows per block, bins (clipped to the rows there are: 1 for a sinogram); None: all "
+        "rows (whole view). Neighbouring rows look alike, so a tile of 16 rows shares one t x t Gram: 16x "
+        "fewer blocks than single rows at no loss (benchmarks/denoise.py). Rows are never split across chunks.",
     )
     tile_cols: int | None = Field(
         default=32, ge=1, le=65536, description="Detector columns per block, bins; None: all columns (whole view)."
@@ -74,10 +79,11 @@ class DenoiseConfig(StageConfig):
         default=None, ge=1, le=65536, description="Rows between neighbouring tiles, bins; None: tile_rows (no overlap)."
     )
     tile_stride_cols: int | None = Field(
-        default=16,
+        default=None,
         ge=1,
         le=65536,
-        description="Columns between neighbouring tiles, bins; None: tile_cols (no overlap). Must divide tile_cols.",
+        description="Columns between neighbouring tiles, bins; None: tile_cols (no overlap; half-overlapping "
+        "tiles gained <= 0.007 dB at twice the blocks). Must divide tile_cols.",
     )
     first_pass_view_stride: int | None = Field(
         default=None,

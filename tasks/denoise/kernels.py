@@ -11,7 +11,11 @@ component ``i`` — no left singular vectors are formed. The optional second pas
 in the basis of the first estimate ``Ŷ``: ``P = Ĝ (Ĝ + Mσ² I)⁻¹`` with ``Ĝ = Ŷ Ŷᵀ``, one batched Cholesky (no
 eigh); the first pass then runs on non-overlapping blocks by default (``first_pass_*_stride``).
 
-Overlaps are added back phase by phase: blocks whose first views differ by a multiple of ``t`` (and tiles by a
+The automatic (centred) modes run as :func:`_banded_pass`: the data are laid out once by detector cell (a tile
+stride of rows × cols), block Grams come from the cells' view differences (banded, 2t flops per element), and the
+rebuild-and-average of all overlapping blocks is one banded filter along views per cell (``2t - stride`` taps),
+applied with one batched matmul per cell. The paper's modes keep the per-block path below (:func:`_lowrank_pass`),
+where overlaps are added back phase by phase: blocks whose first views differ by a multiple of ``t`` (and tiles by a
 multiple of the tile) do not overlap, so each phase is one vectorised reshape-and-add; the Python loop runs over
 the ``(t/stride) · (tile/tile_stride)`` phases, never over blocks.
 
@@ -191,25 +195,31 @@ def noise_sample_views(n_views: int, *, n_triplets: int) -> npt.NDArray[np.int64
 
 # ---- domain transforms --------------------------------------------------------------------------------------
 def to_domain(line_integrals: torch.Tensor, *, domain: DenoiseDomain, i0_photons: float | None) -> torch.Tensor:
-    """Map line integrals to the values the low-rank model denoises (float32 → float32)."""
+    """Map line integrals to the values the low-rank model denoises (float32 → float32, a new tensor)."""
     if domain is DenoiseDomain.LOG:
         return line_integrals
     assert i0_photons is not None
-    counts = i0_photons * torch.exp(-line_integrals)
-    return 2.0 * torch.sqrt(counts + 0.375)
+    out = torch.neg(line_integrals).exp_().mul_(i0_photons)  # counts, in place from here on
+    return out.add_(0.375).sqrt_().mul_(2.0)
 
 
 def from_domain(
     values: torch.Tensor, *, domain: DenoiseDomain, i0_photons: float | None, counts_floor: float
 ) -> torch.Tensor:
-    """Inverse of :func:`to_domain` (Anscombe: the closed-form exact unbiased inverse, counts clamped)."""
+    """Inverse of :func:`to_domain` (Anscombe: the closed-form exact unbiased inverse, counts clamped).
+
+    Overwrites ``values`` in the Anscombe domain (the caller's estimate is not needed afterwards).
+    """
     if domain is DenoiseDomain.LOG:
         return values
     assert i0_photons is not None
-    z = torch.clamp(values, min=1.0)
+    z = values.clamp_(min=1.0)
     r = math.sqrt(1.5)
-    counts = 0.25 * z**2 + 0.25 * r / z - 1.375 / z**2 + 0.625 * r / z**3 - 0.125
-    return torch.log(i0_photons / torch.clamp(counts, min=counts_floor))
+    # 0.25 z² - 0.125 + y (0.25 r + y (-1.375 + 0.625 r y)), y = 1/z (Horner form of Mäkitalo & Foi)
+    y = torch.reciprocal(z)
+    poly = torch.mul(y, 0.625 * r).add_(-1.375).mul_(y).add_(0.25 * r).mul_(y)
+    counts = z.square_().mul_(0.25).add_(poly).sub_(0.125)
+    return counts.clamp_(min=counts_floor).reciprocal_().mul_(i0_photons).log_()
 
 
 def require_i0(config: DenoiseConfig, i0_photons: float | None) -> float | None:
@@ -339,6 +349,37 @@ def _batched_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _projectors(gram: torch.Tensor, *, wiener: bool, config: DenoiseConfig, sigma: float, m: int) -> torch.Tensor:
+    """The blocks' filters ``P`` (B, t, t), float64, from their Gram matrices (B, t, t), float64.
+
+    First pass (``wiener`` False): ``V diag(w) Vᵀ`` from the eigendecomposition of the noisy blocks' Gram, ``w``
+    the keep/shrink factors of the threshold. Second pass: the empirical Wiener filter of the pilot's Gram ``Ĝ``,
+    ``w_i = e_i / (e_i + Mσ²)`` in its basis, i.e. the matrix function ``P = I - Mσ² (Ĝ + Mσ² I)⁻¹`` (one batched
+    Cholesky, no eigh). ``m`` is the number of elements per view of a block.
+    """
+    t = gram.shape[-1]
+    eye = torch.eye(t, dtype=torch.float64, device=gram.device)
+    if not wiener:
+        lam, vecs = _batched_eigh(gram)
+        s = torch.sqrt(torch.clamp(lam, min=0.0))
+        w = _keep_factors(
+            s,
+            mode=config.threshold_mode,
+            value=config.threshold_value,
+            sigma=sigma,
+            n_long=max(t, m),
+            n_short=min(t, m),
+        )
+        return (vecs * w.unsqueeze(-2)) @ vecs.mT  # V diag(w) Vᵀ, (B, t, t)
+    if sigma <= 0:
+        return eye.expand(gram.shape[0], t, t)
+    # Mσ², plus a ridge far above float32 rounding of the Gram (relative 1e-5) so that the factorisation cannot
+    # fail where Mσ² is tiny (nearly noise-free data); negligible against Mσ² elsewhere.
+    ridge = m * sigma**2 + 1e-5 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] + 1e-30
+    chol = torch.linalg.cholesky(gram + ridge * eye)
+    return eye - ridge * torch.cholesky_inverse(chol)
+
+
 def _lowrank_pass(
     noisy: torch.Tensor,
     pilot: torch.Tensor | None,
@@ -373,38 +414,17 @@ def _lowrank_pass(
 
     x = blocks_of(noisy)
     t, m = x.shape[1], x.shape[2]
-    n_long, n_short = max(t, m), min(t, m)
-    eye = torch.eye(t, dtype=torch.float64, device=x.device)
-    # The automatic modes work on blocks centred along views (each block's mean view is kept as it is), so the
-    # Gram matrices stay well conditioned in float32 and only the t × t algebra needs float64. The paper's
-    # modes (relative / absolute thresholds) take the SVD of the raw block, in float64.
+    # The paper's modes (relative / absolute thresholds) take the SVD of the raw block, in float64; the
+    # automatic modes (centred blocks) run in _banded_pass.
     center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
     work = x - x.mean(1, keepdim=True) if center else x.double()
     if pilot is None:
-        lam, vecs = _batched_eigh((work @ work.mT).double())
-        s = torch.sqrt(torch.clamp(lam, min=0.0))
-        w = _keep_factors(
-            s,
-            mode=config.threshold_mode,
-            value=config.threshold_value,
-            sigma=sigma,
-            n_long=n_long,
-            n_short=n_short,
-        )
-        proj = (vecs * w.unsqueeze(-2)) @ vecs.mT  # V diag(w) Vᵀ, (B, t, t)
-    elif sigma > 0:
-        # Empirical Wiener in the pilot's basis, w_i = e_i / (e_i + M σ²) with e_i the pilot's energies, is
-        # the matrix function P = I - Mσ² (Ĝ + Mσ² I)⁻¹ of the pilot's Gram Ĝ: a Cholesky, no eigh.
+        gram = (work @ work.mT).double()
+    else:
         p = blocks_of(pilot)
         p = p - p.mean(1, keepdim=True) if center else p.double()
         gram = (p @ p.mT).double()
-        # Mσ², plus a ridge far above float32 rounding of the Gram (relative 1e-5) so that the factorisation
-        # cannot fail where Mσ² is tiny (nearly noise-free data); negligible against Mσ² elsewhere.
-        ridge = m * sigma**2 + 1e-5 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] + 1e-30
-        chol = torch.linalg.cholesky(gram + ridge * eye)
-        proj = eye - ridge * torch.cholesky_inverse(chol)
-    else:
-        proj = eye.expand(x.shape[0], t, t)
+    proj = _projectors(gram, wiener=pilot is not None, config=config, sigma=sigma, m=m)
     if center:  # P acts on the centred block; the mean view passes: P_total = J + P (I - J), J = 11ᵀ/t
         proj = proj - proj.mean(-1, keepdim=True) + 1.0 / t
     if config.weighted_aggregation:
@@ -450,6 +470,142 @@ def _lowrank_pass(
         slice(-c0, -c0 + cols),
     )
     return acc[keep] / wsum[keep]
+
+
+def _pad_symmetric(a: torch.Tensor, dim: int, lo: int, hi: int) -> torch.Tensor:
+    """Indices ``lo..hi-1`` of ``a`` along ``dim`` with numpy ``symmetric`` mirroring outside ``[0, n)``."""
+    n = a.shape[dim]
+    if lo == 0 and hi == n:
+        return a
+    if -lo > n or hi - n > n:  # wider than the array: the general (slower) gather
+        return a.index_select(dim, _symmetric_index(lo, hi, n).to(a.device))
+    parts = [a.narrow(dim, 0, -lo).flip(dim)] if lo < 0 else []
+    parts.append(a.narrow(dim, max(lo, 0), min(hi, n) - max(lo, 0)))
+    if hi > n:
+        parts.append(a.narrow(dim, 2 * n - hi, hi - n).flip(dim))
+    return torch.cat(parts, dim)
+
+
+def _centring_map(t: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``A = (I - J) L`` (t × t): the centred block from its view differences, ``(I - J) X = A D``.
+
+    ``D`` holds the block's first differences along views (``D_j = x_j - x_{j-1}``, row 0 unused), so that
+    ``x_i = x_0 + Σ_{1 ≤ j ≤ i} D_j``; the centring ``I - J`` removes ``x_0``.
+    """
+    lower = torch.tril(torch.ones(t, t, dtype=dtype, device=device))
+    lower[:, 0] = 0.0
+    return lower - lower.mean(0, keepdim=True)
+
+
+def _banded_pass(
+    noisy: torch.Tensor,
+    pilot: torch.Tensor | None,
+    *,
+    first_view: int,
+    out_lo: int,
+    out_hi: int,
+    config: DenoiseConfig,
+    sigma: float,
+) -> torch.Tensor:
+    """:func:`_lowrank_pass` for the centred (automatic) modes, as one banded filter along views per cell.
+
+    The detector is cut into cells of ``tile_stride_rows × tile_stride_cols`` bins and the views into cells of
+    ``view_stride`` views; a block is ``pv × pr × pc`` cells. Each block's centred Gram matrix is the sum over
+    its spatial cells of the Gram of the cell's view differences (small numbers: float32 keeps their precision,
+    whereas the uncentred values of a bright air region would lose the noise to rounding), mapped by the fixed
+    ``A = (I - J) L`` (:func:`_centring_map`) in float64. The rebuild-and-average of all blocks that cover a cell
+    is linear in the data: ``out = F x`` with ``F`` the weight-normalised sum of the blocks' filters, a band of
+    ``2t - stride`` views per output view. So the data are read once in a cell-major layout, the Grams come from
+    overlapping strided windows (no copies of the windows), and one batched matmul per spatial cell applies
+    ``F``; no block is ever rebuilt on its own.
+
+    Returns ``(out_hi - out_lo, rows, cols)`` like :func:`_lowrank_pass` (equal to it up to float32 rounding).
+    """
+    n_ext, rows, cols = noisy.shape
+    vax, rax, cax = _block_axes(config, rows, cols, pilot=pilot is None)
+    v0, nbv = vax.starts(out_lo, out_hi)
+    r0, nbr = rax.starts(0, rows)
+    c0, nbc = cax.starts(0, cols)
+    t, sv, sr, sc = vax.size, vax.step, rax.step, cax.step
+    pv, pr, pc = t // sv, rax.size // sr, cax.size // sc
+    nvc, nrc, ncc = nbv + pv - 1, nbr + pr - 1, nbc + pc - 1  # cells along views, rows, cols
+    lo, hi = v0 - first_view, v0 - first_view + nvc * sv
+    if lo < 0 or hi > n_ext:
+        raise AssertionError(f"view window [{lo}, {hi}) exceeds the extended array of {n_ext} views")
+    dev, dt = noisy.device, noisy.dtype
+    n_cells, m = nrc * ncc, sr * sc
+
+    def cells_of(a: torch.Tensor) -> torch.Tensor:
+        """(views, rows, cols) -> (spatial cells, views, bins of a cell): one copy (plus one for padding)."""
+        sub = _pad_symmetric(_pad_symmetric(a[lo:hi], 1, r0, r0 + nrc * sr), 2, c0, c0 + ncc * sc)
+        return sub.reshape(nvc * sv, nrc, sr, ncc, sc).permute(1, 3, 0, 2, 4).reshape(n_cells, nvc * sv, m)
+
+    def centred_grams(a: torch.Tensor) -> torch.Tensor:
+        """Centred Gram matrices of the blocks, (nbr · nbc · nbv, t, t) float64, from cell-major data.
+
+        Banded: each view cell's differences against the next ``t`` views' (``sv × t`` per cell, 2t flops per
+        element), summed over a tile's spatial cells, then assembled into the windows' ``t × t`` Grams.
+        """
+        d = torch.empty(n_cells, (nvc + pv - 1) * sv, m, dtype=dt, device=dev)
+        d[:, 0] = 0.0
+        d[:, nvc * sv :] = 0.0  # zero tail: the band's end
+        torch.sub(a[:, 1:], a[:, :-1], out=d[:, 1 : nvc * sv])
+        band = torch.empty(n_cells, nvc, sv, t, dtype=dt, device=dev)
+        for i in range(n_cells):  # the next t views of each cell: an overlapping strided view, not a copy
+            torch.bmm(d[i, : nvc * sv].view(nvc, sv, m), d[i].unfold(0, t, sv)[:nvc], out=band[i])
+        band = band.reshape(nrc, ncc, nvc, sv, t)
+        tiles = band[:nbr, :nbc].clone()
+        for p in range(pr):  # a tile's Gram is the sum of its cells'
+            for q in range(pc):
+                if p or q:
+                    tiles += band[p : p + nbr, q : q + nbc]
+        tiles = tiles.double()
+        gd = torch.empty(nbr, nbc, nbv, pv, sv, pv, sv, dtype=torch.float64, device=dev)
+        for p in range(pv):  # window k, cells p <= q: the band of cell k + p at offset q - p
+            for q in range(p, pv):
+                blk = tiles[:, :, p : p + nbv, :, (q - p) * sv : (q - p + 1) * sv]
+                gd[:, :, :, p, :, q, :] = blk
+                if q > p:
+                    gd[:, :, :, q, :, p, :] = blk.mT
+        amap = _centring_map(t, dtype=torch.float64, device=dev)
+        return (amap @ gd.reshape(-1, t, t) @ amap.mT).contiguous()
+
+    x = cells_of(noisy)
+    gram = centred_grams(x if pilot is None else cells_of(pilot))
+    proj = _projectors(gram, wiener=pilot is not None, config=config, sigma=sigma, m=rax.size * cax.size)
+    proj = proj - proj.mean(-1, keepdim=True) + 1.0 / t  # P_total = J + P (I - J): the mean view passes
+    if config.weighted_aggregation:
+        weight = 1.0 / (proj**2).sum((-2, -1)).clamp(min=1.0)  # 1 / ‖P‖_F², the block's noise gain
+        proj = proj * weight[:, None, None]
+    else:
+        weight = torch.ones(proj.shape[0], dtype=torch.float64, device=dev)
+    proj = proj.reshape(nbr, nbc, nbv, t, t)
+    weight = weight.reshape(nbr, nbc, nbv)
+    # Spread each tile's filter and weight over the spatial cells it covers.
+    spread = torch.zeros(nrc, ncc, nbv, t, t, dtype=torch.float64, device=dev)
+    wspread = torch.zeros(nrc, ncc, nbv, dtype=torch.float64, device=dev)
+    for p in range(pr):
+        for q in range(pc):
+            spread[p : p + nbr, q : q + nbc] += proj
+            wspread[p : p + nbr, q : q + nbc] += weight
+    # The band of output view cell a: the blocks k = a - p (p < pv) that cover it, each placed at its views.
+    a_lo, a_hi = (out_lo - v0) // sv, (out_hi - 1 - v0) // sv + 1
+    na, band = a_hi - a_lo, (2 * pv - 1) * sv
+    filt = torch.zeros(nrc, ncc, na, sv, band, dtype=torch.float64, device=dev)
+    wsum = torch.zeros(nrc, ncc, na, dtype=torch.float64, device=dev)
+    for p in range(pv):
+        off = (pv - 1 - p) * sv
+        filt[..., off : off + t] += spread[:, :, a_lo - p : a_hi - p, p * sv : (p + 1) * sv, :]
+        wsum += wspread[:, :, a_lo - p : a_hi - p]
+    filt = (filt / wsum[..., None, None]).to(dt).reshape(n_cells, na, sv, band)
+    out = torch.empty(n_cells, na, sv, m, dtype=dt, device=dev)
+    first = (a_lo - pv + 1) * sv
+    for i in range(n_cells):
+        win = x[i, first : first + (na - 1) * sv + band].unfold(0, band, sv).mT  # (na, band, m), a view
+        torch.bmm(filt[i], win, out=out[i])
+    full = out.reshape(nrc, ncc, na * sv, sr, sc).permute(2, 0, 3, 1, 4).reshape(na * sv, nrc * sr, ncc * sc)
+    v_first = out_lo - v0 - a_lo * sv
+    return full[v_first : v_first + out_hi - out_lo, -r0 : -r0 + rows, -c0 : -c0 + cols]
 
 
 def denoise_view_window(
@@ -505,24 +661,29 @@ def denoise_view_window(
     i0 = require_i0(config, i0_photons)
     check_finite(arr, view_offset=first_view - halo)
     core = arr[halo : halo + n_core]
-    check_line_integrals(core, config=config, noise_sigma=noise_sigma, i0_photons=i0, view_offset=first_view)
+    tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
+    check_not_negative(core, tolerance=tol, view_offset=first_view)
     dev = check_device(device)
     data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
     values = to_domain(data, domain=config.domain, i0_photons=i0)
     ext_first = first_view - halo
     lo, hi = first_view, first_view + n_core
+    center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
+    lowrank_pass = _banded_pass if center else _lowrank_pass
     if config.second_pass:
         g = config.views_per_group - 1
-        pilot = _lowrank_pass(
+        pilot = lowrank_pass(
             values, None, first_view=ext_first, out_lo=lo - g, out_hi=hi + g, config=config, sigma=noise_sigma
         )
-        pilot_ext = torch.zeros_like(values)
+        pilot_ext = torch.empty_like(values)
+        pilot_ext[: halo - g] = 0.0
+        pilot_ext[halo + n_core + g :] = 0.0
         pilot_ext[halo - g : halo + n_core + g] = pilot
-        est = _lowrank_pass(
+        est = lowrank_pass(
             values, pilot_ext, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma
         )
     else:
-        est = _lowrank_pass(values, None, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma)
+        est = lowrank_pass(values, None, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma)
     out = from_domain(est, domain=config.domain, i0_photons=i0, counts_floor=config.counts_floor_photons)
     return out.to(torch.float32).cpu().numpy()
 
