@@ -5,6 +5,9 @@ Usage::
     python benchmarks/surrogate.py --quick --json out.json
     python benchmarks/surrogate.py --json out.json --png tradeoff.png --device cuda
     python benchmarks/surrogate.py --quick --image slice.npy --pixel-mm 0.8
+    python benchmarks/surrogate.py --only speed --threads 1 --speed-batch 16    # hiding throughput alone
+    python benchmarks/surrogate.py --quick --save-data /tmp/d.npz                # build the data once, then
+    python benchmarks/surrogate.py --quick --data /tmp/d.npz --only sweep --sweep 0.05:0.5,0.1:0.5 --sweep-seeds 2
 
 Data: demo sites (``schemas.demo.default_sites``) rendered noise-free at ``--size`` (default 128², about 3 mm
 pixels; ``tasks.demo.generate.render_truth``), several scans per site, lesion prevalence 0.5; the last scan of
@@ -45,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import parse_args, print_table, write_json
 
+#: Below this plaintext AUC the classifier has not learnt the task, and AUC differences say nothing about utility.
+MIN_INFORMATIVE_PLAINTEXT_AUC = 0.8
 #: PSNR of a 10 HU RMS error in the 2000 HU window: an unprotected attack above it has recovered the image.
 UNPROTECTED_CAP_DB = 20 * np.log10(2000.0 / 10.0)
 
@@ -240,7 +245,7 @@ def split(sites, images):
     return (np.concatenate(tr_x), np.concatenate(tr_y)), (np.concatenate(te_x), np.concatenate(te_y))
 
 
-def throughput(device_name, *, n=16, size=512, repeat=3):
+def throughput(device_name, *, n=16, size=512, repeat=3, iqem=True):
     import torch
 
     from tasks.surrogate.hosts import load_host
@@ -269,9 +274,135 @@ def throughput(device_name, *, n=16, size=512, repeat=3):
 
     hide_rate = timed(lambda: hide(x, h, alpha=0.1, beta=0.5))
     hide_random_rate = timed(lambda: hide(x, x.flip(0), alpha=0.1, beta=0.5))
-    g = Generator(16).to(dev).eval()
-    iqem_rate = timed(lambda: enhance(x, g, batch_size=8))
+    iqem_rate = float("nan")
+    if iqem:
+        g = Generator(16).to(dev).eval()
+        iqem_rate = timed(lambda: enhance(x, g, batch_size=8))
     return hide_rate, hide_random_rate, iqem_rate
+
+
+def speed_rows(own, *, n, repeat, cuda):
+    """The 512² throughput rows (CPU, and CUDA when asked and present) and the fixed-host CPU hiding rate."""
+    import torch
+
+    rows = []
+    cpu_hide, cpu_hide_per_slice_host, cpu_iqem = throughput("cpu", n=n, repeat=repeat, iqem=own.only is None)
+    batch = f"batch {n}, {own.threads} threads"
+    rows.append({"case": "speed 512² cpu", "method": f"hide fixed host ({batch})", "slices_per_s": cpu_hide})
+    rows.append(
+        {"case": "speed 512² cpu", "method": f"hide host per slice ({batch})", "slices_per_s": cpu_hide_per_slice_host}
+    )
+    if own.only is None:
+        rows.append({"case": "speed 512² cpu", "method": f"iqem G inference ({batch})", "slices_per_s": cpu_iqem})
+    if cuda and torch.cuda.is_available():
+        g_hide, g_hide2, g_iqem = throughput("cuda", n=64)
+        rows.append({"case": "speed 512² cuda", "method": "hide fixed host", "slices_per_s": g_hide})
+        rows.append({"case": "speed 512² cuda", "method": "hide host per slice", "slices_per_s": g_hide2})
+        rows.append({"case": "speed 512² cuda", "method": "iqem G inference", "slices_per_s": g_iqem})
+    return rows, cpu_hide
+
+
+def sweep_points(sites, public, p, rng, rows, t_start):
+    """Privacy (surrogate SSIM, known-host attack on the first site) and utility (AUC) for every (α, β)."""
+    from tasks.surrogate.evaluation import classify, image_metrics
+
+    private_all = np.concatenate([s.private for s in sites])
+    points = []
+    for a, b in p["sweep"]:
+        cfgs = {s.site_id: site_config(s, alpha=a, beta=b) for s in sites}
+        sw = {s.site_id: surrogates_of(s, cfgs[s.site_id]) for s in sites}
+        ps_, ss_ = image_metrics(private_all, np.concatenate([sw[s.site_id] for s in sites]))
+        sub_rows: list[dict[str, object]] = []
+        att = attack_rows(
+            sites[:1],
+            sw,
+            alpha=a,
+            beta=b,
+            public=public,
+            settings=p["attack_sweep"],
+            rng=rng,
+            rows=sub_rows,
+            case="sweep",
+            known_only=True,
+        )
+        train, test = split(sites, sw)
+        u = classify(train, test, seeds=p["sweep_seeds"], settings=p["clf"])
+        pt = {
+            "alpha": a,
+            "beta": b,
+            "surrogate_psnr_db": ps_,
+            "surrogate_ssim": ss_,
+            "attack_psnr_db": att["known"][0],
+            "attack_ssim": att["known"][1],
+            "auc": u["auc"],
+            "auc_ci95": u["auc_ci95"],
+        }
+        points.append(pt)
+        rows.append(
+            {
+                "case": "sweep",
+                "method": f"a={a:g} b={b:g}",
+                **{k: v for k, v in pt.items() if k not in ("alpha", "beta")},
+            }
+        )
+        print(f"sweep a={a} b={b} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    return points
+
+
+def recommend(points, *, unprot, plain_auc):
+    """Privacy targets first (drop >= 10 dB, SSIM < 0.3); among those, the points whose AUC is within 0.03 of
+    plaintext, the most private (lowest attack PSNR); if none is, the most useful one; None if none is private.
+    ``utility_informative`` is False when the plaintext AUC is below :data:`MIN_INFORMATIVE_PLAINTEXT_AUC`."""
+    ok = [q for q in points if unprot - q["attack_psnr_db"] >= 10 and q["surrogate_ssim"] < 0.3]
+    useful = [q for q in ok if plain_auc - q["auc"] <= 0.03]
+    best = min(useful, key=lambda q: q["attack_psnr_db"]) if useful else max(ok, key=lambda q: q["auc"]) if ok else None
+    if best is None:
+        return None
+    return {
+        "alpha": best["alpha"],
+        "beta": best["beta"],
+        "auc": best["auc"],
+        "auc_drop_vs_plaintext": plain_auc - best["auc"],
+        "attack_psnr_db": best["attack_psnr_db"],
+        "attack_psnr_drop_db": unprot - best["attack_psnr_db"],
+        "surrogate_ssim": best["surrogate_ssim"],
+        "meets_utility_target": bool(useful),
+        # False: the plaintext classifier is near chance, so "within 0.03 of plaintext" is not evidence of utility.
+        "utility_informative": bool(plain_auc >= MIN_INFORMATIVE_PLAINTEXT_AUC),
+    }
+
+
+def sweep_only(own, args, sites, public, p, rng):
+    """``--only sweep``: the unprotected attack, plaintext AUC with the sweep's seeds, the sweep, the PNG."""
+    from tasks.surrogate.evaluation import classify, image_metrics, predict, train_regressor
+
+    t_start = time.perf_counter()
+    rows: list[dict[str, object]] = []
+    private = np.concatenate([s.private for s in sites])
+    net = train_regressor(public, public, settings=p["attack"])
+    unprot_psnr, unprot_ssim = image_metrics(private, predict(net, private))
+    rows.append({"case": "reference", "method": "attack-unprotected", "psnr_db": unprot_psnr, "ssim": unprot_ssim})
+    train, test = split(sites, {s.site_id: s.private for s in sites})
+    plain = classify(train, test, seeds=p["sweep_seeds"], settings=p["clf"])
+    rows.append({"case": "reference", "method": "plaintext (sweep seeds)", **plain})
+    print(f"references done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    points = sweep_points(sites, public, p, rng, rows, t_start)
+    unprot = min(unprot_psnr, UNPROTECTED_CAP_DB)
+    recommendation = recommend(points, unprot=unprot, plain_auc=plain["auc"])
+    if own.png is not None:
+        from tasks.surrogate.evaluation import draw_tradeoff_png
+
+        draw_tradeoff_png(points, own.png, reference={"attack_psnr_db": unprot, "auc": plain["auc"]})
+    print_table(rows)
+    print(f"recommended (attack drop >= 10 dB, SSIM < 0.3, AUC within 0.03, most private): {recommendation}")
+    write_json(
+        args.json,
+        rows,
+        {"plaintext_auc": plain["auc"], "unprotected_attack_psnr_db_capped": unprot},
+        sweep=points,
+        recommendation=recommendation,
+        settings={"only": "sweep", "quick": args.quick, "sweep_seeds": p["sweep_seeds"], "threads": own.threads},
+    )
 
 
 def main() -> None:
@@ -285,6 +416,17 @@ def main() -> None:
     extra.add_argument("--smoke", action="store_true", help="tiny everything: checks the code paths only")
     extra.add_argument("--save-data", type=Path, default=None, help="write the generated data (npz) and stop")
     extra.add_argument("--data", type=Path, default=None, help="read the data from a --save-data npz")
+    extra.add_argument(
+        "--only",
+        choices=("speed", "sweep"),
+        default=None,
+        help="run one part only: speed = the 512² throughput rows; sweep = references and the α–β sweep",
+    )
+    extra.add_argument("--speed-batch", type=int, default=32, help="slices per hide call in the speed rows")
+    extra.add_argument("--speed-repeat", type=int, default=5, help="timed calls per speed row (best is kept)")
+    extra.add_argument("--sweep", default=None, help="sweep grid as 'a:b,a:b,...' (default: by mode)")
+    extra.add_argument("--sweep-seeds", type=int, default=None, help="classifier seeds per sweep point")
+    extra.add_argument("--sweep-attack-steps", type=int, default=None, help="attack U-Net steps per sweep point")
     own, rest = extra.parse_known_args()
     args = parse_args(__doc__.split("\n")[0], image=True, argv=rest)
 
@@ -339,6 +481,17 @@ def main() -> None:
             sweep=[(0.1, 0.5)],
             iqem=IqemConfig(enabled=True, steps=1, batch_size=2, seed=0),
         )
+    if own.sweep is not None:
+        p["sweep"] = [tuple(float(v) for v in pair.split(":")) for pair in own.sweep.split(",")]
+    if own.sweep_seeds is not None:
+        p["sweep_seeds"] = list(range(own.sweep_seeds))
+    if own.sweep_attack_steps is not None:
+        p["attack_sweep"] = TrainSettings(**{**p["attack_sweep"].__dict__, "steps": own.sweep_attack_steps})
+    if own.only == "speed":
+        rows, cpu_hide = speed_rows(own, n=own.speed_batch, repeat=own.speed_repeat, cuda=device == "cuda")
+        print_table(rows, {"hide_slices_per_s": cpu_hide})
+        write_json(args.json, rows, {"hide_slices_per_s": cpu_hide}, settings={"only": "speed", "threads": own.threads})
+        return
     rng = np.random.default_rng(0)
     rows: list[dict[str, object]] = []
     t_start = time.perf_counter()
@@ -365,6 +518,9 @@ def main() -> None:
     if own.save_data is not None:
         save_data(own.save_data, sites, raw_sites, public)
         print(f"data written to {own.save_data}")
+        return
+    if own.only == "sweep":
+        sweep_only(own, args, sites, public, p, rng)
         return
     print(
         f"data: {sum(len(s.private) for s in sites)} slices/variant, {len(public)} public images "
@@ -473,87 +629,18 @@ def main() -> None:
         print(f"utility {name} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # ---- sweep -------------------------------------------------------------------------------------
-    points = []
-    for a, b in p["sweep"]:
-        cfgs = {s.site_id: site_config(s, alpha=a, beta=b) for s in sites}
-        sw = {s.site_id: surrogates_of(s, cfgs[s.site_id]) for s in sites}
-        ps_, ss_ = image_metrics(private_all, np.concatenate([sw[s.site_id] for s in sites]))
-        sub_rows: list[dict[str, object]] = []
-        att = attack_rows(
-            sites[:1],
-            sw,
-            alpha=a,
-            beta=b,
-            public=public,
-            settings=p["attack_sweep"],
-            rng=rng,
-            rows=sub_rows,
-            case="sweep",
-            known_only=True,
-        )
-        train, test = split(sites, sw)
-        u = classify(train, test, seeds=p["sweep_seeds"], settings=p["clf"])
-        pt = {
-            "alpha": a,
-            "beta": b,
-            "surrogate_psnr_db": ps_,
-            "surrogate_ssim": ss_,
-            "attack_psnr_db": att["known"][0],
-            "attack_ssim": att["known"][1],
-            "auc": u["auc"],
-            "auc_ci95": u["auc_ci95"],
-        }
-        points.append(pt)
-        rows.append(
-            {
-                "case": "sweep",
-                "method": f"a={a:g} b={b:g}",
-                **{k: v for k, v in pt.items() if k not in ("alpha", "beta")},
-            }
-        )
-        print(f"sweep a={a} b={b} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    points = sweep_points(sites, public, p, rng, rows, t_start)
     plain_auc = util["plaintext"]["auc"]
     unprot = min(attacks["unprotected"][0], UNPROTECTED_CAP_DB)
-    # Recommendation: privacy targets first (drop >= 10 dB, SSIM < 0.3); among those, the points whose AUC is
-    # within 0.03 of plaintext, the most private (lowest attack PSNR); if none is, the most useful one.
-    ok = [q for q in points if unprot - q["attack_psnr_db"] >= 10 and q["surrogate_ssim"] < 0.3]
-    useful = [q for q in ok if plain_auc - q["auc"] <= 0.03]
-    best = min(useful, key=lambda q: q["attack_psnr_db"]) if useful else max(ok, key=lambda q: q["auc"]) if ok else None
-    recommendation = (
-        {
-            "alpha": best["alpha"],
-            "beta": best["beta"],
-            "auc": best["auc"],
-            "attack_psnr_db": best["attack_psnr_db"],
-            "surrogate_ssim": best["surrogate_ssim"],
-            "meets_utility_target": bool(useful),
-        }
-        if best
-        else None
-    )
+    recommendation = recommend(points, unprot=unprot, plain_auc=plain_auc)
     if own.png is not None:
         draw_tradeoff_png(points, own.png, reference={"attack_psnr_db": unprot, "auc": plain_auc})
 
     # ---- speed -------------------------------------------------------------------------------------
-    cpu_hide, cpu_hide_per_slice_host, cpu_iqem = throughput("cpu", n=2 if own.smoke else 8 if quick else 32)
-    rows.append(
-        {"case": "speed 512² cpu", "method": f"hide fixed host ({own.threads} threads)", "slices_per_s": cpu_hide}
+    speed, cpu_hide = speed_rows(
+        own, n=2 if own.smoke else own.speed_batch, repeat=1 if own.smoke else own.speed_repeat, cuda=device == "cuda"
     )
-    rows.append(
-        {
-            "case": "speed 512² cpu",
-            "method": f"hide host per slice ({own.threads} threads)",
-            "slices_per_s": cpu_hide_per_slice_host,
-        }
-    )
-    rows.append(
-        {"case": "speed 512² cpu", "method": f"iqem G inference ({own.threads} threads)", "slices_per_s": cpu_iqem}
-    )
-    if device == "cuda" and torch.cuda.is_available():
-        g_hide, g_hide2, g_iqem = throughput("cuda", n=64)
-        rows.append({"case": "speed 512² cuda", "method": "hide fixed host", "slices_per_s": g_hide})
-        rows.append({"case": "speed 512² cuda", "method": "hide host per slice", "slices_per_s": g_hide2})
-        rows.append({"case": "speed 512² cuda", "method": "iqem G inference", "slices_per_s": g_iqem})
+    rows += speed
 
     # ---- a user image ------------------------------------------------------------------------------
     if args.image is not None:
