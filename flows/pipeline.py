@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,7 +16,7 @@ from schemas.pipeline import PipelineConfig
 from schemas.refs import ScanRef
 from schemas.settings import get_settings
 from tasks.cluster import dask_client
-from tasks.prefect_tasks import denoise_stage, ingest_scan, reconstruct_stage, surrogate_stage
+from tasks.prefect_tasks import ingest_scan, stage_tasks
 
 
 class ScanOutcome(FrozenModel):
@@ -71,22 +72,50 @@ def discover_scans(data_root: str, sites: tuple[str, ...] | None) -> list[ScanRe
     return find_scans(data_root, sites)
 
 
-def _chain(ref: Any, config: PipelineConfig) -> dict[str, PrefectFuture[ScanRef]]:
-    """Submit one scan's stages; each waits for the one before (a failed stage stops its scan only)."""
-    d = denoise_stage.submit(ref, config.denoise)
-    r = reconstruct_stage.submit(cast(Any, d), config.reconstruct)
-    s = surrogate_stage.submit(cast(Any, r), config.surrogate)
-    return {"denoise": d, "reconstruct": r, "surrogate": s}
+#: Scans in flight in a nightly run: the thread pool's size (one stage task per scan runs at a time).
+NIGHTLY_SCANS_IN_FLIGHT = 2
+
+_STAGE_NAMES = ("denoise", "reconstruct", "surrogate")
 
 
-def _outcome(name: str, futures: dict[str, PrefectFuture[ScanRef]]) -> ScanOutcome:
-    for stage, fut in futures.items():
-        fut.wait()
+def _run_chains(
+    refs: list[ScanRef], config: PipelineConfig, stages: tuple[Any, Any, Any], *, in_flight: int
+) -> tuple[ScanOutcome, ...]:
+    """Each scan's stages in order (``stages``: see :func:`~tasks.prefect_tasks.stage_tasks`), at most
+    ``in_flight`` scans at a time; a failed stage stops its scan only.
+
+    A stage is submitted when the one before it has finished (its finished future is the next stage's input, so
+    the UI still draws the dependency). Submitting whole chains at once made a worker thread pick up a stage
+    whose upstream was still running and sit blocked on it: with two workers, one scan at a time.
+    """
+    configs = (config.denoise, config.reconstruct, config.surrogate)
+    finished: queue.SimpleQueue[PrefectFuture[ScanRef]] = queue.SimpleQueue()
+    running: dict[PrefectFuture[ScanRef], tuple[str, int]] = {}
+    outcomes: dict[str, ScanOutcome] = {}
+    todo = [(str(ref), ref) for ref in refs]
+    todo.reverse()
+
+    def submit(name: str, stage: int, upstream: Any) -> None:
+        fut = stages[stage].submit(upstream, configs[stage])
+        running[fut] = (name, stage)
+        fut.add_done_callback(finished.put)
+
+    while todo or running:
+        while todo and len(running) < in_flight:
+            name, ref = todo.pop()
+            submit(name, 0, ref)
+        fut = finished.get()
+        name, stage = running.pop(fut)
+        fut.wait()  # already done: takes the final state from the thread, no API call
         state = fut.state
         if not state.is_completed():
-            message = state.message or state.name
-            return ScanOutcome(scan=name, ok=False, failed_stage=stage, error=str(message)[:500])
-    return ScanOutcome(scan=name, ok=True)
+            error = str(state.message or state.name)[:500]
+            outcomes[name] = ScanOutcome(scan=name, ok=False, failed_stage=_STAGE_NAMES[stage], error=error)
+        elif stage + 1 < len(stages):
+            submit(name, stage + 1, fut)
+        else:
+            outcomes[name] = ScanOutcome(scan=name, ok=True)
+    return tuple(outcomes[str(ref)] for ref in refs)
 
 
 @flow(name="process-scan", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=1)))
@@ -103,7 +132,7 @@ def process_scan(request: ProcessScanRequest) -> PipelineReport:
             ref = request.scan
         else:
             raise ValueError("process-scan needs a scan or a source")
-        outcome = _outcome(str(ref), _chain(ref, request.config))
+        (outcome,) = _run_chains([ref], request.config, stage_tasks(), in_flight=1)
     if not outcome.ok:
         raise RuntimeError(f"scan {outcome.scan} failed in {outcome.failed_stage}: {outcome.error}")
     return PipelineReport(scans=(outcome,))
@@ -115,7 +144,7 @@ def on_scan_arrived(path: str, site_id: str, data_root: str | None = None) -> Pi
     return process_scan(ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root))
 
 
-@flow(name="nightly", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=2)))
+@flow(name="nightly", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=NIGHTLY_SCANS_IN_FLIGHT)))
 def nightly(request: NightlyRequest) -> PipelineReport:
     """Every unprocessed scan of every site, in parallel (bounded), then a federated round; failures are
     recorded in the report and the other scans go on."""
@@ -125,8 +154,7 @@ def nightly(request: NightlyRequest) -> PipelineReport:
     root = request.data_root or settings.data_root
     with dask_client(settings.dask):
         refs = discover_scans(root, request.sites)
-        chains = {str(ref): _chain(ref, request.config) for ref in refs}
-        outcomes = tuple(_outcome(name, futures) for name, futures in chains.items())
+        outcomes = _run_chains(refs, request.config, stage_tasks(), in_flight=NIGHTLY_SCANS_IN_FLIGHT)
     federated = None
     if request.federated and any(o.ok for o in outcomes):
         from flows.federated import FederatedRequest, federated_training

@@ -19,6 +19,15 @@ from PIL import Image, ImageDraw
 from schemas.refs import StageReport
 
 
+def in_prefect_run() -> bool:
+    """True inside a Prefect flow or task run. Outside one (``task.fn()``, scripts, the benchmark's peer) an
+    artifact has no run to attach to, and Prefect would create it anyway (deprecated) through whatever API it
+    finds, starting a temporary server when none is configured: callers skip artifacts then."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")[:120]

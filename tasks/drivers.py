@@ -6,7 +6,10 @@ chunk by chunk with provenance (``ScanStore.run_stage``). They use the current D
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -136,19 +139,61 @@ def reconstruct_scan(scan: ScanStore, config: ReconstructConfig, *, force: bool 
     )
 
 
-def _central_slices(
-    scan: ScanStore, *, filter_name: str, output_unit: str
-) -> tuple[int, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """The central slice index, the FBP of the raw projections there and the stored volume's slice (same unit)."""
+#: Raw-data FBP slices already computed in this process, newest last: the UI preview and the run report show the
+#: same slice, and one FBP of one slice costs about as much as a whole block of them (the back-projection
+#: matrices are built per call). Keyed by what the image depends on; a few images of at most 4 MB each.
+_RAW_FBP_CACHE: OrderedDict[tuple[str, ...], npt.NDArray[np.float32]] = OrderedDict()
+_RAW_FBP_CACHE_SIZE = 16
+_RAW_FBP_LOCK = threading.Lock()
+
+
+def _raw_fbp_key(scan: ScanStore, k: int, filter_name: str, output_unit: str) -> tuple[str, ...] | None:
+    ingest = scan.stage_record(INGEST)
+    if ingest is None:  # projections of unknown provenance: never reuse
+        return None
+    uri = scan.site.uri
+    if "://" not in uri:
+        uri = str(Path(uri).resolve())
+    water = repr(scan.manifest.water_attenuation_per_mm)
+    written = ingest.finished_at.isoformat()  # a forced re-ingest with the same config is another image
+    return (uri, scan.scan_id, ingest.config_hash, written, str(k), filter_name, output_unit, water)
+
+
+def raw_central_fbp(scan: ScanStore, k: int, *, filter_name: str, output_unit: str) -> npt.NDArray[np.float32]:
+    """FBP of the raw projections' detector row ``k`` (one slice), in ``output_unit``; computed once per
+    (scan, ingest, filter, unit) in this process and reused (read-only) by later previews and the report."""
     from tasks.reconstruct.kernels import attenuation_to_hu, fbp
 
+    key = _raw_fbp_key(scan, k, filter_name, output_unit)
+    if key is not None:
+        with _RAW_FBP_LOCK:
+            hit = _RAW_FBP_CACHE.get(key)
+            if hit is not None:
+                _RAW_FBP_CACHE.move_to_end(key)
+                return hit
     geometry = scan.manifest.geometry
     assert geometry is not None
-    k = _central(geometry.n_detector_rows)
     raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
     raw_img = np.asarray(fbp(raw[None], geometry, filter_name=filter_name), dtype=np.float32)[0]  # type: ignore[arg-type]
     if output_unit == "hu":
         raw_img = attenuation_to_hu(raw_img, water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm)
+    raw_img.setflags(write=False)
+    if key is not None:
+        with _RAW_FBP_LOCK:
+            _RAW_FBP_CACHE[key] = raw_img
+            while len(_RAW_FBP_CACHE) > _RAW_FBP_CACHE_SIZE:
+                _RAW_FBP_CACHE.popitem(last=False)
+    return raw_img
+
+
+def _central_slices(
+    scan: ScanStore, *, filter_name: str, output_unit: str
+) -> tuple[int, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The central slice index, the FBP of the raw projections there and the stored volume's slice (same unit)."""
+    geometry = scan.manifest.geometry
+    assert geometry is not None
+    k = _central(geometry.n_detector_rows)
+    raw_img = raw_central_fbp(scan, k, filter_name=filter_name, output_unit=output_unit)
     return k, raw_img, np.asarray(scan.array("volume")[k], dtype=np.float32)
 
 

@@ -72,10 +72,11 @@ def publish_run_report(data_root: str, outcomes: Sequence[Any], federated: Mappi
     path = write_report(
         root / "report.html", title="fedscan run report", sections=sections, images=images, failures=failures
     )
-    from prefect.artifacts import create_link_artifact
-    from prefect.exceptions import MissingContextError
+    from tasks.artifacts import in_prefect_run
 
-    with contextlib.suppress(MissingContextError):  # called outside a run: no UI to link from
+    if in_prefect_run():  # outside a run there is no UI to link from
+        from prefect.artifacts import create_link_artifact
+
         create_link_artifact(key="fedscan-run-report", link=path.resolve().as_uri(), description="HTML run report")
     return str(path)
 

@@ -6,8 +6,8 @@ only for transient faults (:func:`is_transient`); bad input fails at once with i
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +92,15 @@ def ingest_scan(source: Path, *, site_id: str, data_root: str, sidecar: IngestSi
 # ------------------------------------------------------------------------------------------------
 # Stage tasks: (ScanRef, config) -> StageReport. Artifacts: a metrics table and, where useful, one image.
 # ------------------------------------------------------------------------------------------------
-#: Every stage task: two retries with backoff, for transient faults only; a tag for concurrency limits.
+#: The tag an operator limits stage concurrency with: ``prefect concurrency-limit create fedscan-stage 2``.
+STAGE_TAG = "fedscan-stage"
+
+#: Every stage task: two retries with backoff, for transient faults only. The tag is added per run by
+#: :func:`stage_tasks`, only when a limit on it exists (see there).
 STAGE_TASK_OPTIONS: dict[str, Any] = {
     "retries": 2,
     "retry_delay_seconds": [5, 30],
     "retry_condition_fn": retry_only_transient,
-    "tags": ["fedscan-stage"],
 }
 
 
@@ -105,11 +108,12 @@ def _open_scan(ref: ScanRef) -> Any:
     return SiteStore.open(ref.store_uri).scan(ref.scan_id)
 
 
-def _publish(report: StageReport, markdown: str | None = None) -> None:
-    """Log one line and attach the stage's table (and image) to the run in the UI."""
+def _publish(report: StageReport, markdown: Callable[[], str | None] | None = None) -> None:
+    """Log one line and attach the stage's table (and image: ``markdown()``, rendered only inside a run) to the
+    run in the UI."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.artifacts import artifact_key, metrics_table
+    from tasks.artifacts import artifact_key, in_prefect_run, metrics_table
 
     logger = run_logger()
     logger.info(
@@ -121,20 +125,20 @@ def _publish(report: StageReport, markdown: str | None = None) -> None:
         report.chunks_written,
         report.chunks_resumed,
     )
-    try:
-        create_table_artifact(
-            table=metrics_table([report]),
-            key=artifact_key(report.stage, report.scan.site_id, report.scan.scan_id),
-            description=f"{report.stage} of scan {report.scan}",
+    if not in_prefect_run():  # called as task.fn() outside a run: nothing to attach to
+        return
+    create_table_artifact(
+        table=metrics_table([report]),
+        key=artifact_key(report.stage, report.scan.site_id, report.scan.scan_id),
+        description=f"{report.stage} of scan {report.scan}",
+    )
+    image = markdown() if markdown is not None else None
+    if image:
+        create_markdown_artifact(
+            markdown=image,
+            key=artifact_key(report.stage, "image", report.scan.site_id, report.scan.scan_id),
+            description=f"{report.stage} of scan {report.scan}: central slice",
         )
-        if markdown:
-            create_markdown_artifact(
-                markdown=markdown,
-                key=artifact_key(report.stage, "image", report.scan.site_id, report.scan.scan_id),
-                description=f"{report.stage} of scan {report.scan}: central slice",
-            )
-    except MissingContextError:  # called as task.fn() outside a run: nothing to attach to
-        pass
 
 
 @task(name="denoise", task_run_name="denoise-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
@@ -154,7 +158,7 @@ def reconstruct_stage(ref: ScanRef, config: Any) -> ScanRef:
 
     scan = _open_scan(ref)
     result = reconstruct_scan(scan, config)
-    _publish(stage_report(ref, "reconstruct", result), reconstruction_preview(scan, config))
+    _publish(stage_report(ref, "reconstruct", result), lambda: reconstruction_preview(scan, config))
     return ref
 
 
@@ -165,7 +169,7 @@ def surrogate_stage(ref: ScanRef, config: Any) -> ScanRef:
 
     scan = _open_scan(ref)
     result = surrogate_scan(scan, config)
-    _publish(stage_report(ref, "surrogate", result), surrogate_preview(scan))
+    _publish(stage_report(ref, "surrogate", result), lambda: surrogate_preview(scan))
     return ref
 
 
@@ -181,7 +185,7 @@ def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any
     from prefect.artifacts import create_table_artifact
 
     from schemas.settings import get_settings
-    from tasks.artifacts import artifact_key
+    from tasks.artifacts import artifact_key, in_prefect_run
     from tasks.federated.runner import DeploymentTarget, SimulationTarget, run_federation
 
     logger = run_logger()
@@ -219,7 +223,7 @@ def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any
             rec.eval_auc,
             rec.bytes_up,
         )
-        with contextlib.suppress(MissingContextError):
+        if in_prefect_run():
             create_table_artifact(
                 table=rows_for_table(rounds),
                 key=artifact_key("federated", "rounds"),
@@ -235,3 +239,37 @@ def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any
 
 def rows_for_table(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
+
+
+def stage_limit_exists(tag: str = STAGE_TAG) -> bool:
+    """Whether the Prefect API holds a concurrency limit on ``tag`` (one request). When it cannot tell, True."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_concurrency_limit_by_tag(tag)
+    except ObjectNotFound:
+        return False
+    except Exception:  # API unreachable or unexpected answer: keep the tag, as the engine itself would
+        return True
+    return True
+
+
+def stage_tasks(*, tagged: bool | None = None) -> tuple[Any, Any, Any]:
+    """(denoise, reconstruct, surrogate) for one flow run, tagged ``fedscan-stage`` only when a limit on that
+    tag exists (``tagged=None``: ask the API once).
+
+    Prefect asks the API for a slot on every run of a tagged task, whether or not a limit exists: one round trip
+    per stage per scan (0.1 to 2 s each on a loaded server here, the largest part of the orchestration overhead
+    in ``benchmarks/pipeline.py``). One request per flow run replaces them when there is no limit; when there
+    is one, every stage run takes its slot as before. A limit created while a run is going applies from the
+    next run on.
+    """
+    if tagged is None:
+        tagged = stage_limit_exists(STAGE_TAG)
+    stages = (denoise_stage, reconstruct_stage, surrogate_stage)
+    if not tagged:
+        return stages
+    d, r, s = (t.with_options(tags={STAGE_TAG}) for t in stages)
+    return d, r, s

@@ -1,0 +1,141 @@
+"""What keeps Prefect's own cost down without losing what the operator sees: the stage tag only when a limit on
+it exists, the raw-data FBP slice computed once for the preview and the report, no artifact calls outside a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.storage import SiteStore
+from tests.flows.test_pipeline_flows import make_site
+
+
+def test_stage_tasks_carry_the_limit_tag_only_when_asked():
+    from tasks.prefect_tasks import STAGE_TAG, denoise_stage, stage_tasks
+
+    plain = stage_tasks(tagged=False)
+    tagged = stage_tasks(tagged=True)
+    assert [t.name for t in plain] == ["denoise", "reconstruct", "surrogate"]
+    assert [t.name for t in tagged] == ["denoise", "reconstruct", "surrogate"]
+    assert all(STAGE_TAG not in t.tags for t in plain)
+    assert all(STAGE_TAG in t.tags for t in tagged)
+    # the tagged copies keep the retry policy and the run names with the scan id
+    assert tagged[0].retries == denoise_stage.retries == 2
+    assert tagged[0].retry_condition_fn is denoise_stage.retry_condition_fn
+    assert tagged[0].task_run_name == denoise_stage.task_run_name
+
+
+@pytest.mark.slow
+def test_stage_limit_is_seen_once_an_operator_creates_it(prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    from tasks.prefect_tasks import STAGE_TAG, stage_limit_exists, stage_tasks
+
+    assert stage_limit_exists() is False
+    assert all(STAGE_TAG not in t.tags for t in stage_tasks())
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=STAGE_TAG, concurrency_limit=2)
+    try:
+        assert stage_limit_exists() is True
+        assert all(STAGE_TAG in t.tags for t in stage_tasks())
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag(STAGE_TAG)
+    assert stage_limit_exists() is False
+
+
+def _reconstructed_scan(root: Path):
+    from schemas.pipeline import PipelineConfig
+    from tasks.drivers import reconstruct_scan
+
+    site = make_site(root, site_id="P", rows=3, cols=32, views=90)
+    scan = site.scans()[0]
+    reconstruct_scan(scan, PipelineConfig().reconstruct)
+    return scan
+
+
+def test_raw_fbp_slice_is_computed_once_for_preview_and_report(tmp_path, monkeypatch):
+    import tasks.drivers as drivers
+    import tasks.reconstruct.kernels as kernels
+    from schemas.pipeline import PipelineConfig
+
+    scan = _reconstructed_scan(tmp_path)
+    calls: list[tuple[int, ...]] = []
+    real_fbp = kernels.fbp
+
+    def counting_fbp(sinograms, *args, **kwargs):
+        calls.append(tuple(np.shape(sinograms)))
+        return real_fbp(sinograms, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "fbp", counting_fbp)
+    monkeypatch.setattr(drivers, "_RAW_FBP_CACHE", type(drivers._RAW_FBP_CACHE)())
+    config = PipelineConfig().reconstruct
+    preview = drivers.reconstruction_preview(scan, config)
+    assert preview is not None
+    assert "data:image/png;base64," in preview
+    assert calls == [(1, 90, 32)]  # one slice, all views
+    images = drivers.report_images(str(tmp_path))
+    assert images  # the report still shows the central slice and its FBPs
+    assert len(calls) == 1  # reused, not recomputed
+    # the cached image is the FBP of the raw central row, read-only so no caller can change it for the next
+    k = (scan.manifest.geometry.n_detector_rows - 1) // 2
+    cached = drivers.raw_central_fbp(scan, k, filter_name=config.filter_name, output_unit=config.output_unit)
+    assert not cached.flags.writeable
+    raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
+    expected = kernels.attenuation_to_hu(
+        np.asarray(real_fbp(raw[None], scan.manifest.geometry, filter_name=config.filter_name))[0],
+        water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm,
+    )
+    np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-3)
+    # another filter is another image
+    drivers.raw_central_fbp(scan, k, filter_name="ram-lak", output_unit=config.output_unit)
+    assert len(calls) == 2
+
+
+def test_outside_a_run_no_artifact_is_attempted(tmp_path, monkeypatch):
+    import prefect.artifacts
+
+    from flows.pipeline import ScanOutcome
+    from tasks.artifacts import in_prefect_run
+    from tasks.pipeline_support import publish_run_report
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an artifact call outside a run would reach for an API (or start one)")
+
+    for name in ("create_link_artifact", "create_table_artifact", "create_markdown_artifact"):
+        monkeypatch.setattr(prefect.artifacts, name, refuse)
+    assert in_prefect_run() is False
+    _reconstructed_scan(tmp_path)
+    path = publish_run_report(str(tmp_path), [ScanOutcome(scan="P/P-0", ok=True)], None)
+    assert path is not None
+    html = Path(path).read_text()
+    assert "P/P-0" in html
+    assert "data:image/png;base64," in html
+
+
+@pytest.mark.slow
+def test_nightly_runs_two_scans_at_once_with_no_worker_waiting_on_an_upstream(tmp_path, prefect_harness, monkeypatch):
+    """Both scans' denoise stages must be in flight together: each waits at a barrier for the other. Had a worker
+    picked up a stage whose upstream still runs (whole chains submitted at once), the second scan's denoise
+    could not start and the barrier would break."""
+    import threading
+
+    import tasks.drivers as drivers
+    from flows.pipeline import NightlyRequest, nightly
+
+    make_site(tmp_path, site_id="A", n_scans=2)
+    barrier = threading.Barrier(2, timeout=120)  # a deadlock guard, not a measured time
+    real = drivers.denoise_scan
+
+    def denoise_together(scan, config, **kwargs):
+        barrier.wait()
+        return real(scan, config, **kwargs)
+
+    monkeypatch.setattr(drivers, "denoise_scan", denoise_together)
+    report = nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
+    assert [o.ok for o in report.scans] == [True, True], report.scans
+    assert not barrier.broken
+    for scan in SiteStore.open(tmp_path / "A.zarr").scans():
+        assert scan.is_done("surrogate")
