@@ -1,12 +1,16 @@
 """Federated training benchmark: single sites vs pooled vs FedAvg / FedProx / FedBN, SecAgg+, DP, compression.
 
-Sites are demo sites (``schemas.demo.default_sites``) rendered noise-free on a small grid, with lesions made
-larger and stronger than the demo defaults so a small CNN can see them at this resolution, and surrogates from
-the stand-in (:func:`tasks.federated.data.stand_in_surrogate`) until the FESF stage's chunked driver exists.
-Federated runs use :func:`tasks.federated.inprocess.run_in_process` (Flower's messages, strategies, mods and
-SecAgg+ workflow, no processes), so wall times are algorithm + crypto, not transport. Every global model is
-scored on the pooled held-out slices of all sites (AUC by Mann–Whitney); FedBN has no single global model and
-reports the sites' own held-out AUC (weighted mean).
+Sites are demo sites (``schemas.demo.default_sites``) rendered noise-free on a 128² grid, with lesions larger and
+stronger than the demo defaults; the task is classifying 32² crops (lesion-centred positives, background
+negatives) hidden by the FESF stage (``--surrogate fesf``, default), the affine stand-in, or not at all
+(``plain``). Federated runs use :func:`tasks.federated.inprocess.run_in_process` (Flower's messages, strategies,
+mods and SecAgg+ workflow, no processes), so wall times are algorithm + crypto, not transport.
+
+Every model is scored on one pooled test set: each site's held-out scans plus ``--test-scans`` test-only scans
+per site (separate stores no client or centralised model trains on; they cost surrogate time and inference
+only). AUC is the seed mean; its 95 % interval and those of the AUC differences come from one class-stratified
+bootstrap of the test crops applied to every method (paired), so a difference's interval is much narrower than
+either AUC's. FedBN scores each site's test crops with that site's BatchNorm, then one AUC over all.
 
     python benchmarks/federated.py --quick --json out.json
 """
@@ -19,6 +23,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +35,14 @@ from tasks.federated.data import SiteData, load_site_data, split_holdout, stand_
 from tasks.federated.inprocess import run_in_process
 from tasks.federated.model import build_model, set_arrays
 from tasks.federated.privacy import gaussian_dp_epsilon, secagg_parameters
-from tasks.federated.training import auc_score, evaluate, predict, train_local
+from tasks.federated.training import (
+    auc_score,
+    bootstrap_aucs,
+    bootstrap_indices,
+    percentile_ci,
+    predict,
+    train_local,
+)
 
 CPU = torch.device("cpu")
 
@@ -80,6 +92,7 @@ def build_sites(
     crops_per_slice: int,
     surrogate: str,
     seed: int,
+    first_scan: int = 0,
 ) -> list[Path]:
     """One store per demo site holding surrogate crops (``crop``² regions of interest of ``grid``² slices).
 
@@ -108,7 +121,7 @@ def build_sites(
         water = p.water_attenuation_per_mm
         scfg = SurrogateConfig(input_unit="per_mm", water_attenuation_per_mm=water)
         scans = []
-        for j in range(n_scans):
+        for j in range(first_scan, first_scan + n_scans):
             plan = plan_scan(p, n_slices=n_slices, grid=p.grid(grid), rng=np.random.default_rng([seed, k, j]))
             mu, masks = render_truth(plan, 0, n_slices)
             body = mu > 0.5 * water
@@ -137,7 +150,19 @@ def pooled_test(splits: list[tuple[SiteData, SiteData]]) -> tuple[np.ndarray, np
     return (np.concatenate([h.images for _, h in splits]), np.concatenate([h.targets for _, h in splits]))
 
 
-def centralised_auc(train: list[SiteData], test: tuple[np.ndarray, np.ndarray], cfg: FederationConfig) -> float:
+def extend_holdout(hold: SiteData, extra: SiteData) -> SiteData:
+    """A site's held-out crops plus its test-only scans (never in any store a client trains from)."""
+    return SiteData(
+        hold.site_id,
+        np.concatenate([hold.images, extra.images]),
+        np.concatenate([hold.targets, extra.targets]),
+        np.concatenate([hold.scan_index, extra.scan_index + 1 + int(hold.scan_index.max(initial=0))]),
+    )
+
+
+def centralised_scores(train: list[SiteData], test: tuple[np.ndarray, np.ndarray], cfg: FederationConfig) -> np.ndarray:
+    """Scores on the pooled test crops of a model trained centrally on ``train`` for as many epochs as a
+    federated client trains in total."""
     x = np.concatenate([t.images for t in train])
     y = np.concatenate([t.targets for t in train])
     model = build_model("classify", base_channels=cfg.base_channels, seed=cfg.seed)
@@ -152,16 +177,16 @@ def centralised_auc(train: list[SiteData], test: tuple[np.ndarray, np.ndarray], 
         generator=torch.Generator().manual_seed(cfg.seed),
         device=CPU,
     )
-    return evaluate(model, *test, task="classify", batch_size=64, device=CPU)["auc"]
+    return predict(model, test[0], batch_size=64, device=CPU)
 
 
 DP_DELTA = 1e-5
 
 
-def model_auc(model_dir: str, test: tuple[np.ndarray, np.ndarray], cfg: FederationConfig) -> float:
+def model_scores(model_dir: str, test: tuple[np.ndarray, np.ndarray], cfg: FederationConfig) -> np.ndarray:
     model = build_model("classify", base_channels=cfg.base_channels, seed=cfg.seed)
     set_arrays(model, {k: v.numpy() for k, v in torch.load(Path(model_dir) / "model.pt").items()})
-    return evaluate(model, *test, task="classify", batch_size=64, device=CPU)["auc"]
+    return predict(model, test[0], batch_size=64, device=CPU)
 
 
 def _federated_row(
@@ -178,16 +203,17 @@ def _federated_row(
     train = [r for r in recs if r.phase == "train"]
     final = next((r.model_dir for r in reversed(train) if r.model_dir), None)
     if final is None:
-        auc = float("nan")
+        scores = np.full(test[1].shape, np.nan)
     elif cfg.fedbn:
-        auc = fedbn_auc(grid, final, splits, cfg)
+        scores = fedbn_scores(grid, final, splits, cfg)
     else:
-        auc = model_auc(final, test, cfg)
+        scores = model_scores(final, test, cfg)
     steady = train[1:] or train  # round 1 excluded in every arm alike
     row: dict[str, object] = {
         "case": "federated",
         "method": name,
-        "auc": auc,
+        "auc": auc_score(scores, test[1]),
+        "scores": scores,
         "round_s": float(np.mean([r.seconds for r in steady])),
         "bytes_up_per_round": float(np.mean([r.bytes_up for r in train])),
         "bytes_down_per_round": float(np.mean([r.bytes_down for r in train])),
@@ -205,20 +231,40 @@ def _federated_row(
     return row
 
 
-def fedbn_auc(grid: object, model_dir: str, splits: list[tuple[SiteData, SiteData]], cfg: FederationConfig) -> float:
+def fedbn_scores(
+    grid: object, model_dir: str, splits: list[tuple[SiteData, SiteData]], cfg: FederationConfig
+) -> np.ndarray:
     """FedBN has no single global model: each site's held-out crops are scored by the final global layers with
-    that site's own BatchNorm (as its ClientApp evaluates), then one AUC over all sites' held-out crops."""
+    that site's own BatchNorm (as its ClientApp evaluates); scores come in the order of :func:`pooled_test`, so
+    one AUC is taken over all sites' held-out crops, paired with the other methods."""
     from tasks.federated.client_app import _LOCAL_MODEL
 
     shared = {k: v.numpy() for k, v in torch.load(Path(model_dir) / "model.pt").items()}
-    scores, labels = [], []
+    scores = []
     for (_, hold), ctx in zip(splits, grid.contexts.values(), strict=True):  # type: ignore[attr-defined]
         model = build_model("classify", base_channels=cfg.base_channels, seed=cfg.seed)
         model.load_state_dict(ctx.state.array_records[_LOCAL_MODEL].to_torch_state_dict())
         set_arrays(model, shared)
         scores.append(predict(model, hold.images, batch_size=64, device=CPU))
-        labels.append(hold.targets)
-    return auc_score(np.concatenate(scores), np.concatenate(labels))
+    return np.concatenate(scores)
+
+
+def _verdict(ci: tuple[float, float], bound: float, per_seed: list[float] | None = None) -> str:
+    """``met`` when the whole 95 % interval of a difference lies at or above ``bound`` (and so does the
+    difference of every seed), ``missed`` when both lie wholly below, else ``undecided``. The bootstrap interval
+    covers the test sample only; the per-seed differences show the training randomness it does not cover."""
+    lo, hi = ci
+    seeds = per_seed or []
+    if lo >= bound and all(d >= bound for d in seeds):
+        return "met"
+    if hi < bound and all(d < bound for d in seeds):
+        return "missed"
+    return "undecided"
+
+
+def _fmt_ci(ci: object, *, signed: bool = False) -> str:
+    lo, hi = (float(v) for v in ci)  # type: ignore[attr-defined]
+    return f"[{lo:+.3f}, {hi:+.3f}]" if signed else f"[{lo:.3f}, {hi:.3f}]"
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -231,7 +277,7 @@ def secagg_scaling(
 ) -> list[dict[str, object]]:
     """Round time of FedAvg with and without SecAgg+ for ``n`` clients (same sites, model, rounds, seed; round 1
     excluded in both arms); SecAgg+ parameters from :func:`secagg_parameters`."""
-    rows = []
+    rows: list[dict[str, object]] = []
     stores_all = build_sites(root / "scaling-sites", n_sites=max(clients), seed=1, surrogate=surrogate, **sizes)
     for n in clients:
         shares, threshold = secagg_parameters(n)
@@ -270,16 +316,26 @@ def main() -> None:
         "--surrogate", choices=("fesf", "stand-in", "plain"), default="fesf", help="what the sites train on"
     )
     ap.add_argument("--no-scaling", action="store_true", help="skip the SecAgg+ 3/5/10-client timing")
+    ap.add_argument(
+        "--test-scans",
+        type=int,
+        default=None,
+        help="test-only scans per site added to the held-out ones (default: 12 quick, 16 full); they cost only "
+        "surrogate time and inference, and narrow the AUC intervals",
+    )
+    ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples of the test crops for the CIs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     n_sites = args.sites or 3
     if args.quick:
         sizes = dict(n_scans=6, n_slices=12, grid=128, crop=32, crops_per_slice=3)
         rounds, local_epochs, seeds, clients = 8, 2, args.seeds or 1, [3, 5]
+        test_scans = 12 if args.test_scans is None else args.test_scans
         scaling_sizes = dict(n_scans=2, n_slices=8, grid=128, crop=32, crops_per_slice=2)
     else:
         sizes = dict(n_scans=8, n_slices=16, grid=128, crop=32, crops_per_slice=3)
         rounds, local_epochs, seeds, clients = 12, 2, args.seeds or 2, [3, 5, 10]
+        test_scans = 16 if args.test_scans is None else args.test_scans
         scaling_sizes = dict(n_scans=4, n_slices=12, grid=128, crop=32, crops_per_slice=2)
     base = FederationConfig(
         num_rounds=rounds,
@@ -298,7 +354,21 @@ def main() -> None:
             split_holdout(load_site_data(s, task="classify"), fraction=base.holdout_fraction, seed=base.seed)
             for s in stores
         ]
+        if test_scans:  # test-only scans: separate stores, never handed to a client
+            test_stores = build_sites(
+                root / "test-sites",
+                n_sites=n_sites,
+                seed=0,
+                surrogate=args.surrogate,
+                first_scan=sizes["n_scans"],
+                **{**sizes, "n_scans": test_scans},
+            )
+            splits = [
+                (tr, extend_holdout(h, load_site_data(ts, task="classify")))
+                for (tr, h), ts in zip(splits, test_stores, strict=True)
+            ]
         test = pooled_test(splits)
+        boot = bootstrap_indices(test[1], n_boot=args.boot, seed=12345)
         print(
             f"built {n_sites} sites ({args.surrogate} surrogates) in {time.perf_counter() - t0:.1f} s; "
             f"train {sum(t.num_slices for t, _ in splits)} crops, pooled test {test[0].shape[0]} "
@@ -322,15 +392,23 @@ def main() -> None:
             "fedavg+topk10": {"compression": "topk", "topk_fraction": 0.1},
         }
         seeded = ("fedavg", "fedprox", "fedbn", "fedavg+float16")  # the AUC comparisons get every seed
-        per_seed: dict[str, list[dict[str, object]]] = {}
+        per_seed: dict[str, list[dict[str, Any]]] = {}
         for s in range(seeds):
             cfg_s = base.model_copy(update={"seed": s})
             for tr, _ in splits:
+                sc = centralised_scores([tr], test, cfg_s)
                 per_seed.setdefault(f"site {tr.site_id} alone", []).append(
-                    {"case": "single-site", "auc": centralised_auc([tr], test, cfg_s)}
+                    {"case": "single-site", "auc": auc_score(sc, test[1]), "scores": sc}
                 )
+            sc = centralised_scores([t for t, _ in splits], test, cfg_s)
             per_seed.setdefault("centralised on pooled surrogates", []).append(
-                {"case": "pooled", "auc": centralised_auc([t for t, _ in splits], test, cfg_s)}
+                {"case": "pooled", "auc": auc_score(sc, test[1]), "scores": sc}
+            )
+            print(
+                f"seed {s} single sites "
+                + " ".join(f"{float(v[-1]['auc']):.3f}" for k, v in per_seed.items() if k.startswith("site "))
+                + f", pooled {float(per_seed['centralised on pooled surrogates'][-1]['auc']):.3f}",
+                flush=True,
             )
             for name, kw in runs.items():
                 if s > 0 and name not in seeded:
@@ -340,15 +418,30 @@ def main() -> None:
                     _federated_row(name, cfg, stores, root / f"{name}-{s}", test, splits)
                 )
                 print(f"seed {s} {name}: auc {float(per_seed[name][-1]['auc']):.3f}", flush=True)
+        if args.json:  # test labels and every method's per-seed scores, for re-analysis
+            np.savez_compressed(
+                args.json.with_suffix(".scores.npz"),
+                labels=test[1],
+                **{f"{m} | seed {k}": g["scores"] for m, group in per_seed.items() for k, g in enumerate(group)},
+            )
         rows: list[dict[str, object]] = []
+        boot_auc: dict[str, np.ndarray] = {}  # per method: seed-mean AUC on each bootstrap resample
         for method, group in per_seed.items():
-            row = dict(group[0])
+            row = {k: v for k, v in group[0].items() if k != "scores"}
             row["method"] = method
             mean, sd = _mean_sd([float(g["auc"]) for g in group])
-            row.update(auc=mean, auc_sd=sd, seeds=len(group), auc_per_seed=[float(g["auc"]) for g in group])
+            boot_auc[method] = bootstrap_aucs([g["scores"] for g in group], test[1], boot)
+            lo, hi = percentile_ci(boot_auc[method])
+            row.update(
+                auc=mean,
+                auc_sd=sd,
+                auc_ci95=[lo, hi],
+                seeds=len(group),
+                auc_per_seed=[float(g["auc"]) for g in group],
+            )
             for key in ("round_s", "wall_s"):
                 if key in row:
-                    row[key] = float(np.mean([float(g[key]) for g in group]))  # type: ignore[arg-type]
+                    row[key] = float(np.mean([float(g[key]) for g in group]))
             rows.append(row)
         scaling = (
             []
@@ -379,18 +472,66 @@ def main() -> None:
             "compression_topk_bytes_ratio": f["fedavg"]["bytes_up_per_round"]
             / f["fedavg+topk10"]["bytes_up_per_round"],
             "auc_float16_minus_fedavg": f["fedavg+float16"]["auc"] - f["fedavg"]["auc"],
-            "auc_topk10_minus_fedavg": f["fedavg+topk10"]["auc"] - f["fedavg"]["auc"],
+            # top-k runs seed 0 only: compared with FedAvg's seed 0
+            "auc_topk10_minus_fedavg": f["fedavg+topk10"]["auc"] - float(per_seed["fedavg"][0]["auc"]),
         }
         for r in scaling:
             ratios[f"secagg_round_time_ratio_{r['clients']}_clients"] = float(r["ratio"])  # type: ignore[arg-type]
+        pooled_boot = boot_auc["centralised on pooled surrogates"]
+        best_single_boot = np.max([boot_auc[m] for m, r in by.items() if r["case"] == "single-site"], axis=0)
+        ratios["auc_fedbn_minus_best_single_site"] = f["fedbn"]["auc"] - max(singles)
+        ratios["auc_fedprox_minus_best_single_site"] = f["fedprox"]["auc"] - max(singles)
+        # paired bootstrap over the same resampled test crops; "best single site" is the best on each resample
+        ratio_ci = {
+            "auc_fedavg_minus_pooled": percentile_ci(boot_auc["fedavg"] - pooled_boot),
+            "auc_fedavg_minus_best_single_site": percentile_ci(boot_auc["fedavg"] - best_single_boot),
+            "auc_fedbn_minus_pooled": percentile_ci(boot_auc["fedbn"] - pooled_boot),
+            "auc_fedbn_minus_best_single_site": percentile_ci(boot_auc["fedbn"] - best_single_boot),
+            "auc_fedprox_minus_pooled": percentile_ci(boot_auc["fedprox"] - pooled_boot),
+            "auc_fedprox_minus_best_single_site": percentile_ci(boot_auc["fedprox"] - best_single_boot),
+            "auc_float16_minus_fedavg": percentile_ci(boot_auc["fedavg+float16"] - boot_auc["fedavg"]),
+            "auc_topk10_minus_fedavg": percentile_ci(
+                boot_auc["fedavg+topk10"] - bootstrap_aucs([per_seed["fedavg"][0]["scores"]], test[1], boot)
+            ),
+        }
+
+        def seed_aucs(method: str) -> list[float]:
+            return [float(g["auc"]) for g in per_seed[method]]
+
+        single_names = [m for m, r in by.items() if r["case"] == "single-site"]
+        best_single_per_seed = [max(v) for v in zip(*(seed_aucs(m) for m in single_names), strict=True)]
+        ratio_per_seed = {
+            "auc_fedavg_minus_pooled": [
+                a - b for a, b in zip(seed_aucs("fedavg"), seed_aucs("centralised on pooled surrogates"), strict=True)
+            ],
+            "auc_fedavg_minus_best_single_site": [
+                a - b for a, b in zip(seed_aucs("fedavg"), best_single_per_seed, strict=True)
+            ],
+            "auc_float16_minus_fedavg": [
+                a - b for a, b in zip(seed_aucs("fedavg+float16"), seed_aucs("fedavg"), strict=True)
+            ],
+        }
+        targets = {
+            "fedavg_within_0.02_of_pooled": _verdict(
+                ratio_ci["auc_fedavg_minus_pooled"], -0.02, ratio_per_seed["auc_fedavg_minus_pooled"]
+            ),
+            "fedavg_above_every_single_site": _verdict(
+                ratio_ci["auc_fedavg_minus_best_single_site"], 0.0, ratio_per_seed["auc_fedavg_minus_best_single_site"]
+            ),
+            "float16_auc_loss_at_most_0.01": _verdict(
+                ratio_ci["auc_float16_minus_fedavg"], -0.01, ratio_per_seed["auc_float16_minus_fedavg"]
+            ),
+        }
         print(
-            f"\n{'case':<12} {'method':<32} {'AUC':>6} {'±sd':>6} {'n':>2} {'round s':>8} {'up B/rnd':>9} "
+            f"\n{'case':<12} {'method':<32} {'AUC':>6} {'95% CI':>13} {'±sd':>6} {'n':>2} {'round s':>8} "
+            f"{'up B/rnd':>9} "
             f"{'down B/rnd':>10} {'aggr':>4} {'ε (δ=1e-5)':>11}"
         )
         for r in rows:
             eps = r.get("dp_epsilon")
             print(
-                f"{r['case']!s:<12} {r['method']!s:<32} {float(r['auc']):6.3f} {float(r['auc_sd']):6.3f} "  # type: ignore[arg-type]
+                f"{r['case']!s:<12} {r['method']!s:<32} {float(r['auc']):6.3f} "  # type: ignore[arg-type]
+                f"{_fmt_ci(r['auc_ci95']):>13} {float(r['auc_sd']):6.3f} "  # type: ignore[arg-type]
                 f"{r['seeds']!s:>2} {float(r.get('round_s', float('nan'))):8.2f} "  # type: ignore[arg-type]
                 f"{float(r.get('bytes_up_per_round', float('nan'))):9.0f} "  # type: ignore[arg-type]
                 f"{float(r.get('bytes_down_per_round', float('nan'))):10.0f} "  # type: ignore[arg-type]
@@ -398,7 +539,14 @@ def main() -> None:
             )
         print()
         for k, v in ratios.items():
-            print(f"{k:<44} {v:+.3f}")
+            print(
+                f"{k:<44} {v:+.3f}"
+                + (f"  95% CI {_fmt_ci(ratio_ci[k], signed=True)}" if k in ratio_ci else "")
+                + (f"  per seed {' '.join(f'{d:+.3f}' for d in ratio_per_seed[k])}" if k in ratio_per_seed else "")
+            )
+        print(f"\npooled test: {test[0].shape[0]} crops, {int(test[1].sum())} positive; {args.boot} resamples")
+        for name, verdict in targets.items():
+            print(f"target {name}: {verdict}")
         if args.json:
             payload = {
                 "mode": "quick" if args.quick else "full",
@@ -406,6 +554,14 @@ def main() -> None:
                 "rows": rows,
                 "secagg_scaling": scaling,
                 "ratios": ratios,
+                "ratio_ci95": {k: list(v) for k, v in ratio_ci.items()},
+                "ratio_per_seed": ratio_per_seed,
+                "targets": targets,
+                "test_crops": int(test[0].shape[0]),
+                "test_positives": int(test[1].sum()),
+                "train_crops": int(sum(t.num_slices for t, _ in splits)),
+                "bootstrap_resamples": args.boot,
+                "seeds": seeds,
             }
             args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     finally:

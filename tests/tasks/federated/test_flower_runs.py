@@ -15,6 +15,8 @@ from schemas.federation import FederationConfig, RoundRecord
 from tasks.federated.runner import DeploymentTarget, SimulationTarget, run_federation
 from tasks.federated.services import SuperLink, SuperLinkUnreachableError, SuperNode, free_port
 
+from .conftest import make_site
+
 IMAGE = (32, 32)
 
 
@@ -76,36 +78,47 @@ def test_unreachable_superlink_is_a_clear_error_not_a_hang(tmp_path):
     assert time.monotonic() - t0 < 30
 
 
+#: Each message starts a fresh ``flwr-clientapp`` process on the SuperNode (torch + flwr imports: ~35 s per
+#: message on a loaded 2-core machine), so a round (train + evaluate) costs ~70 s whatever the model size, and the
+#: killed-node round also waits out this timeout. 40 s was too tight under load (the restarted node's cold start
+#: missed it); 60 s leaves ~1.5x a cold start.
+DEPLOYMENT_ROUND_TIMEOUT_S = 60
+
+
 @pytest.mark.slow
 @pytest.mark.integration
-def test_deployment_survives_a_killed_node_which_rejoins(site_stores, tmp_path):
+def test_deployment_survives_a_killed_node_which_rejoins(tmp_path):
+    # three small sites (2 scans x 6 slices): the test is about the rounds, not about what the model learns
+    stores = [
+        make_site(tmp_path / "sites" / f"{sid}.zarr", sid, k, n_scans=2, n_slices=6) for k, sid in enumerate("ABC")
+    ]
     home = tmp_path / "flwr"
     link = SuperLink(flwr_home=home / "link").start()
     nodes = [
         SuperNode(superlink=link.address, flwr_home=home / f"node-{k}", node_config={"site-store": str(p)}).start()
-        for k, p in enumerate(site_stores)
+        for k, p in enumerate(stores)
     ]
     started = list(nodes)
     events: list[str] = []
 
     def on_round(rec: RoundRecord) -> None:
         if rec.round == 1:
-            nodes[2].kill()  # site C crashes
+            nodes[2].kill()  # site C crashes; round 2 has already sampled it or samples it while still listed
             events.append("killed")
-        elif rec.round == 2:
+            # ... and comes back at once (a new node id); it can join round 3 at the latest
             node = SuperNode(
-                superlink=link.address, flwr_home=home / "node-2b", node_config={"site-store": str(site_stores[2])}
+                superlink=link.address, flwr_home=home / "node-2b", node_config={"site-store": str(stores[2])}
             ).start()
             started.append(node)
             events.append("restarted")
 
     try:
         report = run_federation(
-            _config(num_rounds=4, local_epochs=1, round_timeout_s=90),
+            _config(num_rounds=3, local_epochs=1, round_timeout_s=DEPLOYMENT_ROUND_TIMEOUT_S),
             target=DeploymentTarget(superlink=link.address),
             output_dir=tmp_path / "out",
             on_round=on_round,
-            timeout_s=900,
+            timeout_s=600,
             audit=True,
         )
     finally:
@@ -114,9 +127,11 @@ def test_deployment_survives_a_killed_node_which_rejoins(site_stores, tmp_path):
         link.stop()
     assert events == ["killed", "restarted"]
     rounds = report.train_rounds
-    assert [r.round for r in rounds] == [1, 2, 3, 4]
-    assert all(r.aggregated for r in rounds)
-    assert rounds[0].replies_ok == 3
-    assert rounds[1].replies_ok == 2  # the round with the dead node completed with the rest
-    assert rounds[-1].replies_ok == 3  # the restarted node took part again
+    timing = [(r.round, r.replies_ok, round(r.seconds, 1)) for r in rounds]
+    assert [r.round for r in rounds] == [1, 2, 3], timing
+    assert all(r.aggregated for r in rounds), timing
+    assert rounds[0].replies_ok == 3, timing
+    # the round with the dead node completed with the rest (the dead node's message failed or timed out)
+    assert rounds[1].replies_failed >= 1 and rounds[1].replies_ok >= 2, timing
+    assert rounds[-1].replies_ok == 3, timing  # the restarted node took part again (the dead one cannot reply)
     _assert_no_images(next((tmp_path / "out" / "runs").glob("*/audit.jsonl")))

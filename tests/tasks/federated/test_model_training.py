@@ -12,7 +12,15 @@ from schemas.federation import FederatedTask
 from tasks.errors import InvalidInputError
 from tasks.federated.compression import FLOAT16_DELTA, TOPK_INDICES, decode_update, encode_update, payload_bytes
 from tasks.federated.model import batchnorm_keys, build_model, get_arrays, model_signature, set_arrays, shared_keys
-from tasks.federated.training import auc_score, dice_score, evaluate, train_local
+from tasks.federated.training import (
+    auc_score,
+    bootstrap_aucs,
+    bootstrap_indices,
+    dice_score,
+    evaluate,
+    percentile_ci,
+    train_local,
+)
 
 from .conftest import synthetic_scans
 
@@ -27,6 +35,34 @@ def test_auc_matches_pairwise_definition_with_ties(rng):
     assert auc_score(scores, labels) == pytest.approx(np.mean(pairs))
     assert auc_score([0.1, 0.9], [0, 1]) == 1.0
     assert np.isnan(auc_score([0.1, 0.2], [1, 1]))
+
+
+def test_bootstrap_auc_is_stratified_paired_and_matches_auc_score(rng):
+    labels = (rng.random(300) < 0.2).astype(np.uint8)
+    good = labels + rng.normal(0, 0.8, 300)  # informative scores
+    noise = rng.normal(0, 1, 300)  # uninformative
+    idx = bootstrap_indices(labels, n_boot=400, seed=1)
+    assert idx.shape == (400, 300)
+    assert (labels[idx].sum(axis=1) == labels.sum()).all()  # class counts kept on every resample
+    boot_good = bootstrap_aucs([good], labels, idx)
+    for b in (0, 7, 399):  # each resample's AUC is the Mann–Whitney AUC of that resample
+        assert boot_good[b] == pytest.approx(auc_score(good[idx[b]], labels[idx[b]]))
+    # averaging over score sets (seeds) averages the per-resample AUCs
+    both = bootstrap_aucs([good, noise], labels, idx)
+    np.testing.assert_allclose(both, (boot_good + bootstrap_aucs([noise], labels, idx)) / 2)
+    # paired: a method against itself differs by exactly 0 on every resample
+    assert (boot_good - bootstrap_aucs([good.copy()], labels, idx) == 0).all()
+    lo, hi = percentile_ci(boot_good - bootstrap_aucs([noise], labels, idx))
+    assert 0 < lo < hi  # the informative scorer is better, and the interval says so
+    lo, hi = percentile_ci(boot_good)
+    assert lo < auc_score(good, labels) < hi
+    perfect = bootstrap_aucs([labels.astype(float)], labels, idx)
+    assert percentile_ci(perfect) == (1.0, 1.0)
+
+
+def test_bootstrap_needs_both_classes():
+    with pytest.raises(InvalidInputError):
+        bootstrap_indices(np.ones(10), n_boot=5, seed=0)
 
 
 def test_dice():
