@@ -280,9 +280,9 @@ def worker_scaling(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[fl
             Client(cluster) as client,
         ):
             client.run(_one_torch_thread)
-            lazy, _ = denoise_dask(x, config=config, geometry=geometry, i0_photons=i0)
-            lazy = lazy.persist()  # warm-up (imports, first call) outside the timing
-            lazy.compute()
+            # Warm-up (imports, first call) outside the timing. Not persist(): persisted results stay on the
+            # workers under the same keys, and the timed computes below would only fetch them.
+            denoise_dask(x, config=config, geometry=geometry, i0_photons=i0)[0].compute()
             best = math.inf
             for _ in range(2):  # other users share this machine
                 lazy, _ = denoise_dask(x, config=config, geometry=geometry, i0_photons=i0)
