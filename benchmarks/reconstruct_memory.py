@@ -27,7 +27,6 @@ BLOCK = 16
 
 
 def _child(store: str, slices: int, views: int, cols: int, n: int) -> dict[str, float]:
-    SLICES = slices
     import dask.array as da
     import numpy as np
     import zarr
@@ -43,14 +42,14 @@ def _child(store: str, slices: int, views: int, cols: int, n: int) -> dict[str, 
         beam="parallel",
         n_views=views,
         angular_range_deg=180.0,
-        n_detector_rows=SLICES,
+        n_detector_rows=slices,
         n_detector_cols=cols,
         detector_pitch_mm=1.0,
         grid=grid,
     )
     projections = da.from_zarr(zarr.open_array(f"{store}/projections", mode="r"))
     out = zarr.create_array(
-        f"{store}/volume", shape=(SLICES, n, n), chunks=(BLOCK, n, n), dtype="float32", overwrite=True
+        f"{store}/volume", shape=(slices, n, n), chunks=(BLOCK, n, n), dtype="float32", overwrite=True
     )
     volume = reconstruct_volume(projections, g, slice_block=BLOCK)
     with dask_client(DaskSettings()):  # as a flow runs it: an in-process LocalCluster, one thread per core
@@ -59,7 +58,7 @@ def _child(store: str, slices: int, views: int, cols: int, n: int) -> dict[str, 
         write_missing_chunks(out, volume)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     written = zarr.open_array(f"{store}/volume", mode="r")
-    assert bool(np.isfinite(written[SLICES - 1]).all())
+    assert bool(np.isfinite(written[slices - 1]).all())
     return {"rss_before_mb": base, "rss_peak_mb": peak}
 
 

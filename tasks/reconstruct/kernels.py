@@ -972,7 +972,6 @@ def sart(
     check_finite_sinograms(y)
     _warn_fov(geometry)
     op = _Operator(geometry, dev)
-    op.view_chunk = 1  # one view per update: each view's matrices are built (and cached) on their own
     grid, ncols = geometry.grid, geometry.n_detector_cols
     nx, ny, width = grid.nx_pixels, grid.ny_pixels, ncols + 2
     yp = torch.nn.functional.pad(y.permute(1, 2, 0), (0, 0, 1, 1))  # (views, cols + 2, slices)
