@@ -39,6 +39,7 @@ References
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,9 +199,15 @@ def to_domain(line_integrals: torch.Tensor, *, domain: DenoiseDomain, i0_photons
     """Map line integrals to the values the low-rank model denoises (float32 → float32, a new tensor)."""
     if domain is DenoiseDomain.LOG:
         return line_integrals
+    return to_domain_(line_integrals.clone(), domain=domain, i0_photons=i0_photons)
+
+
+def to_domain_(values: torch.Tensor, *, domain: DenoiseDomain, i0_photons: float | None) -> torch.Tensor:
+    """:func:`to_domain` in place: overwrites and returns ``values``."""
+    if domain is DenoiseDomain.LOG:
+        return values
     assert i0_photons is not None
-    out = torch.neg(line_integrals).exp_().mul_(i0_photons)  # counts, in place from here on
-    return out.add_(0.375).sqrt_().mul_(2.0)
+    return values.neg_().exp_().mul_(i0_photons).add_(0.375).sqrt_().mul_(2.0)  # 2 sqrt(counts + 3/8)
 
 
 def from_domain(
@@ -336,6 +343,9 @@ def _block_axes(config: DenoiseConfig, rows: int, cols: int, *, pilot: bool) -> 
         sr, sc = (tr if tr % sr else sr), (tc if tc % sc else sc)
     return _Axis(config.views_per_group, sv), _Axis(tr, sr), _Axis(tc, sc)
 
+
+#: The automatic modes run cell-major from input to output (:func:`_banded_denoise`); False: pass by pass.
+_CELL_MAJOR = True
 
 #: cuSOLVER's batched eigh failed (internal error) on ~23k 16×16 matrices at once on an H100: split there.
 _CUDA_EIGH_BATCH = 4096
@@ -497,81 +507,196 @@ def _centring_map(t: int, *, dtype: torch.dtype, device: torch.device) -> torch.
     return lower - lower.mean(0, keepdim=True)
 
 
-def _banded_pass(
-    noisy: torch.Tensor,
+@dataclass(frozen=True)
+class _Cells:
+    """Cell-major layout of a detector for the banded pass.
+
+    The padded rows ``[r0, r0 + nrc·sr)`` are cut into ``nrc`` cells of ``sr`` rows (``sr`` the tile's row stride),
+    the padded columns ``[c0, c0 + ncc·sc)`` likewise; rows and columns outside the detector are mirrored. An
+    array in this layout is ``(nrc · ncc, views, sr · sc)``: the views of one cell are contiguous.
+    """
+
+    rows: int
+    cols: int
+    r0: int
+    nrc: int
+    sr: int
+    c0: int
+    ncc: int
+    sc: int
+
+    @classmethod
+    def of(cls, rax: _Axis, cax: _Axis, rows: int, cols: int) -> _Cells:
+        r0, nbr = rax.starts(0, rows)
+        c0, nbc = cax.starts(0, cols)
+        nrc, ncc = nbr + rax.size // rax.step - 1, nbc + cax.size // cax.step - 1
+        return cls(rows, cols, r0, nrc, rax.step, c0, ncc, cax.step)
+
+    @property
+    def n_cells(self) -> int:
+        return self.nrc * self.ncc
+
+    @property
+    def m(self) -> int:
+        return self.sr * self.sc
+
+    def _full(self) -> tuple[int, int]:
+        """Cells along rows and columns that lie wholly inside the detector (when the layout starts at 0, 0)."""
+        return min(self.nrc, self.rows // self.sr), min(self.ncc, self.cols // self.sc)
+
+    def to_cells(self, a: torch.Tensor) -> torch.Tensor:
+        """``(views, rows, cols)`` → ``(cells, views, bins of a cell)``: one strided copy (edges mirrored)."""
+        nv, nrc, sr, ncc, sc = a.shape[0], self.nrc, self.sr, self.ncc, self.sc
+        out = torch.empty(nrc, ncc, nv, sr, sc, dtype=a.dtype, device=a.device)
+        dst = out.permute(2, 0, 3, 1, 4)  # (views, nrc, sr, ncc, sc): a view of out in detector order
+        if self.r0 == 0 and self.c0 == 0:
+            fr, fc = self._full()
+            dst[:, :fr, :, :fc].copy_(a[:, : fr * sr, : fc * sc].unflatten(1, (fr, sr)).unflatten(3, (fc, sc)))
+            if fc < ncc:  # the last column cells reach past the detector's edge: mirrored, every row
+                edge = _pad_symmetric(_pad_symmetric(a, 2, fc * sc, ncc * sc), 1, 0, nrc * sr)
+                dst[:, :, :, fc:].copy_(edge.unflatten(1, (nrc, sr)).unflatten(3, (ncc - fc, sc)))
+            if fr < nrc:  # the last row cells likewise
+                edge = _pad_symmetric(a[:, :, : fc * sc], 1, fr * sr, nrc * sr)
+                dst[:, fr:, :, :fc].copy_(edge.unflatten(1, (nrc - fr, sr)).unflatten(3, (fc, sc)))
+        else:  # tiles overlapping the first row or column: pad first (the general case)
+            sub = _pad_symmetric(_pad_symmetric(a, 1, self.r0, self.r0 + nrc * sr), 2, self.c0, self.c0 + ncc * sc)
+            dst.copy_(sub.unflatten(1, (nrc, sr)).unflatten(3, (ncc, sc)))
+        return out.view(self.n_cells, nv, self.m)
+
+    def remirror(self, cells: torch.Tensor) -> torch.Tensor:
+        """Refill, in place, the bins beyond the detector's edges from the bins they mirror.
+
+        A pass writes its own estimates into the mirrored bins (the filter of the tile they fall in); the next
+        pass must see the mirror of the estimate, as if the estimate had been padded like the data.
+        """
+        nv, nrc, sr, ncc, sc = cells.shape[1], self.nrc, self.sr, self.ncc, self.sc
+        if self.r0 or self.c0:
+            cells.copy_(self.to_cells(self.from_cells(cells, 0, nv)))
+            return cells
+        det = cells.view(nrc, ncc, nv, sr, sc).permute(2, 0, 3, 1, 4)  # (views, nrc, sr, ncc, sc), a view
+        if ncc * sc > self.cols:
+            j0 = max(0, (2 * self.cols - ncc * sc) // sc)  # the column cells holding the mirrored bins' sources
+            strip = det[:, :, :, j0:].reshape(nv, nrc * sr, (ncc - j0) * sc)
+            fixed = _pad_symmetric(strip[:, :, : self.cols - j0 * sc], 2, 0, (ncc - j0) * sc)
+            det[:, :, :, j0:].copy_(fixed.unflatten(1, (nrc, sr)).unflatten(3, (ncc - j0, sc)))
+        if nrc * sr > self.rows:
+            i0 = max(0, (2 * self.rows - nrc * sr) // sr)
+            strip = det[:, i0:].reshape(nv, (nrc - i0) * sr, ncc * sc)
+            fixed = _pad_symmetric(strip[:, : self.rows - i0 * sr], 1, 0, (nrc - i0) * sr)
+            det[:, i0:].copy_(fixed.unflatten(1, (nrc - i0, sr)).unflatten(3, (ncc, sc)))
+        return cells
+
+    def from_cells(self, cells: torch.Tensor, first: int, n: int) -> torch.Tensor:
+        """Views ``[first, first + n)`` of a cell-major array back to ``(n, rows, cols)`` (the detector only)."""
+        nrc, sr, ncc, sc = self.nrc, self.sr, self.ncc, self.sc
+        src = cells.view(nrc, ncc, cells.shape[1], sr, sc).permute(2, 0, 3, 1, 4)[first : first + n]
+        if self.r0 or self.c0:
+            full = src.reshape(n, nrc * sr, ncc * sc)
+            return full[:, -self.r0 : -self.r0 + self.rows, -self.c0 : -self.c0 + self.cols]
+        fr, fc = self._full()
+        res = torch.empty(n, self.rows, self.cols, dtype=cells.dtype, device=cells.device)
+        res[:, : fr * sr, : fc * sc].unflatten(1, (fr, sr)).unflatten(3, (fc, sc)).copy_(src[:, :fr, :, :fc])
+        if fc < ncc:
+            edge = src[:, :, :, fc:].reshape(n, nrc * sr, (ncc - fc) * sc)
+            res[:, :, fc * sc :] = edge[:, : self.rows, : self.cols - fc * sc]
+        if fr < nrc:
+            edge = src[:, fr:, :, :fc].reshape(n, (nrc - fr) * sr, fc * sc)
+            res[:, fr * sr :, : fc * sc] = edge[:, : self.rows - fr * sr]
+        return res
+
+
+def _banded_cells(
+    x: torch.Tensor,
+    x_first: int,
     pilot: torch.Tensor | None,
+    pilot_first: int,
     *,
-    first_view: int,
+    cells: _Cells,
     out_lo: int,
     out_hi: int,
     config: DenoiseConfig,
     sigma: float,
-) -> torch.Tensor:
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, int]:
     """:func:`_lowrank_pass` for the centred (automatic) modes, as one banded filter along views per cell.
 
-    The detector is cut into cells of ``tile_stride_rows × tile_stride_cols`` bins and the views into cells of
-    ``view_stride`` views; a block is ``pv × pr × pc`` cells. Each block's centred Gram matrix is the sum over
-    its spatial cells of the Gram of the cell's view differences (small numbers: float32 keeps their precision,
-    whereas the uncentred values of a bright air region would lose the noise to rounding), mapped by the fixed
-    ``A = (I - J) L`` (:func:`_centring_map`) in float64. The rebuild-and-average of all blocks that cover a cell
-    is linear in the data: ``out = F x`` with ``F`` the weight-normalised sum of the blocks' filters, a band of
-    ``2t - stride`` views per output view. So the data are read once in a cell-major layout, the Grams come from
-    overlapping strided windows (no copies of the windows), and one batched matmul per spatial cell applies
-    ``F``; no block is ever rebuilt on its own.
+    The detector is cut into cells of ``tile_stride_rows × tile_stride_cols`` bins (:class:`_Cells`) and the views
+    into cells of ``view_stride`` views; a block is ``pv × pr × pc`` cells. Each block's centred Gram matrix is
+    the sum over its spatial cells of the Gram of the cell's view differences (small numbers: float32 keeps
+    their precision, whereas the uncentred values of a bright air region would lose the noise to rounding),
+    mapped by the fixed ``A = (I - J) L`` (:func:`_centring_map`) in float64. The rebuild-and-average of all
+    blocks that cover a cell is linear in the data: ``out = F x`` with ``F`` the weight-normalised sum of the
+    blocks' filters, a band of ``2t - stride`` views per output view. So the Grams come from overlapping
+    strided windows of the cell-major data (no copies of the windows), and one batched matmul per spatial cell
+    applies ``F``; no block is ever rebuilt on its own.
 
-    Returns ``(out_hi - out_lo, rows, cols)`` like :func:`_lowrank_pass` (equal to it up to float32 rounding).
+    Parameters
+    ----------
+    x : Tensor, shape (cells, views, bins of a cell)
+        The data in the denoiser's domain, cell-major; ``x[:, 0]`` is absolute view ``x_first``.
+    pilot : Tensor, optional
+        The first estimate in the same layout (Wiener pass), its view 0 at absolute ``pilot_first``.
+    finish : callable, optional
+        Applied in place to each cell's output right after it is computed (while it is in cache).
+
+    Returns
+    -------
+    out : Tensor, shape (cells, views, bins of a cell)
+        Estimates of whole view cells that cover ``[out_lo, out_hi)``.
+    first : int
+        Absolute index of ``out[:, 0]``.
     """
-    n_ext, rows, cols = noisy.shape
-    vax, rax, cax = _block_axes(config, rows, cols, pilot=pilot is None)
+    vax, rax, cax = _block_axes(config, cells.rows, cells.cols, pilot=pilot is None)
+    if _Cells.of(rax, cax, cells.rows, cells.cols) != cells:
+        raise AssertionError("the pass's tiles do not match the cell layout")
     v0, nbv = vax.starts(out_lo, out_hi)
-    r0, nbr = rax.starts(0, rows)
-    c0, nbc = cax.starts(0, cols)
-    t, sv, sr, sc = vax.size, vax.step, rax.step, cax.step
-    pv, pr, pc = t // sv, rax.size // sr, cax.size // sc
-    nvc, nrc, ncc = nbv + pv - 1, nbr + pr - 1, nbc + pc - 1  # cells along views, rows, cols
-    lo, hi = v0 - first_view, v0 - first_view + nvc * sv
-    if lo < 0 or hi > n_ext:
-        raise AssertionError(f"view window [{lo}, {hi}) exceeds the extended array of {n_ext} views")
-    dev, dt = noisy.device, noisy.dtype
-    n_cells, m = nrc * ncc, sr * sc
+    nbr = rax.starts(0, cells.rows)[1]
+    nbc = cax.starts(0, cells.cols)[1]
+    t, sv = vax.size, vax.step
+    pv, pr, pc = t // sv, rax.size // rax.step, cax.size // cax.step
+    nrc, ncc, n_cells, m = cells.nrc, cells.ncc, cells.n_cells, cells.m
+    nvc = nbv + pv - 1  # view cells
+    lo = v0 - x_first
+    if lo < 0 or lo + nvc * sv > x.shape[1]:
+        raise AssertionError(f"view window [{lo}, {lo + nvc * sv}) exceeds the {x.shape[1]} views given")
+    xs = x[:, lo : lo + nvc * sv]
+    if pilot is None:
+        source = xs
+    else:
+        plo = v0 - pilot_first
+        if plo < 0 or plo + nvc * sv > pilot.shape[1]:
+            raise AssertionError(f"pilot window [{plo}, {plo + nvc * sv}) exceeds its {pilot.shape[1]} views")
+        source = pilot[:, plo : plo + nvc * sv]
+    dev, dt = x.device, x.dtype
 
-    def cells_of(a: torch.Tensor) -> torch.Tensor:
-        """(views, rows, cols) -> (spatial cells, views, bins of a cell): one copy (plus one for padding)."""
-        sub = _pad_symmetric(_pad_symmetric(a[lo:hi], 1, r0, r0 + nrc * sr), 2, c0, c0 + ncc * sc)
-        return sub.reshape(nvc * sv, nrc, sr, ncc, sc).permute(1, 3, 0, 2, 4).reshape(n_cells, nvc * sv, m)
+    # Centred Gram matrices of the blocks, (nbr · nbc · nbv, t, t) float64. Banded: each view cell's differences
+    # against the next t views' (sv × t per cell, 2t flops per element), summed over a tile's spatial cells, then
+    # assembled into the windows' t × t Grams.
+    d = torch.empty(n_cells, (nvc + pv - 1) * sv, m, dtype=dt, device=dev)
+    d[:, 0] = 0.0
+    d[:, nvc * sv :] = 0.0  # zero tail: the band's end
+    torch.sub(source[:, 1:], source[:, :-1], out=d[:, 1 : nvc * sv])
+    band = torch.empty(n_cells, nvc, sv, t, dtype=dt, device=dev)
+    for i in range(n_cells):  # the next t views of each cell: an overlapping strided view, not a copy
+        torch.bmm(d[i, : nvc * sv].view(nvc, sv, m), d[i].unfold(0, t, sv)[:nvc], out=band[i])
+    del d
+    band = band.reshape(nrc, ncc, nvc, sv, t)
+    tiles = band[:nbr, :nbc].clone()
+    for p in range(pr):  # a tile's Gram is the sum of its cells'
+        for q in range(pc):
+            if p or q:
+                tiles += band[p : p + nbr, q : q + nbc]
+    tiles = tiles.double()
+    gd = torch.empty(nbr, nbc, nbv, pv, sv, pv, sv, dtype=torch.float64, device=dev)
+    for p in range(pv):  # window k, cells p <= q: the band of cell k + p at offset q - p
+        for q in range(p, pv):
+            blk = tiles[:, :, p : p + nbv, :, (q - p) * sv : (q - p + 1) * sv]
+            gd[:, :, :, p, :, q, :] = blk
+            if q > p:
+                gd[:, :, :, q, :, p, :] = blk.mT
+    amap = _centring_map(t, dtype=torch.float64, device=dev)
+    gram = (amap @ gd.reshape(-1, t, t) @ amap.mT).contiguous()
 
-    def centred_grams(a: torch.Tensor) -> torch.Tensor:
-        """Centred Gram matrices of the blocks, (nbr · nbc · nbv, t, t) float64, from cell-major data.
-
-        Banded: each view cell's differences against the next ``t`` views' (``sv × t`` per cell, 2t flops per
-        element), summed over a tile's spatial cells, then assembled into the windows' ``t × t`` Grams.
-        """
-        d = torch.empty(n_cells, (nvc + pv - 1) * sv, m, dtype=dt, device=dev)
-        d[:, 0] = 0.0
-        d[:, nvc * sv :] = 0.0  # zero tail: the band's end
-        torch.sub(a[:, 1:], a[:, :-1], out=d[:, 1 : nvc * sv])
-        band = torch.empty(n_cells, nvc, sv, t, dtype=dt, device=dev)
-        for i in range(n_cells):  # the next t views of each cell: an overlapping strided view, not a copy
-            torch.bmm(d[i, : nvc * sv].view(nvc, sv, m), d[i].unfold(0, t, sv)[:nvc], out=band[i])
-        band = band.reshape(nrc, ncc, nvc, sv, t)
-        tiles = band[:nbr, :nbc].clone()
-        for p in range(pr):  # a tile's Gram is the sum of its cells'
-            for q in range(pc):
-                if p or q:
-                    tiles += band[p : p + nbr, q : q + nbc]
-        tiles = tiles.double()
-        gd = torch.empty(nbr, nbc, nbv, pv, sv, pv, sv, dtype=torch.float64, device=dev)
-        for p in range(pv):  # window k, cells p <= q: the band of cell k + p at offset q - p
-            for q in range(p, pv):
-                blk = tiles[:, :, p : p + nbv, :, (q - p) * sv : (q - p + 1) * sv]
-                gd[:, :, :, p, :, q, :] = blk
-                if q > p:
-                    gd[:, :, :, q, :, p, :] = blk.mT
-        amap = _centring_map(t, dtype=torch.float64, device=dev)
-        return (amap @ gd.reshape(-1, t, t) @ amap.mT).contiguous()
-
-    x = cells_of(noisy)
-    gram = centred_grams(x if pilot is None else cells_of(pilot))
     proj = _projectors(gram, wiener=pilot is not None, config=config, sigma=sigma, m=rax.size * cax.size)
     proj = proj - proj.mean(-1, keepdim=True) + 1.0 / t  # P_total = J + P (I - J): the mean view passes
     if config.weighted_aggregation:
@@ -590,22 +715,106 @@ def _banded_pass(
             wspread[p : p + nbr, q : q + nbc] += weight
     # The band of output view cell a: the blocks k = a - p (p < pv) that cover it, each placed at its views.
     a_lo, a_hi = (out_lo - v0) // sv, (out_hi - 1 - v0) // sv + 1
-    na, band = a_hi - a_lo, (2 * pv - 1) * sv
-    filt = torch.zeros(nrc, ncc, na, sv, band, dtype=torch.float64, device=dev)
+    na, width = a_hi - a_lo, (2 * pv - 1) * sv
+    filt = torch.zeros(nrc, ncc, na, sv, width, dtype=torch.float64, device=dev)
     wsum = torch.zeros(nrc, ncc, na, dtype=torch.float64, device=dev)
     for p in range(pv):
         off = (pv - 1 - p) * sv
         filt[..., off : off + t] += spread[:, :, a_lo - p : a_hi - p, p * sv : (p + 1) * sv, :]
         wsum += wspread[:, :, a_lo - p : a_hi - p]
-    filt = (filt / wsum[..., None, None]).to(dt).reshape(n_cells, na, sv, band)
-    out = torch.empty(n_cells, na, sv, m, dtype=dt, device=dev)
+    filt = (filt / wsum[..., None, None]).to(dt).reshape(n_cells, na, sv, width)
+    out = torch.empty(n_cells, na * sv, m, dtype=dt, device=dev)
     first = (a_lo - pv + 1) * sv
     for i in range(n_cells):
-        win = x[i, first : first + (na - 1) * sv + band].unfold(0, band, sv).mT  # (na, band, m), a view
-        torch.bmm(filt[i], win, out=out[i])
-    full = out.reshape(nrc, ncc, na * sv, sr, sc).permute(2, 0, 3, 1, 4).reshape(na * sv, nrc * sr, ncc * sc)
-    v_first = out_lo - v0 - a_lo * sv
-    return full[v_first : v_first + out_hi - out_lo, -r0 : -r0 + rows, -c0 : -c0 + cols]
+        win = xs[i, first : first + (na - 1) * sv + width].unfold(0, width, sv).mT  # (na, width, m), a view
+        torch.bmm(filt[i], win, out=out[i].view(na, sv, m))
+        if finish is not None:
+            done = finish(out[i])
+            if done.data_ptr() != out[i].data_ptr():
+                out[i].copy_(done)
+    return out, v0 + a_lo * sv
+
+
+def _banded_pass(
+    noisy: torch.Tensor,
+    pilot: torch.Tensor | None,
+    *,
+    first_view: int,
+    out_lo: int,
+    out_hi: int,
+    config: DenoiseConfig,
+    sigma: float,
+) -> torch.Tensor:
+    """:func:`_banded_cells` on ``(views, rows, cols)`` arrays, with :func:`_lowrank_pass`'s signature and result.
+
+    Returns ``(out_hi - out_lo, rows, cols)`` like :func:`_lowrank_pass` (equal to it up to float32 rounding).
+    """
+    _, rows, cols = noisy.shape
+    _, rax, cax = _block_axes(config, rows, cols, pilot=pilot is None)
+    cells = _Cells.of(rax, cax, rows, cols)
+    x = cells.to_cells(noisy)
+    p = None if pilot is None else cells.to_cells(pilot)
+    out, first = _banded_cells(
+        x, first_view, p, first_view, cells=cells, out_lo=out_lo, out_hi=out_hi, config=config, sigma=sigma
+    )
+    return cells.from_cells(out, out_lo - first, out_hi - out_lo)
+
+
+def _banded_denoise(
+    data: torch.Tensor,
+    *,
+    first_view: int,
+    out_lo: int,
+    out_hi: int,
+    config: DenoiseConfig,
+    sigma: float,
+    i0_photons: float | None,
+) -> torch.Tensor | None:
+    """Both passes of the automatic modes on line integrals, kept cell-major from input to output.
+
+    ``data`` holds views ``first_view …`` (line integrals, not modified). The domain transform runs cell by cell
+    right after the layout copy, the pilot stays cell-major for the Wiener pass, and the inverse transform runs on
+    each cell's output while it is in cache; only two full copies (into and out of the layout) touch memory.
+    Returns ``(out_hi - out_lo, rows, cols)`` in line integrals, or None when the pilot's tiles differ from the
+    second pass's (``first_pass_tile_stride_cols``): :func:`_banded_pass` then serves.
+    """
+    _, rows, cols = data.shape
+    _, rax, cax = _block_axes(config, rows, cols, pilot=False)
+    cells = _Cells.of(rax, cax, rows, cols)
+    if config.second_pass:
+        _, prax, pcax = _block_axes(config, rows, cols, pilot=True)
+        if _Cells.of(prax, pcax, rows, cols) != cells:
+            return None
+    x = cells.to_cells(data)
+    if config.domain is not DenoiseDomain.LOG:
+        for i in range(cells.n_cells):
+            to_domain_(x[i], domain=config.domain, i0_photons=i0_photons)
+
+    def finish(values: torch.Tensor) -> torch.Tensor:
+        return from_domain(
+            values, domain=config.domain, i0_photons=i0_photons, counts_floor=config.counts_floor_photons
+        )
+
+    pilot, pilot_first = None, 0
+    if config.second_pass:
+        g = config.views_per_group - 1
+        pilot, pilot_first = _banded_cells(
+            x, first_view, None, 0, cells=cells, out_lo=out_lo - g, out_hi=out_hi + g, config=config, sigma=sigma
+        )
+        cells.remirror(pilot)
+    est, first = _banded_cells(
+        x,
+        first_view,
+        pilot,
+        pilot_first,
+        cells=cells,
+        out_lo=out_lo,
+        out_hi=out_hi,
+        config=config,
+        sigma=sigma,
+        finish=finish,
+    )
+    return cells.from_cells(est, out_lo - first, out_hi - out_lo)
 
 
 def denoise_view_window(
@@ -659,16 +868,25 @@ def denoise_view_window(
     if not math.isfinite(noise_sigma) or noise_sigma < 0:
         raise InvalidInputError(f"noise_sigma must be finite and >= 0; got {noise_sigma}")
     i0 = require_i0(config, i0_photons)
-    check_finite(arr, view_offset=first_view - halo)
-    core = arr[halo : halo + n_core]
     tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
-    check_not_negative(core, tolerance=tol, view_offset=first_view)
+    host = torch.from_numpy(np.ascontiguousarray(arr))
+    low, high = (float(v) for v in torch.aminmax(host))  # one pass; a NaN makes both NaN
+    if not (math.isfinite(low) and math.isfinite(high)):
+        check_finite(arr, view_offset=first_view - halo)  # names the first bad value
+    if low < -tol:  # the halo may hold it (then the core passes)
+        check_not_negative(arr[halo : halo + n_core], tolerance=tol, view_offset=first_view)
     dev = check_device(device)
-    data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
-    values = to_domain(data, domain=config.domain, i0_photons=i0)
+    data = host.to(dev)
     ext_first = first_view - halo
     lo, hi = first_view, first_view + n_core
     center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
+    if center and _CELL_MAJOR:
+        est = _banded_denoise(
+            data, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma, i0_photons=i0
+        )
+        if est is not None:
+            return est.to(torch.float32).cpu().numpy()
+    values = to_domain(data, domain=config.domain, i0_photons=i0)
     lowrank_pass = _banded_pass if center else _lowrank_pass
     if config.second_pass:
         g = config.views_per_group - 1

@@ -278,20 +278,21 @@ def _noisy_scan(rng: np.random.Generator, views: int = 64, rows: int = 5, cols: 
     ],
     ids=["default", "rows2", "rows4-overlap", "cols-overlap", "one-pass", "unweighted", "auto-hard", "whole-view"],
 )
-def test_banded_filter_equals_per_block_rebuild(overrides: dict[str, object], rng: np.random.Generator) -> None:
-    """The banded (cell-major) path equals rebuilding every block and averaging the overlaps."""
+def test_banded_filter_equals_per_block_rebuild(
+    overrides: dict[str, object], rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The banded path (cell-major end to end, and pass by pass) equals rebuilding every block and averaging."""
     import tasks.denoise.kernels as kernels
 
-    x = _noisy_scan(rng)
+    x = _noisy_scan(rng, views=70)  # not a multiple of the group; 5 rows x 45 cols: tiles reach past the edges
     config = DenoiseConfig(group_span_deg=None, **overrides)  # type: ignore[arg-type]
-    fast = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
-    banded = kernels._banded_pass
-    kernels._banded_pass = kernels._lowrank_pass  # type: ignore[assignment]
-    try:
-        reference = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
-    finally:
-        kernels._banded_pass = banded  # type: ignore[assignment]
+    fast = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)  # cell-major, both passes
+    monkeypatch.setattr(kernels, "_CELL_MAJOR", False)
+    pass_by_pass = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
+    monkeypatch.setattr(kernels, "_banded_pass", kernels._lowrank_pass)
+    reference = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
     assert float(np.abs(reference - x).mean()) > 0.01  # it does denoise
+    np.testing.assert_allclose(pass_by_pass, reference, rtol=0, atol=2e-5)
     np.testing.assert_allclose(fast, reference, rtol=0, atol=2e-5)
 
 
