@@ -19,10 +19,14 @@ With ``--repeat N`` the modes run N times, interleaved, and each mode's fastest 
 a burst of load from elsewhere only ever slows a run down); every run's wall time is kept in ``wall_s_all``.
 
 ``orchestration_overhead_fraction`` = (prefect − direct) / prefect: what orchestration alone (task and flow
-runs, states, events, logs, artifact API calls, the server's answers) costs as a fraction of the run,
-for the largest size run. ``orchestration_overhead_fraction_vs_bare`` = (prefect − bare) / prefect is the first
-definition (it also charges the previews and the report to Prefect). Per size both are in the ``prefect`` row,
-with the server's own peak RSS (``server_peak_rss_mb``, the Prefect API subprocess) beside the flow process's.
+runs, states, events, logs, artifact API calls, the server's answers) costs as a fraction of the run, for the
+largest size run. ``orchestration_cpu_fraction`` is the same in CPU seconds: the flow process's beyond the direct
+peer's, plus the API server's, over the run's total. Each ``prefect`` row splits orchestration's CPU per scan
+into the flow's (``flow_cpu_overhead_s_per_scan``) and the server's (``server_cpu_s_per_scan``), beside the stage
+work's (``work_cpu_s_per_scan``). ``orchestration_overhead_fraction_vs_bare`` = (prefect − bare) / prefect is the
+first definition (it also charges the previews and the report to Prefect). Per size both are in the ``prefect``
+row, with the server's own peak RSS (``server_peak_rss_mb``, the Prefect API subprocess) beside the flow
+process's.
 
     python benchmarks/pipeline.py --quick --json pipeline.json
     python benchmarks/pipeline.py --size medium --slices 16 --scans-per-site 1,2,4,8 --cache-dir /tmp/bases
@@ -107,6 +111,25 @@ def _direct(data_root: str, *, product: bool) -> None:
         publish_run_report(data_root, outcomes, None)
 
 
+def _cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds used so far by this process's live child processes (the Prefect API server)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def _one(mode: str, data_root: str) -> dict[str, float]:
     """Run one mode in this process (called in a child process)."""
     from schemas.pipeline import PipelineConfig
@@ -119,9 +142,11 @@ def _one(mode: str, data_root: str) -> dict[str, float]:
 
         with prefect_test_harness(server_startup_timeout=None):
             _warm_up()
-            t0 = time.perf_counter()
+            children0 = _children_cpu_s()
+            cpu0, t0 = _cpu_s(resource.RUSAGE_SELF), time.perf_counter()
             report = nightly(NightlyRequest(data_root=data_root, federated=False, report=True, config=PipelineConfig()))
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, _cpu_s(resource.RUSAGE_SELF) - cpu0
+            server_cpu = _children_cpu_s() - children0  # the API server's CPU seconds during the run
         assert not report.failed, report.failed
         assert report.report_path is not None
         assert Path(report.report_path).is_file()
@@ -130,14 +155,15 @@ def _one(mode: str, data_root: str) -> dict[str, float]:
     else:
         import flows.pipeline  # noqa: F401  (same imports as the prefect mode before the clock starts)
 
-        t0 = time.perf_counter()
+        cpu0, t0 = _cpu_s(resource.RUSAGE_SELF), time.perf_counter()
         _direct(data_root, product=mode == "direct")
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _cpu_s(resource.RUSAGE_SELF) - cpu0
         if mode == "direct":
             assert (Path(data_root) / "report.html").is_file()
-    out = {"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if server_peak_mb is not None:
         out["server_peak_rss_mb"] = server_peak_mb
+        out["server_cpu_s"] = server_cpu
     return out
 
 
@@ -229,12 +255,25 @@ def main() -> None:
         pref["orchestration_overhead_fraction"] = (pref["wall_s"] - by["direct"]["wall_s"]) / pref["wall_s"]
         pref["orchestration_overhead_fraction_vs_bare"] = (pref["wall_s"] - by["bare"]["wall_s"]) / pref["wall_s"]
         pref["overhead_s_per_scan"] = (pref["wall_s"] - by["direct"]["wall_s"]) / (n_sites * per_site)
+        # Where orchestration's time goes: CPU seconds per scan in the flow process beyond the direct peer's, and
+        # in the API server (on this machine it shares the cores with the stage work).
+        pref["flow_cpu_overhead_s_per_scan"] = (pref["cpu_s"] - by["direct"]["cpu_s"]) / (n_sites * per_site)
+        pref["server_cpu_s_per_scan"] = pref["server_cpu_s"] / (n_sites * per_site)
+        pref["work_cpu_s_per_scan"] = by["direct"]["cpu_s"] / (n_sites * per_site)
     largest = next(r for r in rows if r["method"] == "prefect" and r["scans"] == n_sites * sizes[-1])
     smallest = next(r for r in rows if r["method"] == "prefect" and r["scans"] == n_sites * sizes[0])
     ratios["orchestration_overhead_fraction"] = largest["orchestration_overhead_fraction"]
     ratios["orchestration_overhead_fraction_smallest_run"] = smallest["orchestration_overhead_fraction"]
     ratios["orchestration_overhead_fraction_vs_bare"] = largest["orchestration_overhead_fraction_vs_bare"]
     ratios["orchestration_overhead_fraction_vs_bare_smallest_run"] = smallest["orchestration_overhead_fraction_vs_bare"]
+    # The same in CPU seconds (less sensitive to other load than wall time): orchestration's CPU (flow beyond the
+    # direct peer, plus the server) over the whole run's.
+    orch_cpu = (
+        largest["cpu_s"] - next(r for r in rows if r["method"] == "direct" and r["scans"] == largest["scans"])["cpu_s"]
+    )
+    ratios["orchestration_cpu_fraction"] = (orch_cpu + largest["server_cpu_s"]) / (
+        largest["cpu_s"] + largest["server_cpu_s"]
+    )
     print_table(rows)
     print({k: round(v, 4) for k, v in ratios.items()})
     if args.json:
