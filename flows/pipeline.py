@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +18,7 @@ from schemas.pipeline import PipelineConfig
 from schemas.refs import ScanRef
 from schemas.settings import get_settings
 from tasks.cluster import dask_client
-from tasks.prefect_tasks import ingest_scan, stage_tasks
+from tasks.prefect_tasks import flush_artifacts, ingest_scan, stage_tasks
 
 
 class ScanOutcome(FrozenModel):
@@ -78,6 +80,15 @@ NIGHTLY_SCANS_IN_FLIGHT = 2
 _STAGE_NAMES = ("denoise", "reconstruct", "surrogate")
 
 
+@contextlib.contextmanager
+def _artifacts_flushed() -> Iterator[None]:
+    """The stage tasks' artifacts are created in the background: wait for them before the flow goes on."""
+    try:
+        yield
+    finally:
+        flush_artifacts()
+
+
 def _run_chains(
     refs: list[ScanRef], config: PipelineConfig, stages: tuple[Any, Any, Any], *, in_flight: int
 ) -> tuple[ScanOutcome, ...]:
@@ -123,7 +134,7 @@ def process_scan(request: ProcessScanRequest) -> PipelineReport:
     """Ingest (if given a source), denoise, reconstruct and make surrogates of one scan."""
     settings = get_settings()
     root = request.data_root or settings.data_root
-    with dask_client(settings.dask):
+    with dask_client(settings.dask), _artifacts_flushed():
         if request.source is not None:
             if request.site_id is None:
                 raise ValueError("process-scan with a source needs site_id")
@@ -152,7 +163,7 @@ def nightly(request: NightlyRequest) -> PipelineReport:
 
     settings = get_settings()
     root = request.data_root or settings.data_root
-    with dask_client(settings.dask):
+    with dask_client(settings.dask), _artifacts_flushed():
         refs = discover_scans(root, request.sites)
         outcomes = _run_chains(refs, request.config, stage_tasks(), in_flight=NIGHTLY_SCANS_IN_FLIGHT)
     federated = None

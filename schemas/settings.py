@@ -56,6 +56,15 @@ class PrefectSettings(BaseModel):
 
     work_pool: str = Field(default="fedscan-process", description="Work pool the deployments use.")
     api_key: SecretStr | None = Field(default=None, description="Prefect Cloud key, if any.")
+    progress_after_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="A stage still writing after this many seconds gets a progress artifact in the UI, seconds.",
+    )
+    progress_every_s: float = Field(
+        default=2.0, gt=0, le=3600, description="Least time between two updates of a progress artifact, seconds."
+    )
 
 
 class FedscanSettings(BaseSettings):

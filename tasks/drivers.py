@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import dask.array as da
@@ -52,7 +52,9 @@ def psnr_db(estimate: da.Array, truth: da.Array) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-def denoise_scan(scan: ScanStore, config: DenoiseConfig, *, force: bool = False) -> StageResult:
+def denoise_scan(
+    scan: ScanStore, config: DenoiseConfig, *, force: bool = False, progress: Callable[[float], None] | None = None
+) -> StageResult:
     """``projections`` → ``projections_denoised`` (same chunks), resumable."""
     from tasks.denoise.chunked import denoise_dask
 
@@ -92,6 +94,7 @@ def denoise_scan(scan: ScanStore, config: DenoiseConfig, *, force: bool = False)
         ],
         metrics=metrics,
         force=force,
+        progress=progress,
     )
 
 
@@ -100,7 +103,9 @@ def _central(n: int) -> int:
     return max(0, (n - 1) // 2)
 
 
-def reconstruct_scan(scan: ScanStore, config: ReconstructConfig, *, force: bool = False) -> StageResult:
+def reconstruct_scan(
+    scan: ScanStore, config: ReconstructConfig, *, force: bool = False, progress: Callable[[float], None] | None = None
+) -> StageResult:
     """``projections_denoised`` (or ``projections`` when the scan was not denoised) → ``volume``."""
     from tasks.reconstruct.chunked import reconstruct_with_config
 
@@ -136,6 +141,7 @@ def reconstruct_scan(scan: ScanStore, config: ReconstructConfig, *, force: bool 
         outputs=[StageOutput("volume", volume, ("slice", "y", "x"), None, {"units": unit})],
         metrics=metrics,
         force=force,
+        progress=progress,
     )
 
 
@@ -211,7 +217,9 @@ def reconstruction_preview(scan: ScanStore, config: ReconstructConfig) -> str | 
 
 
 # ------------------------------------------------------------------------------------------------
-def surrogate_scan(scan: ScanStore, config: SurrogateConfig, *, force: bool = False) -> StageResult:
+def surrogate_scan(
+    scan: ScanStore, config: SurrogateConfig, *, force: bool = False, progress: Callable[[float], None] | None = None
+) -> StageResult:
     """``volume`` → ``surrogate`` (slice k of the surrogate keeps label k), resumable."""
     from tasks.surrogate.chunked import surrogate_volume
 
@@ -234,6 +242,7 @@ def surrogate_scan(scan: ScanStore, config: SurrogateConfig, *, force: bool = Fa
         outputs=[StageOutput("surrogate", surrogate, ("slice", "y", "x"), None, {"units": "host intensity"})],
         metrics=lambda _s, seconds: {"slices_per_s": volume.shape[0] / seconds if seconds > 0 else None},
         force=force,
+        progress=progress,
     )
 
 

@@ -20,6 +20,8 @@ the stage; a rerun after a fault writes only the missing chunks; a changed confi
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import math
 import subprocess
 import threading
@@ -184,12 +186,55 @@ class WriteReport:
         return self.written + self.skipped
 
 
-def write_missing_chunks(target: zarr.Array, source: da.Array) -> WriteReport:
+#: ``progress(done, total)``: chunks written so far and chunks to write in this call.
+ProgressFn = Callable[[int, int], None]
+
+
+#: How often a write with a progress callback counts the chunks on disk, seconds.
+PROGRESS_POLL_S = 0.5
+
+
+def _compute_writes(target: zarr.Array, todo: list[Any], progress: ProgressFn | None, *, present: int) -> None:
+    """``dask.compute(*todo)`` (any scheduler, unchanged semantics), with ``progress`` fed by a watcher thread
+    that counts the chunks on disk every :data:`PROGRESS_POLL_S` (``present`` of them were there before)."""
+    if progress is None:
+        dask.compute(*todo)
+        return
+    total, stop = len(todo), threading.Event()
+
+    def watch() -> None:
+        last = 0
+        while not stop.wait(PROGRESS_POLL_S):
+            done = min(total, max(0, len(present_chunk_keys(target)) - present))
+            if done > last:
+                last = done
+                progress(done, total)
+
+    watcher = threading.Thread(  # in the caller's context: the callback may talk to the caller's run
+        target=contextvars.copy_context().run, args=(watch,), name="fedscan-write-progress", daemon=True
+    )
+    watcher.start()
+    try:
+        dask.compute(*todo)
+    finally:
+        stop.set()
+        watcher.join()
+    progress(total, total)
+
+
+def _output_progress(progress: Callable[[float], None], k: int, n_outputs: int, done: int, total: int) -> None:
+    """Chunks of output ``k`` (of ``n_outputs``) to the fraction of the whole stage."""
+    progress((k + done / total) / n_outputs)
+
+
+def write_missing_chunks(target: zarr.Array, source: da.Array, *, progress: ProgressFn | None = None) -> WriteReport:
     """Compute and write only the chunks of ``target`` that are not yet in the store.
 
     ``source`` is rechunked to ``target``'s chunk grid, so each task writes whole chunks and no two
     tasks touch the same chunk. Runs on the current dask scheduler (a ``distributed.Client`` when one
     is active). A fault part-way leaves every finished chunk in place; calling again finishes the rest.
+    ``progress(done, total)`` is called as chunks land on disk, and once with ``done == total`` at the end
+    (``total`` counts this call's chunks only).
     """
     if tuple(source.shape) != tuple(target.shape):
         raise InvalidInputError(
@@ -208,7 +253,7 @@ def write_missing_chunks(target: zarr.Array, source: da.Array) -> WriteReport:
             continue
         todo.append(dask.delayed(_write_block, pure=False)(writer, blocks[idx], region))
     if todo:
-        dask.compute(*todo)
+        _compute_writes(target, todo, progress, present=len(present))
     return WriteReport(written=len(todo), skipped=skipped)
 
 
@@ -393,11 +438,13 @@ class ScanStore:
         inputs: Mapping[str, str] | None = None,
         metrics: MetricsFn | None = None,
         force: bool = False,
+        progress: Callable[[float], None] | None = None,
     ) -> StageResult:
         """Write a stage's outputs chunk by chunk, then its provenance record.
 
         Skips the stage when it is already done with the same config hash and inputs (unless
         ``force``); resumes an interrupted write of the same work; recomputes otherwise.
+        ``progress(fraction)`` is called as chunks are written (0 < fraction ≤ 1, over all outputs).
         """
         config_hash = config.config_hash()
         inputs = dict(inputs or {})
@@ -411,7 +458,7 @@ class ScanStore:
         started = _utcnow()
         t0 = time.perf_counter()
         written = present = 0
-        for out in outputs:
+        for k, out in enumerate(outputs):
             target = self.prepare_output(
                 out.name,
                 shape=out.data.shape,
@@ -422,7 +469,9 @@ class ScanStore:
                 attributes=out.attributes,
                 fill_value=out.fill_value,
             )
-            report = write_missing_chunks(target, out.data)
+            part = None if progress is None else functools.partial(_output_progress, progress, k, len(outputs))
+
+            report = write_missing_chunks(target, out.data, progress=part)
             written += report.written
             present += report.skipped
             left = missing_chunks(target)

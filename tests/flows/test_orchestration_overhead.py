@@ -139,3 +139,96 @@ def test_nightly_runs_two_scans_at_once_with_no_worker_waiting_on_an_upstream(tm
     assert not barrier.broken
     for scan in SiteStore.open(tmp_path / "A.zarr").scans():
         assert scan.is_done("surrogate")
+
+
+def test_stage_progress_waits_then_throttles_and_always_reports_completion():
+    from tasks.prefect_tasks import StageProgress
+
+    now = [0.0]
+    calls: list[tuple[str, float]] = []
+
+    def publish(fn, percent):
+        calls.append((fn.__name__, percent))
+
+    progress = StageProgress("denoise of scan A/A-0", after_s=5.0, every_s=2.0, clock=lambda: now[0], publish=publish)
+    for t, fraction in [(1.0, 0.1), (4.9, 0.3)]:  # a short stage: no artifact at all
+        now[0] = t
+        progress(fraction)
+    assert calls == [] and not progress.created
+    now[0] = 5.0
+    progress(0.4)  # long enough: created with the fraction so far
+    assert calls == [("_create", 40.0)]
+    for t, fraction in [(5.5, 0.5), (6.9, 0.6)]:  # within every_s of the last call: skipped
+        now[0] = t
+        progress(fraction)
+    now[0] = 7.1
+    progress(0.7)
+    now[0] = 7.2
+    progress(1.0)  # completion is always reported
+    assert calls == [("_create", 40.0), ("_update", 70.0), ("_update", 100.0)]
+
+
+def test_artifact_publisher_runs_in_order_in_the_callers_context_and_logs_failures(caplog):
+    import contextvars
+    import threading
+
+    from tasks.prefect_tasks import ArtifactPublisher
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[tuple[int, str, str]] = []
+    gate = threading.Event()
+
+    def call(k: int) -> None:
+        gate.wait(5)
+        seen.append((k, var.get(), threading.current_thread().name))
+
+    def broken() -> None:
+        raise RuntimeError("API said no")
+
+    publisher = ArtifactPublisher()
+    var.set("task-run-1")
+    for k in range(5):
+        publisher.submit(call, k)
+    publisher.submit(broken)
+    var.set("task-run-2")
+    publisher.submit(call, 5)
+    assert seen == []  # nothing ran inline: the caller went on at once
+    gate.set()
+    with caplog.at_level("WARNING"):
+        assert publisher.flush() == 1
+    assert [k for k, _, _ in seen] == [0, 1, 2, 3, 4, 5]
+    assert [v for _, v, _ in seen] == ["task-run-1"] * 5 + ["task-run-2"]
+    assert all(name.startswith("fedscan-artifacts") for _, _, name in seen)
+    assert "API said no" in caplog.text
+    assert publisher.flush() == 0  # flushed calls are not waited for (or reported) twice
+
+
+@pytest.mark.slow
+def test_nightly_stage_artifacts_and_progress_reach_the_api(tmp_path, prefect_harness, monkeypatch):
+    """Artifacts made in the background are attached to their task runs and exist when the flow returns."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import NightlyRequest, nightly
+    from schemas.settings import get_settings
+
+    monkeypatch.setenv("FEDSCAN_PREFECT__PROGRESS_AFTER_S", "0")
+    get_settings.cache_clear()
+    try:
+        make_site(tmp_path, site_id="Q", n_scans=1, seed=3)
+        nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
+    finally:
+        get_settings.cache_clear()
+
+    async def artifacts() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    mine = [a for a in asyncio.run(artifacts()) if "Q-0" in (a.description or "") or "q-0" in (a.key or "")]
+    tables = {a.key for a in mine if a.type == "table"}
+    assert {"denoise-q-q-0", "reconstruct-q-q-0", "surrogate-q-q-0"} <= tables
+    assert all(a.task_run_id is not None for a in mine)  # attached to the stage's task run, not the flow
+    progress = [a for a in mine if a.type == "progress"]
+    assert {a.description.split(" of ")[0] for a in progress} == {"denoise", "reconstruct", "surrogate"}
+    assert all(float(a.data) == 100.0 for a in progress)

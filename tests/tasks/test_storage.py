@@ -268,3 +268,63 @@ def test_fsspec_url_store_round_trip_and_resume(monkeypatch):
     res = SiteStore.open(url).scan("s1").run_stage(stage="ingest", config=Cfg(), outputs=outputs)
     assert (res.chunks_written, res.chunks_present) == (3, 2)
     np.testing.assert_array_equal(SiteStore.open(url, mode="r").scan("s1").array("p")[...], data)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "distributed"])
+def test_write_missing_chunks_reports_progress_from_the_chunks_on_disk(tmp_path, scheduler, monkeypatch):
+    import dask.array as da
+    import zarr
+
+    from tasks.storage import write_missing_chunks
+
+    monkeypatch.setattr(storage, "PROGRESS_POLL_S", 0.02)
+    target = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=(12, 4), chunks=(2, 4), dtype="f4")
+    target[:4] = 1.0  # two chunks already there: not counted
+
+    def slow(block: np.ndarray) -> np.ndarray:
+        time.sleep(0.3)
+        return block
+
+    source = da.arange(48, dtype="f4").reshape(12, 4).rechunk((2, 4)).map_blocks(slow, dtype="f4")
+    seen: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+
+    if scheduler == "distributed":
+        from dask.distributed import Client, LocalCluster
+
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+            Client(cluster),
+        ):
+            report = write_missing_chunks(target, source, progress=progress)
+    else:
+        with dask.config.set(scheduler="threads", num_workers=1):
+            report = write_missing_chunks(target, source, progress=progress)
+    assert (report.written, report.skipped) == (4, 2)
+    assert seen[-1] == (4, 4)
+    assert {total for _, total in seen} == {4}
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # never goes back
+    assert any(d < 4 for d, _ in seen), seen  # reported while the chunks were being written
+    np.testing.assert_array_equal(target[4:], np.arange(16, 48, dtype="f4").reshape(8, 4))
+
+
+def test_write_missing_chunks_reports_no_completion_when_a_chunk_fails(tmp_path):
+    import dask.array as da
+    import zarr
+
+    from tasks.storage import write_missing_chunks
+
+    target = zarr.open_array(str(tmp_path / "b.zarr"), mode="w", shape=(4, 4), chunks=(2, 4), dtype="f4")
+
+    def broken(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        if block_info and block_info[None]["chunk-location"][0] == 1:
+            raise RuntimeError("chunk 1 is bad")
+        return block
+
+    source = da.zeros((4, 4), chunks=(2, 4), dtype="f4").map_blocks(broken, dtype="f4")
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(RuntimeError, match="chunk 1 is bad"):
+        write_missing_chunks(target, source, progress=lambda d, t: seen.append((d, t)))
+    assert (2, 2) not in seen
