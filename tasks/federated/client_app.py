@@ -8,7 +8,8 @@ The site store comes from the node, never from the server:
   of the simulation processes and partition ``i`` reads store ``i``.
 
 Messages handled (Message API): ``train`` (local training, reply = updated shared arrays + metrics),
-``evaluate`` (held-out metrics of the global model) and ``train.personalise`` (local fine-tuning after the
+``evaluate`` (held-out metrics of the global model; with ``local_bn_statistics`` after re-estimating the
+BatchNorm statistics on the site's training slices) and ``train.personalise`` (local fine-tuning after the
 global rounds; only metrics leave). With ``secagg`` the server runs Flower's legacy SecAgg+ workflow, whose
 ``train`` messages use the legacy ``fitins``/``fitres`` layout; the same handlers answer them.
 
@@ -40,7 +41,7 @@ from tasks.federated.compression import encode_update
 from tasks.federated.data import SiteData, load_site_data, split_holdout
 from tasks.federated.model import build_model, get_arrays, model_signature, set_arrays, shared_keys
 from tasks.federated.training import evaluate as evaluate_model
-from tasks.federated.training import train_local
+from tasks.federated.training import recalibrate_batchnorm, train_local
 
 #: Environment variable holding a JSON list of site-store paths, indexed by simulation partition id.
 SIMULATION_STORES_ENV = "FEDSCAN_SIMULATION_SITE_STORES"
@@ -85,7 +86,7 @@ def site_store_path(context: Context) -> str:
 
 def _site_split(context: Context, cfg: FederationConfig) -> tuple[SiteData, SiteData]:
     data = load_site_data(site_store_path(context), task=cfg.task)
-    return split_holdout(data, fraction=cfg.holdout_fraction, seed=cfg.seed)
+    return split_holdout(data, fraction=cfg.holdout_fraction, seed=cfg.holdout_seed)
 
 
 def _local_model(context: Context, cfg: FederationConfig) -> tuple[torch.nn.Module, list[str]]:
@@ -94,7 +95,7 @@ def _local_model(context: Context, cfg: FederationConfig) -> tuple[torch.nn.Modu
     if _LOCAL_MODEL in context.state.array_records:
         saved = context.state.array_records[_LOCAL_MODEL].to_torch_state_dict()
         model.load_state_dict(saved)
-    return model, shared_keys(model, fedbn=cfg.fedbn)
+    return model, shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
 
 
 def _save_local(context: Context, model: torch.nn.Module) -> None:
@@ -159,7 +160,9 @@ def _evaluate(
     model, keys = _local_model(context, cfg)
     _check_server(config, cfg, model, keys)
     set_arrays(model, arrays)
-    _, hold = _site_split(context, cfg)
+    train, hold = _site_split(context, cfg)
+    if cfg.local_bn_statistics:
+        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
     metrics = evaluate_model(model, hold.images, hold.targets, task=cfg.task, batch_size=cfg.batch_size, device=_CPU)
     out: dict[str, float | int] = {"num-examples": hold.num_slices}
     out.update({k: v for k, v in metrics.items() if np.isfinite(v)})
@@ -175,6 +178,8 @@ def _personalise(
     set_arrays(model, arrays)
     train, hold = _site_split(context, cfg)
     kw: dict[str, Any] = {"task": cfg.task, "batch_size": cfg.batch_size, "device": _CPU}
+    if cfg.local_bn_statistics:
+        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
     before = evaluate_model(model, hold.images, hold.targets, **kw)
     if cfg.personalisation_epochs > 0:
         train_local(
@@ -186,6 +191,8 @@ def _personalise(
             generator=_generator(cfg, train.site_id, 10**6),
             **kw,
         )
+    if cfg.local_bn_statistics and cfg.personalisation_epochs > 0:
+        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
     after = evaluate_model(model, hold.images, hold.targets, **kw)
     _save_local(context, model)
     out: dict[str, float | int] = {"num-examples": hold.num_slices}

@@ -113,7 +113,7 @@ def run_in_process(
     grid = InProcessGrid(stores, rc, tamper=tamper)
     grid.down.update(down)
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
-    signature = model_signature(model, shared_keys(model, fedbn=cfg.fedbn))
+    signature = model_signature(model, shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics))
     writer = sa.RoundWriter(cfg, rc, 1, signature)
     audited = sa.AuditingGrid(grid, audit_path=str(rc["audit_path"]))
     base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: signature})

@@ -9,8 +9,11 @@ Two plain torch models on single-channel slices ``(batch, 1, H, W)``:
 
 What crosses the site boundary is :func:`shared_keys`: every floating-point entry of the ``state_dict``, minus
 the BatchNorm entries under FedBN (arXiv:2102.07623: batch-norm layers stay local so each scanner keeps its own
-feature statistics). Integer buffers (``num_batches_tracked``) never leave: they carry no learnt information, and
-SecAgg+'s float64 round trip garbles them.
+feature statistics), or minus only the BatchNorm running statistics with local statistics (SiloBN,
+arXiv:2008.07424: the learnt scale and shift are averaged, the statistics stay home and each site re-estimates
+them for the global weights, :func:`tasks.federated.training.recalibrate_batchnorm`). Integer buffers
+(``num_batches_tracked``) never leave: they carry no learnt information, and SecAgg+'s float64 round trip
+garbles them.
 """
 
 from __future__ import annotations
@@ -113,12 +116,25 @@ def batchnorm_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def shared_keys(model: nn.Module, *, fedbn: bool) -> list[str]:
+def batchnorm_statistics_keys(model: nn.Module) -> set[str]:
+    """``state_dict`` keys of the BatchNorm running statistics (``running_mean``, ``running_var``)."""
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCHNORM) and module.track_running_stats:
+            prefix = f"{name}." if name else ""
+            keys.update({f"{prefix}running_mean", f"{prefix}running_var"})
+    return keys
+
+
+def shared_keys(model: nn.Module, *, fedbn: bool, local_statistics: bool = False) -> list[str]:
     """The ``state_dict`` keys that are sent to the server, in ``state_dict`` order.
 
-    Floating-point entries only; without BatchNorm entries when ``fedbn``.
+    Floating-point entries only; without BatchNorm entries when ``fedbn``; without the BatchNorm running
+    statistics (but with their learnt weight and bias) when ``local_statistics``.
     """
     local = batchnorm_keys(model) if fedbn else set()
+    if local_statistics:
+        local |= batchnorm_statistics_keys(model)
     return [k for k, v in model.state_dict().items() if v.is_floating_point() and k not in local]
 
 

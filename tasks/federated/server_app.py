@@ -189,6 +189,7 @@ class RoundWriter:
             "task": self.cfg.task.value,
             "base_channels": self.cfg.base_channels,
             "fedbn": self.cfg.fedbn,
+            "local_bn_statistics": self.cfg.local_bn_statistics,
             "config_hash": self.cfg.config_hash(),
             "model_signature": self.signature,
             "config": self.cfg.model_dump(mode="json"),
@@ -336,7 +337,7 @@ def _evaluate_round(
 def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, base: ConfigRecord) -> None:
     """All rounds on the Message API, then the optional personalisation phase."""
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
-    keys = shared_keys(model, fedbn=cfg.fedbn)
+    keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     arrays = _record_of(get_arrays(model, keys))
     strategy: fs.Strategy | None = None
     for rnd in range(1, cfg.num_rounds + 1):
@@ -463,7 +464,7 @@ def run_secagg(
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
-    keys = shared_keys(model, fedbn=cfg.fedbn)
+    keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = ndarrays_to_parameters(list(get_arrays(model, keys).values()))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
     state: dict[str, Any] = {"t0": time.perf_counter(), "down": 0, "up": 0, "adown": 0, "aup": 0, "fit": {}}
@@ -590,7 +591,7 @@ def main(grid: Grid, context: Context) -> None:
     """Parse the run config, then run the rounds (Message API, or SecAgg+'s legacy workflow)."""
     cfg = FederationConfig.from_run_config(context.run_config)
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
-    keys = shared_keys(model, fedbn=cfg.fedbn)
+    keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     signature = model_signature(model, keys)
     writer = RoundWriter(cfg, context.run_config, context.run_id, signature)
     audited = AuditingGrid(grid, audit_path=str(context.run_config.get("audit_path", "")))

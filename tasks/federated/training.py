@@ -162,6 +162,55 @@ def train_local(
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: npt.ArrayLike, *, batch_size: int, device: torch.device) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``images``; the weights are unchanged.
+
+    Under local BatchNorm statistics (``FederationConfig.local_bn_statistics``) a site calls this with its own
+    training slices after loading global weights: during local training each site normalises with its own
+    batch statistics, so the averaged (or stale) running statistics would not match what the weights were
+    trained with. The statistics are the average over batches of the batch statistics (``momentum=None``),
+    each layer seeing the output of the already re-estimated layers before it (one pass in training mode,
+    no gradients); the model's mode and the layers' momentum are restored.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Already on ``device``; changed in place (running statistics only).
+    images : array, shape (n, H, W)
+        Slices of the site (standardised per slice here, as in :func:`train_local`); not modified.
+    batch_size, device
+        Batches of the pass and where they go.
+
+    Returns
+    -------
+    int
+        BatchNorm layers re-estimated (0: the model has none and is left as it was).
+    """
+    x = standardise_slices(images)
+    if x.shape[0] < 2:
+        raise InvalidInputError(f"re-estimating BatchNorm statistics needs at least 2 slices, got {x.shape[0]}")
+    if batch_size < 2:
+        raise InvalidInputError(f"batch_size must be >= 2 (batch statistics), got {batch_size}")
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average of the batch statistics
+    model.train()
+    n = x.shape[0]
+    starts = [s for s in range(0, n, batch_size) if min(batch_size, n - s) >= 2 or s == 0]
+    for start in starts:
+        model(torch.from_numpy(x[start : start + batch_size]).unsqueeze(1).to(device))
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(layers)
+
+
+@torch.no_grad()
 def predict(model: nn.Module, images: npt.ArrayLike, *, batch_size: int, device: torch.device) -> FloatArray:
     """Probabilities: ``(n,)`` per slice (classifier) or ``(n, H, W)`` per pixel (U-Net)."""
     x = standardise_slices(images)
@@ -209,20 +258,50 @@ def bootstrap_indices(labels: npt.ArrayLike, *, n_boot: int, seed: int) -> npt.N
     )
 
 
+def bootstrap_seed_draws(n_seeds: int, *, n_boot: int, seed: int) -> npt.NDArray[np.intp]:
+    """``(n_boot, n_seeds)`` indices of training seeds drawn with replacement, one row per bootstrap resample.
+
+    Used with :func:`bootstrap_aucs` (``seed_draws``), each resample averages the AUCs of a resampled set of
+    seeds, so an interval covers the training randomness as well as the test sample. The same draws are meant
+    for every method whose seed ``k`` shares its initialisation and shuffling seed, which keeps differences
+    paired over seeds too.
+    """
+    if n_seeds < 1 or n_boot < 1:
+        raise InvalidInputError(f"need n_seeds >= 1 and n_boot >= 1, got {n_seeds} and {n_boot}")
+    return np.random.default_rng(seed).integers(0, n_seeds, (n_boot, n_seeds))
+
+
 def bootstrap_aucs(
-    score_sets: list[npt.ArrayLike], labels: npt.ArrayLike, indices: npt.NDArray[np.intp]
+    score_sets: list[npt.ArrayLike],
+    labels: npt.ArrayLike,
+    indices: npt.NDArray[np.intp],
+    *,
+    seed_draws: npt.NDArray[np.intp] | None = None,
 ) -> npt.NDArray[np.float64]:
     """AUC on each bootstrap resample (rows of ``indices`` from :func:`bootstrap_indices`), averaged over the
-    score sets (one per seed): ``(n_boot,)``. Ties count one half, as in :func:`auc_score`."""
+    score sets (one per seed): ``(n_boot,)``. Ties count one half, as in :func:`auc_score`.
+
+    ``seed_draws`` (``(n_boot, k)`` from :func:`bootstrap_seed_draws`): resample ``b`` averages the score sets
+    ``seed_draws[b]`` (with repeats) instead of all of them: a two-level bootstrap over seeds and test crops.
+    """
     y = np.asarray(labels).ravel().astype(bool)
     n1 = int(y[indices[0]].sum())
     n0 = indices.shape[1] - n1
-    out = np.zeros(indices.shape[0])
-    for scores in score_sets:
+    per_set = np.zeros((len(score_sets), indices.shape[0]))
+    for k, scores in enumerate(score_sets):
         s = np.asarray(scores, dtype=np.float64).ravel()[indices]
         ranks = rankdata(s, axis=1)
-        out += (ranks[:, :n1].sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
-    return out / len(score_sets)
+        per_set[k] = (ranks[:, :n1].sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
+    if seed_draws is None:
+        return np.asarray(per_set.mean(axis=0), dtype=np.float64)
+    draws = np.asarray(seed_draws)
+    if draws.ndim != 2 or draws.shape[0] != indices.shape[0] or draws.size == 0:
+        raise InvalidInputError(f"seed_draws must be (n_boot={indices.shape[0]}, k), got shape {draws.shape}")
+    if draws.min() < 0 or draws.max() >= len(score_sets):
+        raise InvalidInputError(
+            f"seed_draws index score sets 0..{len(score_sets) - 1}, got {draws.min()}..{draws.max()}"
+        )
+    return np.asarray(per_set[draws, np.arange(indices.shape[0])[:, None]].mean(axis=1), dtype=np.float64)
 
 
 def percentile_ci(samples: npt.ArrayLike, level: float = 0.95) -> tuple[float, float]:

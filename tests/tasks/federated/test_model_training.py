@@ -11,14 +11,25 @@ import torch
 from schemas.federation import FederatedTask
 from tasks.errors import InvalidInputError
 from tasks.federated.compression import FLOAT16_DELTA, TOPK_INDICES, decode_update, encode_update, payload_bytes
-from tasks.federated.model import batchnorm_keys, build_model, get_arrays, model_signature, set_arrays, shared_keys
+from tasks.federated.model import (
+    batchnorm_keys,
+    batchnorm_statistics_keys,
+    build_model,
+    get_arrays,
+    model_signature,
+    set_arrays,
+    shared_keys,
+)
 from tasks.federated.training import (
     auc_score,
     bootstrap_aucs,
     bootstrap_indices,
+    bootstrap_seed_draws,
     dice_score,
     evaluate,
     percentile_ci,
+    recalibrate_batchnorm,
+    standardise_slices,
     train_local,
 )
 
@@ -60,6 +71,33 @@ def test_bootstrap_auc_is_stratified_paired_and_matches_auc_score(rng):
     assert percentile_ci(perfect) == (1.0, 1.0)
 
 
+def test_seed_bootstrap_resamples_seeds_and_stays_paired(rng):
+    labels = (rng.random(200) < 0.3).astype(np.uint8)
+    seeds = [labels + rng.normal(0, sd, 200) for sd in (0.3, 0.6, 1.2, 2.5)]  # seeds of very different quality
+    idx = bootstrap_indices(labels, n_boot=300, seed=2)
+    draws = bootstrap_seed_draws(len(seeds), n_boot=300, seed=3)
+    assert draws.shape == (300, 4)
+    assert draws.min() >= 0 and draws.max() <= 3
+    two_level = bootstrap_aucs(seeds, labels, idx, seed_draws=draws)
+    for b in (0, 11, 299):  # resample b averages the AUCs of its drawn seeds on its drawn crops
+        expected = np.mean([auc_score(seeds[k][idx[b]], labels[idx[b]]) for k in draws[b]])
+        assert two_level[b] == pytest.approx(expected)
+    # drawing every seed once is the test-only bootstrap
+    every = np.tile(np.arange(4), (300, 1))
+    np.testing.assert_allclose(bootstrap_aucs(seeds, labels, idx, seed_draws=every), bootstrap_aucs(seeds, labels, idx))
+    # the seed spread widens the interval; a method against itself still differs by exactly 0 (paired draws)
+    lo1, hi1 = percentile_ci(bootstrap_aucs(seeds, labels, idx))
+    lo2, hi2 = percentile_ci(two_level)
+    assert hi2 - lo2 > 1.5 * (hi1 - lo1)
+    assert (two_level - bootstrap_aucs([s.copy() for s in seeds], labels, idx, seed_draws=draws) == 0).all()
+    with pytest.raises(InvalidInputError):
+        bootstrap_aucs(seeds, labels, idx, seed_draws=draws[:10])
+    with pytest.raises(InvalidInputError):
+        bootstrap_aucs(seeds[:2], labels, idx, seed_draws=draws)
+    with pytest.raises(InvalidInputError):
+        bootstrap_seed_draws(0, n_boot=3, seed=0)
+
+
 def test_bootstrap_needs_both_classes():
     with pytest.raises(InvalidInputError):
         bootstrap_indices(np.ones(10), n_boot=5, seed=0)
@@ -84,6 +122,43 @@ def test_fedbn_keeps_batchnorm_and_integer_buffers_local():
     assert not any("num_batches_tracked" in k for k in everything)
     assert set(local_bn) == set(everything) - bn
     assert model_signature(model, everything) != model_signature(model, local_bn)
+
+
+def test_local_statistics_keep_only_the_running_statistics_home():
+    model = build_model("classify", base_channels=4, seed=0)
+    stats = batchnorm_statistics_keys(model)
+    assert stats and all(k.endswith(("running_mean", "running_var")) for k in stats)
+    everything = shared_keys(model, fedbn=False)
+    silo = shared_keys(model, fedbn=False, local_statistics=True)
+    assert set(silo) == set(everything) - stats
+    assert any(k.endswith(".1.weight") for k in silo)  # the learnt BatchNorm scale is still averaged
+    assert set(shared_keys(model, fedbn=True, local_statistics=True)) == set(everything) - batchnorm_keys(model)
+    assert model_signature(model, silo) != model_signature(model, everything)
+
+
+def test_recalibrate_batchnorm_re_estimates_statistics_and_nothing_else(rng):
+    model = build_model("classify", base_channels=4, seed=0)
+    images = (3.0 + 2.0 * rng.normal(size=(24, 16, 16))).astype(np.float32)
+    images[:, 4:9, 4:9] += 5.0
+    original = images.copy()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    model.eval()
+    assert recalibrate_batchnorm(model, images, batch_size=8, device=CPU) == 4
+    assert not model.training  # mode restored
+    np.testing.assert_array_equal(images, original)  # input untouched
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k])
+    conv, bn = model.features[0][0], model.features[0][1]
+    assert bn.momentum == 0.1  # momentum restored
+    with torch.no_grad():
+        out = conv(torch.from_numpy(standardise_slices(images)).unsqueeze(1))
+    # three equal batches: the average of the batch means is the mean over all slices
+    torch.testing.assert_close(bn.running_mean, out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    batch_vars = torch.stack([out[i : i + 8].var(dim=(0, 2, 3), unbiased=True) for i in (0, 8, 16)])
+    torch.testing.assert_close(bn.running_var, batch_vars.mean(dim=0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(InvalidInputError):
+        recalibrate_batchnorm(model, images[:1], batch_size=8, device=CPU)
 
 
 def test_build_model_is_seeded_and_leaves_global_rng_alone():

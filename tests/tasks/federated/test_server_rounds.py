@@ -47,12 +47,14 @@ def small(**kw) -> FederationConfig:
 
 
 def test_rounds_aggregate_save_models_and_never_receive_images(site_stores, tmp_path):
-    grid, records = run_rounds(small(num_rounds=2), site_stores, tmp_path)
+    cfg = small(num_rounds=2)
+    grid, records = run_rounds(cfg, site_stores, tmp_path)
     assert [r.round for r in records] == [1, 2]
     assert all(r.aggregated and r.replies_ok == 3 and r.bytes_up > 0 for r in records)
     assert all(r.eval_auc is not None for r in records)
     saved = torch.load(Path(records[-1].model_dir) / "model.pt")
-    assert set(saved) == set(shared_keys(build_model("classify", base_channels=4, seed=0), fedbn=False))
+    model = build_model("classify", base_channels=4, seed=0)
+    assert set(saved) == set(shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics))
     # every array the server received: model-shaped, never an image or a stack of slices
     audit = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert len(audit) == len(grid.received) > 0
@@ -71,7 +73,7 @@ def test_rounds_aggregate_save_models_and_never_receive_images(site_stores, tmp_
 def poison(reply: Message) -> Message:
     if "arrays" not in reply.content:  # evaluate replies carry metrics only
         return reply
-    rec = reply.content["arrays"]
+    rec = reply.content.array_records["arrays"]
     bad = {k: v.numpy().copy() for k, v in rec.items()}
     first = next(iter(bad))
     bad[first][...] = np.nan
@@ -109,9 +111,9 @@ def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
     cfg = small(num_rounds=1)
     grid = InProcessGrid(list(site_stores), cfg.to_run_config())
     grid.down.add(102)  # gone after being listed: sampled, never answers
-    grid.get_node_ids = lambda: list(grid.contexts)  # type: ignore[method-assign]
+    grid.get_node_ids = lambda: list(grid.contexts)
     model = build_model("classify", base_channels=4, seed=0)
-    keys = shared_keys(model, fedbn=False)
+    keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
     writer = sa.RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
     sa.run_message_api(
         sa.AuditingGrid(grid),
@@ -186,3 +188,52 @@ def test_secagg_plus_aggregates_without_the_server_seeing_a_single_update(site_s
         assert all(len(rec) == 0 for rec in reply.content.array_records.values())
     saved = torch.load(Path(r.model_dir) / "model.pt")
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_holdout_split_follows_holdout_seed_not_the_training_seed(site_stores):
+    def held_scans(**kw) -> set[int]:
+        cfg = FederationConfig(**kw)
+        ctx = Context(
+            run_id=1,
+            node_id=1,
+            node_config={ca.NODE_STORE_KEY: str(site_stores[0])},
+            state=RecordDict(),
+            run_config=cfg.to_run_config(),
+        )
+        _, hold = ca._site_split(ctx, cfg)
+        return {int(i) for i in np.unique(hold.scan_index)}
+
+    # training seeds share one split, so seeds compare on the same slices
+    assert len({frozenset(held_scans(seed=s)) for s in range(6)}) == 1
+    # the split itself is a seeded choice (4 scans, 1 held out: some holdout seed picks another scan)
+    assert len({frozenset(held_scans(seed=0, holdout_seed=h)) for h in range(8)}) > 1
+
+
+def test_local_bn_statistics_stay_home_and_each_site_evaluates_with_its_own(site_stores, tmp_path):
+    from tasks.federated.data import load_site_data, split_holdout
+    from tasks.federated.training import evaluate, recalibrate_batchnorm
+
+    cfg = small(num_rounds=1, local_bn_statistics=True)
+    grid, records = run_rounds(cfg, site_stores[:2], tmp_path / "silo")
+    _, plain = run_rounds(small(num_rounds=1, local_bn_statistics=False), site_stores[:2], tmp_path / "plain")
+    names = {n for reply in grid.received for rec in reply.content.array_records.values() for n in rec}
+    assert names and not any("running_" in n for n in names)
+    assert any(n.endswith(".1.weight") for n in names)  # BatchNorm scale is averaged
+    saved = torch.load(Path(records[0].model_dir) / "model.pt")
+    plain_saved = torch.load(Path(plain[0].model_dir) / "model.pt")
+    assert not any("running_" in k for k in saved)
+    # running statistics do not enter training: the averaged weights are those of plain FedAvg
+    for k, v in saved.items():
+        torch.testing.assert_close(v, plain_saved[k])
+    # the round's evaluation is each site's held-out loss with statistics re-estimated on its training slices
+    losses, counts = [], []
+    for store in site_stores[:2]:
+        train, hold = split_holdout(load_site_data(store, task="classify"), fraction=0.25, seed=cfg.holdout_seed)
+        model = build_model("classify", base_channels=4, seed=0)
+        model.load_state_dict(saved, strict=False)
+        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=torch.device("cpu"))
+        m = evaluate(model, hold.images, hold.targets, task="classify", batch_size=8, device=torch.device("cpu"))
+        losses.append(m["loss"])
+        counts.append(hold.num_slices)
+    assert records[0].eval_loss == pytest.approx(np.average(losses, weights=counts), rel=1e-4)
+    assert records[0].eval_loss != pytest.approx(plain[0].eval_loss, rel=1e-3)
