@@ -163,6 +163,7 @@ def test_deployed_topology_on_loopback(tmp_path):
                 FEDSCAN_DASK__ADDRESS=address,
                 FEDSCAN_FLOWER__SUPERLINK_ADDRESS=link.address,
                 FEDSCAN_FLOWER__INSECURE="true",
+                FEDSCAN_PREFECT__PROGRESS_AFTER_S="0",  # every stage shows its progress bar (they are short here)
             )
             # --- deploy from prefect.yaml, start a process worker and the watcher ------------------
             svc.run("prefect", "work-pool", "create", "fedscan-process", "--type", "process")
@@ -209,7 +210,8 @@ def test_deployed_topology_on_loopback(tmp_path):
 
             artifacts = asyncio.run(every_artifact())
             kinds = {a.type for a in artifacts}
-            assert {"table", "markdown"} <= kinds, kinds
+            assert {"table", "markdown", "progress"} <= kinds, kinds
+            assert all(float(a.data) == 100.0 for a in artifacts if a.type == "progress")
             image = next(a for a in artifacts if a.type == "markdown" and "data:image/png" in str(a.data))
 
             # --- the operator's view: the image artifact renders in a real browser ------------------
