@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._crops import LESION_CONTRAST_HU, LESION_RADIUS_MM, crop_centres
 from schemas.demo import default_sites
 from schemas.federation import DpMode, FederationConfig
 from tasks.demo.generate import plan_scan, render_truth
@@ -49,41 +53,9 @@ from tasks.federated.training import (
 CPU = torch.device("cpu")
 
 
-#: Lesions of the benchmark: larger and stronger than the demo defaults, so that a small CNN can learn them from
-#: crops of a 128² grid in minutes of CPU (the demo's own 15–60 HU, 3–12 mm lesions are near chance here).
-LESION_RADIUS_MM = (10.0, 18.0)
-LESION_CONTRAST_HU = (100.0, 250.0)
 #: The key of the federation-wide host (``--host-scope federation``): every site draws its fixed FESF host from
 #: this id instead of its own site id, so all sites hide with one secret host the server never sees.
 FEDERATION_HOST_ID = "federation"
-
-
-def _crop_centres(
-    masks: np.ndarray, body: np.ndarray, *, crop: int, per_slice: int, rng: np.random.Generator
-) -> list[tuple[int, int, int]]:
-    """(slice, cy, cx) of ``per_slice`` crops per slice: on a lesion slice the first is centred on the lesion
-    (jittered by up to a quarter crop), the others (and all on lesion-free slices) at random body pixels whose
-    crop holds no lesion pixel (background regions; labels are still recomputed from the crop's mask)."""
-    n, ny, nx = masks.shape
-    half = crop // 2
-    out = []
-    for k in range(n):
-        for j in range(per_slice):
-            if j == 0 and masks[k].any():
-                cy, cx = np.argwhere(masks[k]).mean(axis=0)
-                cy += rng.integers(-crop // 4, crop // 4 + 1)
-                cx += rng.integers(-crop // 4, crop // 4 + 1)
-            else:  # a background region: the first of 20 random body pixels whose crop holds no lesion pixel
-                inside = np.argwhere(body[k]) if body[k].any() else np.array([[ny // 2, nx // 2]])
-                for _ in range(20):
-                    cy, cx = (
-                        int(np.clip(v, half, e - half))
-                        for v, e in zip(inside[rng.integers(len(inside))], (ny, nx), strict=True)
-                    )
-                    if not masks[k, cy - half : cy + half, cx - half : cx + half].any():
-                        break
-            out.append((k, int(np.clip(cy, half, ny - half)), int(np.clip(cx, half, nx - half))))
-    return out
 
 
 def build_sites(
@@ -133,7 +105,7 @@ def build_sites(
             plan = plan_scan(p, n_slices=n_slices, grid=p.grid(grid), rng=np.random.default_rng([seed, k, j]))
             mu, masks = render_truth(plan, 0, n_slices)
             body = mu > 0.5 * water
-            centres = _crop_centres(
+            centres = crop_centres(
                 masks, body, crop=crop, per_slice=crops_per_slice, rng=np.random.default_rng([seed, k, j, 1])
             )
             h = crop // 2
@@ -354,6 +326,10 @@ def main() -> None:
     )
     ap.add_argument("--no-scaling", action="store_true", help="skip the SecAgg+ 3/5/10-client timing")
     ap.add_argument(
+        "--scaling-only", action="store_true", help="only the SecAgg+ round-time rows (and secagg_round_time_ratio)"
+    )
+    ap.add_argument("--clients", default=None, help="client counts of the SecAgg+ rows, e.g. 3,5,10")
+    ap.add_argument(
         "--test-scans",
         type=int,
         default=None,
@@ -384,7 +360,30 @@ def main() -> None:
         seed=0,
         local_bn_statistics=False,  # the plain arms; fedscan's default (True) is the "fedavg+local-bn-stats" arm
     )
+    if args.clients:
+        clients = [int(c) for c in args.clients.split(",")]
     root = Path(tempfile.mkdtemp(prefix="fedscan-bench-"))
+    if args.scaling_only:
+        try:
+            scaling_rows = secagg_scaling(
+                root,
+                base,
+                clients=clients,
+                sizes=scaling_sizes,
+                surrogate=args.surrogate,
+                rounds=3,
+                host_scope=args.host_scope,
+            )
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        only = {
+            "secagg_round_time_ratio": max(float(r["ratio"]) for r in scaling_rows),  # type: ignore[arg-type]
+            "secagg_round_time_ratio_by_clients": {str(r["clients"]): r["ratio"] for r in scaling_rows},
+        }
+        print(json.dumps(only, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps({"rows": [], "secagg_scaling": scaling_rows, "ratios": only}, indent=2))
+        return
     try:
         t0 = time.perf_counter()
         stores = build_sites(

@@ -5,16 +5,18 @@ Privacy
     * :func:`train_regressor` + :func:`predict`: the inversion attack, a small U-Net trained on *public*
       (image, surrogate) pairs (:func:`public_ct_like_images`: random-ellipse body phantoms and pydicom's public
       ``CT_small.dcm``, neither used by any site) and applied to a site's surrogates. The same network trained on
-      (image, image) pairs is the unprotected baseline.
+      (image, image) pairs is the unprotected baseline; its per-step loss (``history``) shows convergence.
     * :func:`identify_hosts`: which pool host a surrogate was made from. Outside the mask a surrogate *is* its
       host, so a public pool is searchable; the secret of a ``fixed`` host is at most ``log2(pool size)`` bits.
 
 Utility
     * :class:`LesionClassifier` / :func:`train_classifier` / :func:`auc_score`: the same small CNN trained
       and tested on plaintext and on surrogates; AUC from the Mann–Whitney rank statistic.
+      :func:`classify_per_seed` gives one AUC per seed, so plaintext and surrogate runs pair by seed.
 
 Figures
-    * :func:`draw_tradeoff_png`: the privacy–utility curve with Pillow (matplotlib is not installed).
+    * :func:`draw_tradeoff_png`: the privacy–utility curve with Pillow (matplotlib is not installed): numbered
+      points with CI bars, the plaintext line and the utility target, a legend.
 """
 
 from __future__ import annotations
@@ -220,8 +222,18 @@ def _tensor(a: npt.ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(a, dtype=np.float32))[:, None].to(device)
 
 
-def train_regressor(inputs: npt.ArrayLike, targets: npt.ArrayLike, *, settings: TrainSettings) -> UNet:
-    """A U-Net trained with L1 loss to map ``inputs`` to ``targets`` (both ``(n, ny, nx)``)."""
+def train_regressor(
+    inputs: npt.ArrayLike,
+    targets: npt.ArrayLike,
+    *,
+    settings: TrainSettings,
+    history: list[float] | None = None,
+) -> UNet:
+    """A U-Net trained with L1 loss to map ``inputs`` to ``targets`` (both ``(n, ny, nx)``).
+
+    ``history``, when given, receives the training batch's L1 loss of every step (``settings.steps`` values,
+    appended in order): a caller shows with it that the attack has converged.
+    """
     device = torch.device(settings.device)
     x, y = _tensor(inputs, device), _tensor(targets, device)
     if x.shape != y.shape:
@@ -243,6 +255,8 @@ def train_regressor(inputs: npt.ArrayLike, targets: npt.ArrayLike, *, settings: 
         loss.backward()
         opt.step()
         sched.step()
+        if history is not None:
+            history.append(float(loss.detach()))
     return net.eval()
 
 
@@ -303,6 +317,28 @@ def classifier_scores(net: LesionClassifier, images: npt.ArrayLike) -> FloatArra
     return predict(net, _standardise(images))
 
 
+def classify_per_seed(
+    train: tuple[npt.ArrayLike, npt.ArrayLike],
+    test: tuple[npt.ArrayLike, npt.ArrayLike],
+    *,
+    seeds: Sequence[int],
+    settings: TrainSettings,
+) -> tuple[list[float], list[float]]:
+    """Test AUC and accuracy (logit > 0) of one classifier per seed, in the order of ``seeds``.
+
+    The same seed gives the same initial weights and batch order, so two calls with the same seeds on different
+    images (plaintext and surrogates) are paired: their per-seed differences have a much smaller spread.
+    """
+    aucs, accs = [], []
+    y_test = np.asarray(test[1]).astype(bool)
+    for seed in seeds:
+        net = train_classifier(*train, settings=TrainSettings(**{**settings.__dict__, "seed": seed}))
+        s = classifier_scores(net, test[0])
+        aucs.append(auc_score(s, y_test))
+        accs.append(float(((s > 0) == y_test).mean()))
+    return aucs, accs
+
+
 def classify(
     train: tuple[npt.ArrayLike, npt.ArrayLike],
     test: tuple[npt.ArrayLike, npt.ArrayLike],
@@ -311,13 +347,7 @@ def classify(
     settings: TrainSettings,
 ) -> dict[str, float]:
     """Train on ``train = (images, labels)`` once per seed; AUC and accuracy on ``test`` with 95 % CIs."""
-    aucs, accs = [], []
-    y_test = np.asarray(test[1]).astype(bool)
-    for seed in seeds:
-        net = train_classifier(*train, settings=TrainSettings(**{**settings.__dict__, "seed": seed}))
-        s = classifier_scores(net, test[0])
-        aucs.append(auc_score(s, y_test))
-        accs.append(float(((s > 0) == y_test).mean()))
+    aucs, accs = classify_per_seed(train, test, seeds=seeds, settings=settings)
     auc, auc_ci = mean_ci(aucs)
     acc, acc_ci = mean_ci(accs)
     return {"auc": auc, "auc_ci95": auc_ci, "accuracy": acc, "accuracy_ci95": acc_ci}
@@ -330,27 +360,57 @@ def draw_tradeoff_png(
     *,
     x_key: str = "attack_psnr_db",
     y_key: str = "auc",
+    y_error_key: str = "auc_ci95",
     label_keys: tuple[str, str] = ("alpha", "beta"),
     reference: dict[str, float] | None = None,
-    size: tuple[int, int] = (720, 520),
+    utility_bound: float = 0.03,
+    privacy_bound_db: float = 10.0,
+    note: str | None = None,
+    size: tuple[int, int] = (960, 520),
 ) -> Path:
-    """Scatter of utility (y) against attacker PSNR (x) for a sweep, with Pillow; returns the path."""
+    """Utility (y) against attacker PSNR (x) for a sweep, drawn with Pillow; returns the path.
+
+    Points are numbered and listed in a legend on the right (their labels would overlap); a point that carries
+    ``y_error_key`` gets a vertical error bar of that half-width. ``reference`` (the plaintext run: ``y_key`` and
+    ``x_key`` of the unprotected attack) adds a solid line at its utility, a dashed line ``utility_bound`` below
+    it (the utility target) and, in the legend, the unprotected attack PSNR and the privacy bound
+    ``privacy_bound_db`` below it; a dashed vertical line marks that bound when it falls inside the x range.
+    ``note`` (lines split at newlines) is written under the legend.
+    """
     from PIL import Image, ImageDraw
 
     if not points:
         raise InvalidInputError("no sweep points to draw")
     w, h = size
-    left, right, top, bottom = 70, 20, 30, 60
-    xs = [p[x_key] for p in points] + ([reference[x_key]] if reference else [])
-    ys = [p[y_key] for p in points] + ([reference[y_key]] if reference else [])
+    legend_w = 330
+    left, right, top, bottom = 70, legend_w + 20, 30, 60
+    errs = [float(p.get(y_error_key, 0.0)) for p in points]
+    xs = [p[x_key] for p in points]
+    ys = [p[y_key] - e for p, e in zip(points, errs, strict=True)] + [
+        p[y_key] + e for p, e in zip(points, errs, strict=True)
+    ]
+    if reference:
+        ys += [reference[y_key], reference[y_key] - utility_bound]
     x0, x1 = min(xs) - 1.0, max(xs) + 1.0
-    y0, y1 = min(min(ys) - 0.05, 0.45), max(max(ys) + 0.05, 0.55)
+    y0, y1 = min(ys) - 0.02, max(ys) + 0.02
 
     def px(x: float, y: float) -> tuple[float, float]:
         return (
             left + (x - x0) / (x1 - x0) * (w - left - right),
             h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom),
         )
+
+    def dashed(a: tuple[float, float], b: tuple[float, float], colour: str) -> None:
+        n = 40
+        for k in range(0, n, 2):
+            d.line(
+                [
+                    (a[0] + (b[0] - a[0]) * k / n, a[1] + (b[1] - a[1]) * k / n),
+                    (a[0] + (b[0] - a[0]) * (k + 1) / n, a[1] + (b[1] - a[1]) * (k + 1) / n),
+                ],
+                fill=colour,
+                width=1,
+            )
 
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
@@ -360,17 +420,41 @@ def draw_tradeoff_png(
         gx, _ = px(xv, y0)
         _, gy = px(x0, yv)
         d.text((gx - 12, h - bottom + 5), f"{xv:.1f}", fill="black")
-        d.text((5, gy - 6), f"{yv:.2f}", fill="black")
-    d.text((w // 2 - 120, h - 25), f"{x_key} (lower = more private)", fill="black")
+        d.text((5, gy - 6), f"{yv:.3f}", fill="black")
+    d.text((left + 60, h - 25), f"{x_key} (lower = more private)", fill="black")
     d.text((5, 5), f"{y_key} (higher = more useful)", fill="black")
-    for p in points:
-        cx, cy = px(p[x_key], p[y_key])
-        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill="royalblue")
-        d.text((cx + 6, cy - 6), ",".join(f"{p[k]:g}" for k in label_keys), fill="black")
+    lx, ly = w - legend_w, top
     if reference:
-        cx, cy = px(reference[x_key], reference[y_key])
-        d.rectangle([cx - 5, cy - 5, cx + 5, cy + 5], fill="crimson")
-        d.text((cx + 7, cy - 6), "plaintext", fill="crimson")
+        ref_y = reference[y_key]
+        d.line([px(x0, ref_y), px(x1, ref_y)], fill="crimson", width=2)
+        dashed(px(x0, ref_y - utility_bound), px(x1, ref_y - utility_bound), "crimson")
+        bound_x = reference[x_key] - privacy_bound_db
+        if x0 <= bound_x <= x1:
+            dashed(px(bound_x, y0), px(bound_x, y1), "darkgreen")
+        for line, colour in (
+            (f"plaintext {y_key} {ref_y:.3f} (solid)", "crimson"),
+            (f"target: >= {ref_y - utility_bound:.3f} (dashed)", "crimson"),
+            (f"unprotected attack {reference[x_key]:.1f} dB", "darkgreen"),
+            (f"target: attack <= {bound_x:.1f} dB", "darkgreen"),
+        ):
+            d.text((lx, ly), line, fill=colour)
+            ly += 14
+        ly += 6
+    for i, (p, e) in enumerate(zip(points, errs, strict=True), start=1):
+        cx, cy = px(p[x_key], p[y_key])
+        if e > 0:
+            _, ya = px(p[x_key], p[y_key] - e)
+            _, yb = px(p[x_key], p[y_key] + e)
+            d.line([(cx, ya), (cx, yb)], fill="lightsteelblue", width=1)
+        d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill="royalblue")
+        d.text((cx + 6, cy - 6), str(i), fill="black")
+        label = " ".join(f"{k}={p[k]:g}" for k in label_keys)
+        ci = f" ±{e:.3f}" if e > 0 else ""
+        d.text((lx, ly), f"{i}: {label}  {y_key} {p[y_key]:.3f}{ci}  {p[x_key]:.1f} dB", fill="black")
+        ly += 14
+    for line in (note or "").splitlines():
+        d.text((lx, ly + 6), line, fill="dimgray")
+        ly += 14
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)

@@ -39,7 +39,7 @@ def test_bad_values_refused(bad):
         SurrogateConfig.model_validate(bad)
 
 
-def test_frozen():
+def test_frozen() -> None:
     c = SurrogateConfig()
     with pytest.raises(pydantic.ValidationError):
         c.alpha = 0.2  # type: ignore[misc]

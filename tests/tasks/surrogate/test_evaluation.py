@@ -11,6 +11,7 @@ from tasks.surrogate.evaluation import (
     TrainSettings,
     auc_score,
     classify,
+    classify_per_seed,
     draw_tradeoff_png,
     identify_hosts,
     image_metrics,
@@ -79,6 +80,20 @@ def test_regressor_learns_a_simple_map():
 
 
 @pytest.mark.slow
+def test_regressor_history_records_every_step_and_leaves_training_unchanged():
+    rng = np.random.default_rng(6)
+    x = rng.random((16, 8, 8)).astype(np.float32)
+    y = 0.5 * x
+    settings = TrainSettings(steps=12, batch_size=4, learning_rate=3e-3)
+    history: list[float] = []
+    with_history = train_regressor(x, y, settings=settings, history=history)
+    without = train_regressor(x, y, settings=settings)
+    assert len(history) == settings.steps and all(np.isfinite(history))
+    assert np.mean(history[-4:]) < np.mean(history[:4])  # the L1 of a learnable map goes down
+    np.testing.assert_array_equal(predict(with_history, x), predict(without, x))
+
+
+@pytest.mark.slow
 def test_classifier_separates_an_easy_task():
     rng = np.random.default_rng(5)
     n = 64
@@ -95,12 +110,38 @@ def test_classifier_separates_an_easy_task():
     assert out["auc"] > 0.8
 
 
+@pytest.mark.slow
+def test_classify_per_seed_is_paired_and_matches_classify():
+    rng = np.random.default_rng(7)
+    n = 24
+    labels = np.arange(n) % 2
+    images = (rng.normal(0, 1.0, (n, 8, 8)) + labels[:, None, None]).astype(np.float32)
+    train, test = (images[:16], labels[:16]), (images[16:], labels[16:])
+    settings = TrainSettings(steps=4, batch_size=4)
+    aucs, accs = classify_per_seed(train, test, seeds=[3, 1], settings=settings)
+    again, _ = classify_per_seed(train, test, seeds=[1], settings=settings)
+    assert len(aucs) == len(accs) == 2 and again[0] == aucs[1]  # a seed's run does not depend on the others
+    assert all(0.0 <= v <= 1.0 for v in aucs + accs)
+    out = classify(train, test, seeds=[3, 1], settings=settings)
+    assert out["auc"] == pytest.approx(np.mean(aucs)) and out["accuracy"] == pytest.approx(np.mean(accs))
+
+
 def test_tradeoff_png(tmp_path):
     pts = [
-        {"alpha": 0.1, "beta": 0.5, "attack_psnr_db": 18.0, "auc": 0.7},
+        {"alpha": 0.1, "beta": 0.5, "attack_psnr_db": 18.0, "auc": 0.7, "auc_ci95": 0.05},
         {"alpha": 0.2, "beta": 0.8, "attack_psnr_db": 22.0, "auc": 0.8},
     ]
-    path = draw_tradeoff_png(pts, tmp_path / "curve.png", reference={"attack_psnr_db": 40.0, "auc": 0.9})
+    path = draw_tradeoff_png(
+        pts, tmp_path / "curve.png", reference={"attack_psnr_db": 40.0, "auc": 0.9}, note="two\nlines"
+    )
     img = Image.open(path)
-    assert img.size == (720, 520)
-    assert len(set(img.convert("RGB").getdata())) > 2  # something was drawn
+    assert img.size == (960, 520)
+    colours = {tuple(c) for c in np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)}
+    assert (65, 105, 225) in colours  # royalblue points
+    assert (220, 20, 60) in colours  # crimson plaintext line
+    assert (176, 196, 222) in colours  # lightsteelblue error bar of the point with a CI
+    bare = Image.open(draw_tradeoff_png(pts[1:], tmp_path / "bare.png"))
+    bare_colours = {tuple(c) for c in np.unique(np.asarray(bare.convert("RGB")).reshape(-1, 3), axis=0)}
+    assert (220, 20, 60) not in bare_colours and (176, 196, 222) not in bare_colours
+    with pytest.raises(InvalidInputError, match="no sweep points"):
+        draw_tradeoff_png([], tmp_path / "none.png")

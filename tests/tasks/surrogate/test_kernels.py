@@ -178,10 +178,10 @@ def test_reference_matches_the_stated_spectrum():
     np.testing.assert_allclose(fs[:, ~mask], np.broadcast_to(fh, fs.shape)[:, ~mask], atol=tol)
 
 
-def test_unknown_method_refused():
+def test_unknown_method_refused() -> None:
     images, host = _pair((2, 8, 8), 0)
     with pytest.raises(InvalidInputError, match="method"):
-        hide(images, host, alpha=0.1, beta=0.5, method="dft")  # type: ignore[arg-type]
+        hide(images, host, alpha=0.1, beta=0.5, method="dft")  # type: ignore[call-overload]
 
 
 def test_nan_in_a_later_chunk_names_its_slice(monkeypatch):
