@@ -330,6 +330,9 @@ def main() -> None:
     )
     ap.add_argument("--clients", default=None, help="client counts of the SecAgg+ rows, e.g. 3,5,10")
     ap.add_argument(
+        "--scaling-rounds", type=int, default=3, help="rounds per SecAgg+ timing run (the first is not timed)"
+    )
+    ap.add_argument(
         "--test-scans",
         type=int,
         default=None,
@@ -371,7 +374,7 @@ def main() -> None:
                 clients=clients,
                 sizes=scaling_sizes,
                 surrogate=args.surrogate,
-                rounds=3,
+                rounds=args.scaling_rounds,
                 host_scope=args.host_scope,
             )
         finally:
@@ -499,7 +502,7 @@ def main() -> None:
                 clients=clients,
                 sizes=scaling_sizes,
                 surrogate=args.surrogate,
-                rounds=3,
+                rounds=args.scaling_rounds,
                 host_scope=args.host_scope,
             )
         )
