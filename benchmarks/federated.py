@@ -366,17 +366,21 @@ def main() -> None:
     if args.clients:
         clients = [int(c) for c in args.clients.split(",")]
     root = Path(tempfile.mkdtemp(prefix="fedscan-bench-"))
+
+    def scaling_rows_of() -> list[dict[str, object]]:
+        return secagg_scaling(
+            root,
+            base,
+            clients=clients,
+            sizes=scaling_sizes,
+            surrogate=args.surrogate,
+            rounds=args.scaling_rounds,
+            host_scope=args.host_scope,
+        )
+
     if args.scaling_only:
         try:
-            scaling_rows = secagg_scaling(
-                root,
-                base,
-                clients=clients,
-                sizes=scaling_sizes,
-                surrogate=args.surrogate,
-                rounds=args.scaling_rounds,
-                host_scope=args.host_scope,
-            )
+            scaling_rows = scaling_rows_of()
         finally:
             shutil.rmtree(root, ignore_errors=True)
         only = {
@@ -493,19 +497,7 @@ def main() -> None:
                 if key in row:
                     row[key] = float(np.mean([float(g[key]) for g in group]))
             rows.append(row)
-        scaling = (
-            []
-            if args.no_scaling
-            else secagg_scaling(
-                root,
-                base,
-                clients=clients,
-                sizes=scaling_sizes,
-                surrogate=args.surrogate,
-                rounds=args.scaling_rounds,
-                host_scope=args.host_scope,
-            )
-        )
+        scaling = [] if args.no_scaling else scaling_rows_of()
         by = {str(r["method"]): r for r in rows}
         singles = [float(r["auc"]) for r in rows if r["case"] == "single-site"]  # type: ignore[arg-type]
         f = {k: {kk: float(vv) for kk, vv in v.items() if isinstance(vv, int | float)} for k, v in by.items()}

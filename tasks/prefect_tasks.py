@@ -183,7 +183,6 @@ class StageProgress:
         self._last: float | None = None
         self._artifact_id: UUID | None = None
         self.created = False
-        self.updates = 0
 
     def __call__(self, fraction: float) -> None:
         now = self._clock()
@@ -197,7 +196,6 @@ class StageProgress:
         if percent < 100.0 and self._last is not None and now - self._last < self.every_s:
             return
         self._last = now
-        self.updates += 1
         self._publish(self._update, percent)
 
     def _create(self, percent: float) -> None:
