@@ -1,6 +1,6 @@
 """End-to-end pipeline: wall time, peak memory and Prefect's own overhead for 1, 2, 4, 8 scans per site.
 
-Three runs per size, each in its own process on a fresh copy of the same demo stores (so peak RSS is that
+Four runs per size, each in its own process on a fresh copy of the same demo stores (so peak RSS is that
 run's own), with the same Dask client and the same two-thread bound on scans in flight:
 
 ``prefect``
@@ -14,10 +14,17 @@ run's own), with the same Dask client and the same two-thread bound on scans in 
     ``report.html`` (``publish_run_report``) — which users want whatever the orchestrator.
 ``bare``
     The stage drivers alone (no previews, no report): the peer of the first definition.
+``skeleton``
+    ``nightly`` again on the stores the ``prefect`` run has just processed, in a fresh server: every stage finds
+    itself done and skips, and the previews return the real run's markdown (rendered before the clock starts), so
+    the run makes the same task runs, state changes, logs and artifact API calls with no stage work. Its wall
+    time is orchestration measured directly rather than as the difference of two noisy totals.
 
 With ``--repeat N`` the modes run N times, interleaved, and each mode's fastest run counts (the machine is shared;
 a burst of load from elsewhere only ever slows a run down); every run's wall time is kept in ``wall_s_all``.
 
+``orchestration_skeleton_fraction`` = skeleton / prefect (wall) and ``orchestration_skeleton_cpu_fraction`` (the
+same in CPU seconds, flow process plus API server) are the direct readings.
 ``orchestration_overhead_fraction`` = (prefect − direct) / prefect: what orchestration alone (task and flow
 runs, states, events, logs, artifact API calls, the server's answers) costs as a fraction of the run, for the
 largest size run. ``orchestration_cpu_fraction`` is the same in CPU seconds: the flow process's beyond the direct
@@ -48,7 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parse_args, print_table, write_json
 
-MODES = ("bare", "direct", "prefect")
+MODES = ("bare", "direct", "prefect", "skeleton")
 
 
 def _warm_up() -> None:
@@ -130,12 +137,47 @@ def _children_cpu_s() -> float:
     return total
 
 
+def _stub_stage_work(data_root: str) -> None:
+    """For the ``skeleton`` mode: every stage of every scan is already done (the stages skip themselves), and the
+    previews return a constant markdown of the real size (rendered once here, before the clock starts), so what
+    is left of ``nightly`` is orchestration alone: the same task runs, states, logs and artifact API calls."""
+    import tasks.drivers as drivers
+    import tasks.pipeline_support as support
+    from schemas.pipeline import PipelineConfig
+    from tasks.pipeline_support import find_scans
+    from tasks.storage import SiteStore
+
+    refs = find_scans(data_root)
+    scan = SiteStore.open(refs[0].store_uri).scan(refs[0].scan_id)
+    for stage in ("denoise", "reconstruct", "surrogate"):
+        for ref in refs:
+            assert SiteStore.open(ref.store_uri, mode="r").scan(ref.scan_id).stage_record(stage) is not None, (
+                f"skeleton needs processed stores: {ref} has no {stage}"
+            )
+    rec_md = drivers.reconstruction_preview(scan, PipelineConfig().reconstruct)
+    sur_md = drivers.surrogate_preview(scan)
+    drivers.reconstruction_preview = lambda *a, **k: rec_md  # type: ignore[assignment]
+    drivers.surrogate_preview = lambda *a, **k: sur_md  # type: ignore[assignment]
+    stub_report = Path(data_root) / "report.html"
+
+    def publish_run_report(root: str, outcomes: Any, federated: Any) -> str:
+        from prefect.artifacts import create_link_artifact
+
+        stub_report.write_text("skeleton")
+        create_link_artifact(key="fedscan-run-report", link=stub_report.resolve().as_uri(), description="report")
+        return str(stub_report)
+
+    support.publish_run_report = publish_run_report  # type: ignore[assignment]
+
+
 def _one(mode: str, data_root: str) -> dict[str, float]:
     """Run one mode in this process (called in a child process)."""
     from schemas.pipeline import PipelineConfig
 
     server_peak_mb = None
-    if mode == "prefect":
+    if mode == "skeleton":
+        _stub_stage_work(data_root)
+    if mode in ("prefect", "skeleton"):
         from prefect.testing.utilities import prefect_test_harness
 
         from flows.pipeline import NightlyRequest, nightly
@@ -221,8 +263,9 @@ def main() -> None:
             runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
             for _ in range(max(1, known.repeat)):  # interleaved, so a burst of load on the machine hits every mode
                 for mode in MODES:
-                    work = Path(tmp) / f"{mode}-{per_site}"
-                    shutil.copytree(base, work)
+                    work = Path(tmp) / f"{'prefect' if mode == 'skeleton' else mode}-{per_site}"
+                    if mode != "skeleton":  # the skeleton reruns nightly on the stores the prefect run processed
+                        shutil.copytree(base, work)
                     out = subprocess.run(
                         [sys.executable, __file__, "--child", mode, str(work)],
                         env=env,
@@ -232,7 +275,8 @@ def main() -> None:
                     if out.returncode:
                         sys.stderr.write(out.stderr[-4000:])
                         out.check_returncode()
-                    shutil.rmtree(work)
+                    if mode != "prefect":
+                        shutil.rmtree(work)
                     runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
                     print(mode, per_site, json.dumps(runs[mode][-1]), flush=True)
             for mode in MODES:
@@ -260,12 +304,20 @@ def main() -> None:
         pref["flow_cpu_overhead_s_per_scan"] = (pref["cpu_s"] - by["direct"]["cpu_s"]) / (n_sites * per_site)
         pref["server_cpu_s_per_scan"] = pref["server_cpu_s"] / (n_sites * per_site)
         pref["work_cpu_s_per_scan"] = by["direct"]["cpu_s"] / (n_sites * per_site)
+        # Orchestration measured directly: the skeleton run makes the same Prefect calls with no stage work.
+        skel = by["skeleton"]
+        pref["skeleton_fraction"] = skel["wall_s"] / pref["wall_s"]
+        pref["skeleton_cpu_fraction"] = (skel["cpu_s"] + skel["server_cpu_s"]) / (pref["cpu_s"] + pref["server_cpu_s"])
+        pref["skeleton_s_per_scan"] = skel["wall_s"] / (n_sites * per_site)
     largest = next(r for r in rows if r["method"] == "prefect" and r["scans"] == n_sites * sizes[-1])
     smallest = next(r for r in rows if r["method"] == "prefect" and r["scans"] == n_sites * sizes[0])
     ratios["orchestration_overhead_fraction"] = largest["orchestration_overhead_fraction"]
     ratios["orchestration_overhead_fraction_smallest_run"] = smallest["orchestration_overhead_fraction"]
     ratios["orchestration_overhead_fraction_vs_bare"] = largest["orchestration_overhead_fraction_vs_bare"]
     ratios["orchestration_overhead_fraction_vs_bare_smallest_run"] = smallest["orchestration_overhead_fraction_vs_bare"]
+    ratios["orchestration_skeleton_fraction"] = largest["skeleton_fraction"]
+    ratios["orchestration_skeleton_fraction_smallest_run"] = smallest["skeleton_fraction"]
+    ratios["orchestration_skeleton_cpu_fraction"] = largest["skeleton_cpu_fraction"]
     # The same in CPU seconds (less sensitive to other load than wall time): orchestration's CPU (flow beyond the
     # direct peer, plus the server) over the whole run's.
     orch_cpu = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -90,11 +90,26 @@ def metrics_table(reports: Sequence[StageReport]) -> list[dict[str, object]]:
     return rows
 
 
+def stage_card(report: StageReport, image: str | None = None) -> str:
+    """One stage of one scan as one markdown artifact: its metrics as a two-column table, then its image.
+
+    One artifact per stage rather than a table and an image: each artifact is an API call and a database row
+    on the Prefect server, which shares the machine with the stage work (``benchmarks/pipeline.py``).
+    """
+    rows = metrics_table([report])[0]
+    lines = [f"### {report.stage} · {report.scan.site_id}/{report.scan.scan_id}", "", "| metric | value |", "|---|---|"]
+    for key, value in rows.items():
+        if key in ("site", "scan", "stage"):
+            continue
+        text = str(value).replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {key} | {text} |")
+    card = "\n".join(lines) + "\n"
+    if image:
+        card += "\n" + image.replace("### ", "#### ", 1)
+    return card
+
+
 def _fmt(value: object) -> object:
     if isinstance(value, float):
         return float(f"{value:.4g}")
     return value
-
-
-def metric_rows(metrics: Mapping[str, object]) -> list[dict[str, object]]:
-    return [{"metric": k, "value": _fmt(v)} for k, v in metrics.items()]

@@ -112,9 +112,9 @@ STAGE_TASK_OPTIONS: dict[str, Any] = {
 class ArtifactPublisher:
     """Artifact API calls made off the stage's critical path, in order, on one background thread.
 
-    Each artifact is an HTTP round trip to the API (about 0.1 s against a local SQLite server, measured by
-    ``benchmarks/pipeline.py``'s probe), five per scan; made inline they delay every scan's next stage. The
-    calls run in a copy of the caller's context (so Prefect attaches them to the caller's task run), in
+    Each artifact is an HTTP round trip to the API (about 0.04-0.1 s against a local SQLite server, measured
+    with ``benchmarks/pipeline.py``), three per scan (one per stage); made inline they delay every scan's next
+    stage. The calls run in a copy of the caller's context (so Prefect attaches them to the caller's task run), in
     submission order; :meth:`flush` waits for them and logs any that failed (an artifact never fails a stage).
     Flows call :func:`flush_artifacts` before they return.
     """
@@ -231,11 +231,11 @@ def _open_scan(ref: ScanRef) -> Any:
 
 
 def _publish(report: StageReport, markdown: Callable[[], str | None] | None = None) -> None:
-    """Log one line and attach the stage's table (and image: ``markdown()``, rendered only inside a run) to the
-    run in the UI."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    """Log one line and attach the stage's card (its metrics table and, for stages that have one, the image
+    ``markdown()`` renders; only inside a run) to the task run in the UI: one artifact per stage."""
+    from prefect.artifacts import create_markdown_artifact
 
-    from tasks.artifacts import artifact_key, in_prefect_run, metrics_table
+    from tasks.artifacts import artifact_key, in_prefect_run, stage_card
 
     logger = run_logger()
     logger.info(
@@ -249,20 +249,13 @@ def _publish(report: StageReport, markdown: Callable[[], str | None] | None = No
     )
     if not in_prefect_run():  # called as task.fn() outside a run: nothing to attach to
         return
-    publish_soon(
-        create_table_artifact,
-        table=metrics_table([report]),
-        key=artifact_key(report.stage, report.scan.site_id, report.scan.scan_id),
-        description=f"{report.stage} of scan {report.scan}",
-    )
     image = markdown() if markdown is not None else None
-    if image:
-        publish_soon(
-            create_markdown_artifact,
-            markdown=image,
-            key=artifact_key(report.stage, "image", report.scan.site_id, report.scan.scan_id),
-            description=f"{report.stage} of scan {report.scan}: central slice",
-        )
+    publish_soon(
+        create_markdown_artifact,
+        markdown=stage_card(report, image),
+        key=artifact_key(report.stage, report.scan.site_id, report.scan.scan_id),
+        description=f"{report.stage} of scan {report.scan}" + (": metrics and central slice" if image else ""),
+    )
 
 
 @task(name="denoise", task_run_name="denoise-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)

@@ -226,9 +226,47 @@ def test_nightly_stage_artifacts_and_progress_reach_the_api(tmp_path, prefect_ha
             return await client.read_artifacts()
 
     mine = [a for a in asyncio.run(artifacts()) if "Q-0" in (a.description or "") or "q-0" in (a.key or "")]
-    tables = {a.key for a in mine if a.type == "table"}
-    assert {"denoise-q-q-0", "reconstruct-q-q-0", "surrogate-q-q-0"} <= tables
+    cards = {a.key: str(a.data) for a in mine if a.type == "markdown"}
+    assert set(cards) == {"denoise-q-q-0", "reconstruct-q-q-0", "surrogate-q-q-0"}  # one artifact per stage
+    assert all("| metric | value |" in card and "| seconds |" in card for card in cards.values())
+    assert "| noise_sigma |" in cards["denoise-q-q-0"]
+    assert (
+        "data:image/png;base64," in cards["reconstruct-q-q-0"] and "data:image/png;base64," in cards["surrogate-q-q-0"]
+    )
+    assert not any(a.type == "table" for a in mine)
     assert all(a.task_run_id is not None for a in mine)  # attached to the stage's task run, not the flow
     progress = [a for a in mine if a.type == "progress"]
     assert {a.description.split(" of ")[0] for a in progress} == {"denoise", "reconstruct", "surrogate"}
     assert all(float(a.data) == 100.0 for a in progress)
+
+
+def test_stage_card_is_one_markdown_with_the_metrics_table_then_the_image():
+    from schemas.refs import ScanRef, StageReport
+    from tasks.artifacts import png_markdown, stage_card
+
+    ref = ScanRef(store_uri="/x/A.zarr", site_id="A", scan_id="A-3")
+    report = StageReport(
+        scan=ref,
+        stage="reconstruct",
+        skipped=False,
+        config_hash="abc",
+        seconds=1.23456,
+        chunks_written=4,
+        chunks_resumed=1,
+        metrics={"psnr_db": 31.98765, "note": "a|b\nc"},
+    )
+    card = stage_card(report)
+    lines = card.splitlines()
+    assert lines[0] == "### reconstruct · A/A-3"
+    assert lines[2:4] == ["| metric | value |", "|---|---|"]
+    body = dict(line.strip("| ").split(" | ", 1) for line in lines[4:] if line.startswith("| "))
+    assert body["seconds"] == "1.235" and body["chunks_written"] == "4" and body["chunks_resumed"] == "1"
+    assert body["psnr_db"] == "31.99"
+    assert body["note"] == "a\\|b c"  # a pipe or newline in a value cannot break the table
+    assert "site" not in body and "stage" not in body  # already in the heading
+    assert "data:image" not in card
+
+    image = png_markdown("A/A-3 slice 2", b"\x89PNG-not-really")
+    with_image = stage_card(report, image)
+    assert with_image.startswith(card)  # the table first, then the image
+    assert "#### A/A-3 slice 2" in with_image and "data:image/png;base64," in with_image

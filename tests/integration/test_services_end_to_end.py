@@ -210,7 +210,9 @@ def test_deployed_topology_on_loopback(tmp_path):
 
             artifacts = asyncio.run(every_artifact())
             kinds = {a.type for a in artifacts}
-            assert {"table", "markdown", "progress"} <= kinds, kinds
+            assert {"markdown", "progress"} <= kinds, kinds
+            cards = [a for a in artifacts if a.type == "markdown" and "| metric | value |" in str(a.data)]
+            assert {str(a.key).split("-")[0] for a in cards} >= {"denoise", "reconstruct", "surrogate"}, kinds
             assert all(float(a.data) == 100.0 for a in artifacts if a.type == "progress")
             image = next(a for a in artifacts if a.type == "markdown" and "data:image/png" in str(a.data))
 
