@@ -129,9 +129,8 @@ def _run_chains(
     return tuple(outcomes[str(ref)] for ref in refs)
 
 
-@flow(name="process-scan", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=1)))
-def process_scan(request: ProcessScanRequest) -> PipelineReport:
-    """Ingest (if given a source), denoise, reconstruct and make surrogates of one scan."""
+def _process_one(request: ProcessScanRequest) -> PipelineReport:
+    """The body of :func:`process_scan` and :func:`on_scan_arrived`, run in the calling flow's run."""
     settings = get_settings()
     root = request.data_root or settings.data_root
     with dask_client(settings.dask), _artifacts_flushed():
@@ -149,10 +148,25 @@ def process_scan(request: ProcessScanRequest) -> PipelineReport:
     return PipelineReport(scans=(outcome,))
 
 
-@flow(name="on-scan-arrived", flow_run_name="scan-arrived-{site_id}")
+@flow(name="process-scan", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=1)))
+def process_scan(request: ProcessScanRequest) -> PipelineReport:
+    """Ingest (if given a source), denoise, reconstruct and make surrogates of one scan."""
+    return _process_one(request)
+
+
+@flow(
+    name="on-scan-arrived",
+    flow_run_name="scan-arrived-{site_id}",
+    task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=1)),
+)
 def on_scan_arrived(path: str, site_id: str, data_root: str | None = None) -> PipelineReport:
-    """Started by the ``fedscan.scan.arrived`` event: process the one scan that landed."""
-    return process_scan(ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root))
+    """Started by the ``fedscan.scan.arrived`` event: process the one scan that landed.
+
+    The stage tasks run in this flow's own run, not in a ``process-scan`` subflow: each flow run costs the API
+    calls of its creation and states, and Prefect's teardown waits up to a second for the run's heartbeat
+    thread (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, on by default since Prefect 3.7), per run and per scan.
+    """
+    return _process_one(ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root))
 
 
 @flow(name="nightly", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=NIGHTLY_SCANS_IN_FLIGHT)))

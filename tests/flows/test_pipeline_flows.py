@@ -85,8 +85,13 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
 
 
 @pytest.mark.slow
-def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng):
-    from flows.pipeline import ProcessScanRequest, process_scan
+@pytest.mark.parametrize("entry", ["process_scan", "on_scan_arrived"])
+def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import ProcessScanRequest, on_scan_arrived, process_scan
     from tasks.scanner_output import ScannerFormat, write_scanner_output
 
     cols = 40
@@ -113,8 +118,26 @@ def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng):
         water_attenuation_per_mm=0.0192,
         fmt=ScannerFormat.NPY_COUNTS,
     )
-    report = process_scan(ProcessScanRequest(source=src, site_id="S", data_root=str(tmp_path / "data")))
+    if entry == "process_scan":
+        state = process_scan(
+            ProcessScanRequest(source=src, site_id="S", data_root=str(tmp_path / "data")), return_state=True
+        )
+    else:
+        state = on_scan_arrived(str(src), "S", str(tmp_path / "data"), return_state=True)
+    report = state.result()
     assert [o.ok for o in report.scans] == [True]
+    run_id = state.state_details.flow_run_id
+
+    async def runs() -> tuple[list, list]:
+        async with get_client() as client:
+            return await client.read_flow_runs(), await client.read_task_runs()
+
+    flow_runs, task_runs = asyncio.run(runs())
+    mine = [t for t in task_runs if t.flow_run_id == run_id]
+    # ingest and the three stages run in the entry flow's own run: no subflow (each flow run costs API calls
+    # and a heartbeat-thread join at teardown)
+    assert sorted(t.name.split("-")[0] for t in mine) == ["denoise", "ingest", "reconstruct", "surrogate"]
+    assert not [r for r in flow_runs if r.parent_task_run_id in {t.id for t in mine}]
     scan = SiteStore.open(tmp_path / "data" / "S.zarr").scan("fan-1")
     for stage in ("ingest", "denoise", "reconstruct", "surrogate"):
         assert scan.is_done(stage), stage
