@@ -50,8 +50,7 @@ that hold both privacy targets (attack drop >= 10 dB, SSIM < 0.3), the smallest 
 
 Ratios: ``attack_psnr_drop_db`` (above), ``surrogate_ssim`` (crops), ``auc_drop_vs_plaintext`` = AUC(plaintext) −
 AUC(surrogates) (and ``_iqem``, and their ``_ci95``), ``hide_slices_per_s`` (512², ``--threads`` torch threads,
-CPU, ``--speed-batch`` slices per call) and ``hide_speedup_vs_torch_fft`` (the same kernel with its row transforms
-in ``torch.fft`` instead of ``scipy.fft``, calls alternating, best of ``--speed-repeat`` each).
+CPU, ``--speed-batch`` slices per call).
 """
 
 from __future__ import annotations
@@ -345,28 +344,13 @@ def throughput(device_name, *, n=16, size=512, repeat=3, iqem=True):
             best = min(best, time.perf_counter() - t0)
         return n / best
 
-    def timed_pair(fn_a, fn_b):
-        """Best rate of each, their calls alternating (a slow phase of the machine hits both)."""
-        fn_a(), fn_b()
-        sync()
-        best = [float("inf"), float("inf")]
-        for _ in range(repeat):
-            for k, fn in enumerate((fn_a, fn_b)):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                best[k] = min(best[k], time.perf_counter() - t0)
-        return n / best[0], n / best[1]
-
-    hide_rate, torch_fft_rate = timed_pair(
-        lambda: hide(x, h, alpha=0.1, beta=0.5), lambda: hide(x, h, alpha=0.1, beta=0.5, method="torch-fft")
-    )
+    hide_rate = timed(lambda: hide(x, h, alpha=0.1, beta=0.5))
     hide_random_rate = timed(lambda: hide(x, x.flip(0), alpha=0.1, beta=0.5))
     iqem_rate = float("nan")
     if iqem:
         g = Generator(16).to(dev).eval()
         iqem_rate = timed(lambda: enhance(x, g, batch_size=8))
-    return hide_rate, hide_random_rate, iqem_rate, torch_fft_rate
+    return hide_rate, hide_random_rate, iqem_rate
 
 
 def speed_rows(own, *, n, repeat, cuda):
@@ -374,30 +358,20 @@ def speed_rows(own, *, n, repeat, cuda):
     import torch
 
     rows = []
-    cpu_hide, cpu_hide_per_slice_host, cpu_iqem, cpu_torch_fft = throughput(
-        "cpu", n=n, repeat=repeat, iqem=own.only is None
-    )
+    cpu_hide, cpu_hide_per_slice_host, cpu_iqem = throughput("cpu", n=n, repeat=repeat, iqem=own.only is None)
     batch = f"batch {n}, {own.threads} threads"
     rows.append({"case": "speed 512² cpu", "method": f"hide fixed host ({batch})", "slices_per_s": cpu_hide})
-    rows.append(
-        {
-            "case": "speed 512² cpu",
-            "method": f"peer: same, torch.fft rows ({batch})",
-            "slices_per_s": cpu_torch_fft,
-            "hide_speedup_vs_torch_fft": cpu_hide / cpu_torch_fft,
-        }
-    )
     rows.append(
         {"case": "speed 512² cpu", "method": f"hide host per slice ({batch})", "slices_per_s": cpu_hide_per_slice_host}
     )
     if own.only is None:
         rows.append({"case": "speed 512² cpu", "method": f"iqem G inference ({batch})", "slices_per_s": cpu_iqem})
     if cuda and torch.cuda.is_available():
-        g_hide, g_hide2, g_iqem, _ = throughput("cuda", n=64)
+        g_hide, g_hide2, g_iqem = throughput("cuda", n=64)
         rows.append({"case": "speed 512² cuda", "method": "hide fixed host", "slices_per_s": g_hide})
         rows.append({"case": "speed 512² cuda", "method": "hide host per slice", "slices_per_s": g_hide2})
         rows.append({"case": "speed 512² cuda", "method": "iqem G inference", "slices_per_s": g_iqem})
-    return rows, {"hide_slices_per_s": cpu_hide, "hide_speedup_vs_torch_fft": cpu_hide / cpu_torch_fft}
+    return rows, cpu_hide
 
 
 def drop_stats(plain_aucs, aucs, *, bound=AUC_DROP_BOUND):
@@ -650,9 +624,11 @@ def main() -> None:
     if own.speed_batch is None:
         own.speed_batch = 8 if quick else 32
     if own.only == "speed":
-        speed, speed_ratios = speed_rows(own, n=own.speed_batch, repeat=own.speed_repeat, cuda=device == "cuda")
-        print_table(speed, speed_ratios)
-        write_json(args.json, speed, speed_ratios, settings={"only": "speed", "threads": own.threads})
+        speed, cpu_hide = speed_rows(own, n=own.speed_batch, repeat=own.speed_repeat, cuda=device == "cuda")
+        print_table(speed, {"hide_slices_per_s": cpu_hide})
+        write_json(
+            args.json, speed, {"hide_slices_per_s": cpu_hide}, settings={"only": "speed", "threads": own.threads}
+        )
         return
     rng = np.random.default_rng(0)
     rows: list[dict[str, object]] = []
@@ -812,9 +788,9 @@ def main() -> None:
         )
 
     # ---- speed -------------------------------------------------------------------------------------
-    speed_ratios = {"hide_slices_per_s": float("nan"), "hide_speedup_vs_torch_fft": float("nan")}
+    cpu_hide = float("nan")
     if not own.no_speed:
-        speed, speed_ratios = speed_rows(
+        speed, cpu_hide = speed_rows(
             own,
             n=2 if own.smoke else own.speed_batch,
             repeat=1 if own.smoke else 2 if quick else own.speed_repeat,
@@ -852,7 +828,7 @@ def main() -> None:
         "auc_drop_vs_plaintext_ci95": util["surrogate"]["auc_drop_ci95"],
         "auc_drop_vs_plaintext_iqem": util["surrogate+iqem"]["auc_drop"],
         "auc_drop_vs_plaintext_iqem_ci95": util["surrogate+iqem"]["auc_drop_ci95"],
-        **speed_ratios,
+        "hide_slices_per_s": cpu_hide,
         "host_identification_rate": host_id_rate,
     }
     print_table(rows, ratios)

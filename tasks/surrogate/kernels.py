@@ -11,9 +11,8 @@ spectrum is the host's, so ``s = h + IFFT2(M · (mixed - Y))``: the kernel trans
 Along the last axis one real FFT per row keeps the ``b + 1`` lowest columns, along the first axis an FFT of
 those columns keeps the ``2b + 1`` lowest rows; the correction goes back the same way: an inverse FFT of the
 ``b + 1`` columns is added to the host's own row spectra, and one inverse real FFT per row gives host plus
-correction in a single pass (no separate add). On a CPU the row transforms run in :mod:`scipy.fft` (about 3x
-torch's CPU FFT on rows of 512), elsewhere in ``torch.fft``. Slices go through in chunks of :data:`CHUNK_BYTES`:
-on a CPU, freshly mapped (page-faulted) intermediates for a whole batch cost more than the transforms.
+correction in a single pass (no separate add). Slices go through in chunks of :data:`CHUNK_BYTES` into reused
+buffers: on a CPU, freshly mapped (page-faulted) intermediates for a whole batch cost more than the transforms.
 The host's row spectra are computed once when one host serves a whole batch. For very small masks the same
 blocks can be computed as partial DFTs by matrix products (``method="matmul"``; ``"auto"`` picks by the kept
 fraction of columns). :func:`hide_reference` is the formula on the full spectrum, for tests.
@@ -30,7 +29,6 @@ from typing import Literal, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
-import scipy.fft as sfft
 import torch
 
 from tasks.errors import InvalidInputError
@@ -125,16 +123,7 @@ CHUNK_BYTES = 4 << 20
 #: (``method="auto"``); measured crossover on 2 CPU cores at 512² (benchmarks/surrogate.py, ``speed`` rows).
 MATMUL_MAX_COLUMN_FRACTION = 0.015
 
-Method = Literal["auto", "fft", "torch-fft", "matmul"]
-
-
-def _cpu_workers() -> int:
-    """Threads of the CPU row transforms: torch's intra-op setting, so one knob bounds the kernel's threads.
-
-    On a CPU the row FFTs (all but a few per cent of the work) run in :mod:`scipy.fft`: at 512² it transforms
-    rows about 3x faster than ``torch.fft`` on this project's 2-core machine (``benchmarks/surrogate.py``).
-    """
-    return max(1, torch.get_num_threads())
+Method = Literal["auto", "fft", "matmul"]
 
 
 class _Plan:
@@ -149,11 +138,6 @@ class _Plan:
 
     def __init__(self, h: int, w: int, b: int, device: torch.device, method: Method) -> None:
         self.h, self.w = h, w
-        # Row transforms on a CPU in scipy.fft unless torch's were asked for ("torch-fft": the peer it is measured
-        # against in benchmarks/surrogate.py).
-        self.scipy_rows = device.type == "cpu" and method != "torch-fft"
-        if method == "torch-fft":
-            method = "fft"
         self.rows = _low_rows(h, b, device)
         self.n_cols = min(b, w // 2) + 1
         if method == "auto":
@@ -185,10 +169,7 @@ class _Plan:
         return self._buffers[key]
 
     def row_spectrum(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """``rfft`` of every row of ``(c, H, W)`` ``x`` (fft path): on a CPU by :func:`scipy.fft.rfft` (see
-        :func:`_cpu_workers`), else by torch into this plan's reused buffer ``kind``."""
-        if self.scipy_rows:
-            return torch.from_numpy(sfft.rfft(x.detach().numpy(), axis=-1, workers=_cpu_workers()))
+        """``rfft`` of every row of ``(c, H, W)`` ``x`` into this plan's reused buffer ``kind`` (fft path)."""
         return torch.fft.rfft(x, dim=-1, out=self._buffer(x.shape[0], kind, x))
 
     def block(self, rows: torch.Tensor) -> torch.Tensor:
@@ -238,10 +219,7 @@ class _Plan:
         else:  # one host: a reused buffer whose first columns are rewritten every chunk
             pad = self.host_rows(host_rows, c)
             torch.add(host_rows[..., : self.n_cols], correction, out=pad[..., : self.n_cols])
-        if self.scipy_rows:
-            out.numpy()[...] = sfft.irfft(pad.numpy(), n=self.w, axis=-1, workers=_cpu_workers())
-        else:
-            torch.fft.irfft(pad, n=self.w, dim=-1, out=out)
+        torch.fft.irfft(pad, n=self.w, dim=-1, out=out)
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -341,11 +319,10 @@ def hide(
         Share of the private amplitude inside the mask, ``0 <= β <= 1``; 0 returns the host.
     device : torch.device or str, optional
         Where to compute; default: where ``images`` lives (the CPU for numpy input).
-    method : {"auto", "fft", "torch-fft", "matmul"}
-        How the mask's block of the spectrum is computed and synthesised: pruned FFTs (row transforms in
-        :mod:`scipy.fft` on a CPU, ``torch.fft`` elsewhere; ``"torch-fft"``: ``torch.fft`` everywhere), or
-        partial DFTs as matrix products (faster only for very small masks); ``"auto"`` picks by the kept
-        fraction of columns (:data:`MATMUL_MAX_COLUMN_FRACTION`). All equal :func:`hide_reference` to float32 precision.
+    method : {"auto", "fft", "matmul"}
+        How the mask's block of the spectrum is computed and synthesised: pruned FFTs, or partial DFTs as
+        matrix products (faster only for very small masks); ``"auto"`` picks by the kept fraction of columns
+        (:data:`MATMUL_MAX_COLUMN_FRACTION`). All equal :func:`hide_reference` to float32 precision.
 
     Returns
     -------
@@ -379,8 +356,8 @@ def hide(
         _check_finite("hosts", y)
         out = y.expand_as(x).clone()
     else:
-        if method not in ("auto", "fft", "torch-fft", "matmul"):
-            raise InvalidInputError(f"method must be 'auto', 'fft', 'torch-fft' or 'matmul', got {method!r}")
+        if method not in ("auto", "fft", "matmul"):
+            raise InvalidInputError(f"method must be 'auto', 'fft' or 'matmul', got {method!r}")
         plan = _Plan(h, w, b, x.device, method)
         x3 = x if x.ndim == 3 else x[None]
         out3 = torch.empty_like(x3)
@@ -390,7 +367,7 @@ def hide(
         host_rows: torch.Tensor | None = None
         if shared_host:
             if fft:
-                host_rows = plan.row_spectrum(y[None], "host_once")
+                host_rows = torch.fft.rfft(y[None], dim=-1)
                 host_block = plan.block(host_rows)
             else:
                 host_block = plan.forward(y[None])

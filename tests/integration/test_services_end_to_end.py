@@ -208,15 +208,17 @@ def test_deployed_topology_on_loopback(tmp_path):
             assert all(float(a.data) == 100.0 for a in artifacts if a.type == "progress")
             image = next(a for a in artifacts if a.type == "markdown" and "data:image/png" in str(a.data))
 
-            # --- the operator's view: the image artifact renders in a real browser ------------------
+            # --- the operator's view: the stage card (table, then image) renders in a real browser ------
             if chromium_path() is not None:
                 shot = work / "ui-artifact.png"
                 with chromium() as cdp:
+                    # ready once the PNG has decoded and the card's metrics table is an HTML table (not pipes)
                     script = (
                         "(() => { const imgs = [...document.querySelectorAll('img')]"
                         ".filter(i => i.src.startsWith('data:image/png'));"
+                        " const cells = [...document.querySelectorAll('table td')].map(c => c.textContent.trim());"
                         " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0)"
-                        " ? imgs.map(i => i.naturalWidth) : null; })()"
+                        " && cells.includes('seconds') ? imgs.map(i => i.naturalWidth) : null; })()"
                     )
                     widths = evaluate_when_ready(
                         cdp,
@@ -225,7 +227,7 @@ def test_deployed_topology_on_loopback(tmp_path):
                         screenshot=shot,
                         timeout=90,
                     )
-                assert widths, "the artifact's PNG did not render in Chromium"
+                assert widths, "the stage card's PNG or its metrics table did not render in Chromium"
                 assert all(w >= 256 for w in widths)
                 keep = os.environ.get("FEDSCAN_UI_SCREENSHOT")
                 if keep:
