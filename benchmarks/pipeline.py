@@ -148,12 +148,11 @@ def _stub_stage_work(data_root: str) -> None:
     from tasks.storage import SiteStore
 
     refs = find_scans(data_root)
+    for ref in refs:
+        done = SiteStore.open(ref.store_uri, mode="r").scan(ref.scan_id)
+        missing = [s for s in ("denoise", "reconstruct", "surrogate") if done.stage_record(s) is None]
+        assert not missing, f"skeleton needs processed stores: {ref} has no {missing}"
     scan = SiteStore.open(refs[0].store_uri).scan(refs[0].scan_id)
-    for stage in ("denoise", "reconstruct", "surrogate"):
-        for ref in refs:
-            assert SiteStore.open(ref.store_uri, mode="r").scan(ref.scan_id).stage_record(stage) is not None, (
-                f"skeleton needs processed stores: {ref} has no {stage}"
-            )
     rec_md = drivers.reconstruction_preview(scan, PipelineConfig().reconstruct)
     sur_md = drivers.surrogate_preview(scan)
     drivers.reconstruction_preview = lambda *a, **k: rec_md  # type: ignore[assignment]

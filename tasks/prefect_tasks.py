@@ -180,20 +180,23 @@ class StageProgress:
         self._clock = clock
         self._publish = publish or publish_soon
         self._start = clock()
-        self._last: float | None = None
+        self._last: float | None = None  # when the artifact was last published; None: not created yet
         self._artifact_id: UUID | None = None
-        self.created = False
+
+    @property
+    def created(self) -> bool:
+        return self._last is not None
 
     def __call__(self, fraction: float) -> None:
         now = self._clock()
         percent = round(100.0 * min(max(fraction, 0.0), 1.0), 1)
-        if not self.created:
+        if self._last is None:
             if now - self._start < self.after_s:
                 return
-            self.created, self._last = True, now
+            self._last = now
             self._publish(self._create, percent)
             return
-        if percent < 100.0 and self._last is not None and now - self._last < self.every_s:
+        if percent < 100.0 and now - self._last < self.every_s:
             return
         self._last = now
         self._publish(self._update, percent)

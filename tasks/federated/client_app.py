@@ -124,17 +124,32 @@ def _generator(cfg: FederationConfig, site_id: str, server_round: int) -> torch.
     return g
 
 
+def _receive_global(
+    arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
+) -> tuple[FederationConfig, torch.nn.Module, list[str], SiteData, SiteData]:
+    """What every message starts with: the run's config, this site's model with the server's ``arrays`` loaded
+    (after refusing a server with another config or model), the shared keys and the site's train/held-out split."""
+    cfg = FederationConfig.from_run_config(context.run_config)
+    model, keys = _local_model(context, cfg)
+    _check_server(config, cfg, model, keys)
+    set_arrays(model, arrays)
+    train, hold = _site_split(context, cfg)
+    return cfg, model, keys, train, hold
+
+
+def _site_statistics(cfg: FederationConfig, model: torch.nn.Module, train: SiteData) -> None:
+    """With ``local_bn_statistics``: re-estimate the BatchNorm statistics on the site's training slices."""
+    if cfg.local_bn_statistics:
+        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
+
+
 # ------------------------------------------------------------------------------------------------
 # The work of one message (format-independent)
 # ------------------------------------------------------------------------------------------------
 def _train(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, float | int]]:
-    cfg = FederationConfig.from_run_config(context.run_config)
-    model, keys = _local_model(context, cfg)
-    _check_server(config, cfg, model, keys)
-    set_arrays(model, arrays)
-    train, _ = _site_split(context, cfg)
+    cfg, model, keys, train, _ = _receive_global(arrays, config, context)
     anchor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
     stats = train_local(
         model,
@@ -156,13 +171,8 @@ def _train(
 def _evaluate(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> dict[str, float | int]:
-    cfg = FederationConfig.from_run_config(context.run_config)
-    model, keys = _local_model(context, cfg)
-    _check_server(config, cfg, model, keys)
-    set_arrays(model, arrays)
-    train, hold = _site_split(context, cfg)
-    if cfg.local_bn_statistics:
-        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
+    cfg, model, _, train, hold = _receive_global(arrays, config, context)
+    _site_statistics(cfg, model, train)
     metrics = evaluate_model(model, hold.images, hold.targets, task=cfg.task, batch_size=cfg.batch_size, device=_CPU)
     out: dict[str, float | int] = {"num-examples": hold.num_slices}
     out.update({k: v for k, v in metrics.items() if np.isfinite(v)})
@@ -172,14 +182,9 @@ def _evaluate(
 def _personalise(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> dict[str, float | int]:
-    cfg = FederationConfig.from_run_config(context.run_config)
-    model, keys = _local_model(context, cfg)
-    _check_server(config, cfg, model, keys)
-    set_arrays(model, arrays)
-    train, hold = _site_split(context, cfg)
+    cfg, model, _, train, hold = _receive_global(arrays, config, context)
     kw: dict[str, Any] = {"task": cfg.task, "batch_size": cfg.batch_size, "device": _CPU}
-    if cfg.local_bn_statistics:
-        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
+    _site_statistics(cfg, model, train)
     before = evaluate_model(model, hold.images, hold.targets, **kw)
     if cfg.personalisation_epochs > 0:
         train_local(
@@ -191,8 +196,7 @@ def _personalise(
             generator=_generator(cfg, train.site_id, 10**6),
             **kw,
         )
-    if cfg.local_bn_statistics and cfg.personalisation_epochs > 0:
-        recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
+        _site_statistics(cfg, model, train)  # the fine-tuned weights need their own statistics
     after = evaluate_model(model, hold.images, hold.targets, **kw)
     _save_local(context, model)
     out: dict[str, float | int] = {"num-examples": hold.num_slices}

@@ -116,13 +116,19 @@ def batchnorm_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def tracked_batchnorm(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    """``(name, layer)`` of every BatchNorm layer that keeps running statistics, in module order: the
+    statistics that stay at a site (:func:`batchnorm_statistics_keys`) are exactly the ones it re-estimates
+    (:func:`tasks.federated.training.recalibrate_batchnorm`)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BATCHNORM) and m.track_running_stats]
+
+
 def batchnorm_statistics_keys(model: nn.Module) -> set[str]:
     """``state_dict`` keys of the BatchNorm running statistics (``running_mean``, ``running_var``)."""
     keys: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, _BATCHNORM) and module.track_running_stats:
-            prefix = f"{name}." if name else ""
-            keys.update({f"{prefix}running_mean", f"{prefix}running_var"})
+    for name, _ in tracked_batchnorm(model):
+        prefix = f"{name}." if name else ""
+        keys.update({f"{prefix}running_mean", f"{prefix}running_var"})
     return keys
 
 

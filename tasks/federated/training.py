@@ -20,6 +20,7 @@ from torch import nn
 
 from schemas.federation import FederatedTask
 from tasks.errors import InvalidInputError
+from tasks.federated.model import tracked_batchnorm
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -191,7 +192,7 @@ def recalibrate_batchnorm(model: nn.Module, images: npt.ArrayLike, *, batch_size
         raise InvalidInputError(f"re-estimating BatchNorm statistics needs at least 2 slices, got {x.shape[0]}")
     if batch_size < 2:
         raise InvalidInputError(f"batch_size must be >= 2 (batch statistics), got {batch_size}")
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = [m for _, m in tracked_batchnorm(model)]
     if not layers:
         return 0
     momenta = [m.momentum for m in layers]

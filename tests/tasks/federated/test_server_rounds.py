@@ -125,15 +125,20 @@ def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
     assert r.nodes_sampled == 3 and r.replies_failed == 1 and r.replies_ok == 2 and r.aggregated
 
 
-def test_client_refuses_a_server_with_another_model(site_stores):
-    cfg = small()
-    ctx = Context(
+def _site_context(store, cfg: FederationConfig, *, node_id: int) -> Context:
+    """A ClientApp context for the site whose store is ``store``, running ``cfg``."""
+    return Context(
         run_id=1,
-        node_id=100,
-        node_config={ca.NODE_STORE_KEY: str(site_stores[0])},
+        node_id=node_id,
+        node_config={ca.NODE_STORE_KEY: str(store)},
         state=RecordDict(),
         run_config=cfg.to_run_config(),
     )
+
+
+def test_client_refuses_a_server_with_another_model(site_stores):
+    cfg = small()
+    ctx = _site_context(site_stores[0], cfg, node_id=100)
     other = build_model("classify", base_channels=8, seed=0)
     keys = shared_keys(other, fedbn=False)
     content = RecordDict(
@@ -193,13 +198,7 @@ def test_secagg_plus_aggregates_without_the_server_seeing_a_single_update(site_s
 def test_holdout_split_follows_holdout_seed_not_the_training_seed(site_stores):
     def held_scans(**kw) -> set[int]:
         cfg = FederationConfig(**kw)
-        ctx = Context(
-            run_id=1,
-            node_id=1,
-            node_config={ca.NODE_STORE_KEY: str(site_stores[0])},
-            state=RecordDict(),
-            run_config=cfg.to_run_config(),
-        )
+        ctx = _site_context(site_stores[0], cfg, node_id=1)
         _, hold = ca._site_split(ctx, cfg)
         return {int(i) for i in np.unique(hold.scan_index)}
 
