@@ -50,7 +50,9 @@ that hold both privacy targets (attack drop >= 10 dB, SSIM < 0.3), the smallest 
 
 Ratios: ``attack_psnr_drop_db`` (above), ``surrogate_ssim`` (crops), ``auc_drop_vs_plaintext`` = AUC(plaintext) −
 AUC(surrogates) (and ``_iqem``, and their ``_ci95``), ``hide_slices_per_s`` (512², ``--threads`` torch threads,
-CPU, ``--speed-batch`` slices per call).
+CPU, the first ``--speed-batch`` size; 8 by default, the surrogate stage's block of 512² slices) and
+``hide_speedup_vs_full_fft2``: the same calls against :func:`hide_full_spectrum`, the IHM written plainly on the
+whole spectrum, measured alternately in the same run.
 """
 
 from __future__ import annotations
@@ -317,7 +319,23 @@ def split(sites, images):
     return (np.concatenate(tr_x), np.concatenate(tr_y)), (np.concatenate(te_x), np.concatenate(te_y))
 
 
+def hide_full_spectrum(x, hosts, *, alpha, beta):
+    """The speed peer: the IHM written directly in torch on the whole spectrum (``fft2`` → amplitude and phase →
+    mask → ``ifft2``), batched, float32, the way one would write it from the paper. Not used by fedscan."""
+    import torch
+
+    from tasks.surrogate.kernels import low_frequency_mask
+
+    fx, fy = torch.fft.fft2(x), torch.fft.fft2(hosts)
+    mixed = torch.polar((1.0 - beta) * fy.abs() + beta * fx.abs(), fy.angle())
+    mask = torch.from_numpy(low_frequency_mask(tuple(x.shape[-2:]), alpha=alpha)).to(x.device)
+    return torch.fft.ifft2(torch.where(mask, mixed, fy)).real
+
+
 def throughput(device_name, *, n=16, size=512, repeat=3, iqem=True):
+    """Slices per second at ``n`` slices per call: fedscan's ``hide`` (one host; a host per slice), the
+    :func:`hide_full_spectrum` peer on the same batch, and IQEM inference. The kernel and its peer alternate call
+    by call, so both see the same moments of a noisy machine; each keeps its fastest call."""
     import torch
 
     from tasks.surrogate.hosts import load_host
@@ -333,45 +351,57 @@ def throughput(device_name, *, n=16, size=512, repeat=3, iqem=True):
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn):
-        fn()
-        sync()
-        best = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
+    def timed(*fns):
+        best = [float("inf")] * len(fns)
+        for fn in fns:
             fn()
-            sync()
-            best = min(best, time.perf_counter() - t0)
-        return n / best
+        sync()
+        for _ in range(repeat):
+            for j, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                best[j] = min(best[j], time.perf_counter() - t0)
+        return [n / b for b in best]
 
-    hide_rate = timed(lambda: hide(x, h, alpha=0.1, beta=0.5))
-    hide_random_rate = timed(lambda: hide(x, x.flip(0), alpha=0.1, beta=0.5))
+    hide_rate, peer_rate = timed(
+        lambda: hide(x, h, alpha=0.1, beta=0.5), lambda: hide_full_spectrum(x, h, alpha=0.1, beta=0.5)
+    )
+    (hide_random_rate,) = timed(lambda: hide(x, x.flip(0), alpha=0.1, beta=0.5))
     iqem_rate = float("nan")
     if iqem:
         g = Generator(16).to(dev).eval()
-        iqem_rate = timed(lambda: enhance(x, g, batch_size=8))
-    return hide_rate, hide_random_rate, iqem_rate
+        (iqem_rate,) = timed(lambda: enhance(x, g, batch_size=8))
+    return {"hide": hide_rate, "peer": peer_rate, "hide_per_slice_host": hide_random_rate, "iqem": iqem_rate}
 
 
-def speed_rows(own, *, n, repeat, cuda):
-    """The 512² throughput rows (CPU, and CUDA when asked and present) and the fixed-host CPU hiding rate."""
+def speed_rows(own, *, batches, repeat, cuda):
+    """The 512² throughput rows (CPU, and CUDA when asked and present) at each batch size; the ratio keys come
+    from the first batch size."""
     import torch
 
     rows = []
-    cpu_hide, cpu_hide_per_slice_host, cpu_iqem = throughput("cpu", n=n, repeat=repeat, iqem=own.only is None)
-    batch = f"batch {n}, {own.threads} threads"
-    rows.append({"case": "speed 512² cpu", "method": f"hide fixed host ({batch})", "slices_per_s": cpu_hide})
-    rows.append(
-        {"case": "speed 512² cpu", "method": f"hide host per slice ({batch})", "slices_per_s": cpu_hide_per_slice_host}
-    )
-    if own.only is None:
-        rows.append({"case": "speed 512² cpu", "method": f"iqem G inference ({batch})", "slices_per_s": cpu_iqem})
+    keys: dict[str, float] = {}
+    for n in batches:
+        r = throughput("cpu", n=n, repeat=repeat, iqem=own.only is None and n == batches[0])
+        case = f"speed 512² cpu, batch {n}, {own.threads} threads"
+        rows.append({"case": case, "method": "hide, one host", "slices_per_s": r["hide"]})
+        rows.append({"case": case, "method": "peer: full-spectrum fft2 hide", "slices_per_s": r["peer"]})
+        rows.append({"case": case, "method": "hide, a host per slice", "slices_per_s": r["hide_per_slice_host"]})
+        if not np.isnan(r["iqem"]):
+            rows.append({"case": case, "method": "iqem G inference", "slices_per_s": r["iqem"]})
+        if not keys:
+            keys = {"hide_slices_per_s": r["hide"], "hide_speedup_vs_full_fft2": r["hide"] / r["peer"]}
     if cuda and torch.cuda.is_available():
-        g_hide, g_hide2, g_iqem = throughput("cuda", n=64)
-        rows.append({"case": "speed 512² cuda", "method": "hide fixed host", "slices_per_s": g_hide})
-        rows.append({"case": "speed 512² cuda", "method": "hide host per slice", "slices_per_s": g_hide2})
-        rows.append({"case": "speed 512² cuda", "method": "iqem G inference", "slices_per_s": g_iqem})
-    return rows, cpu_hide
+        r = throughput("cuda", n=64)
+        for method, key in (
+            ("hide, one host", "hide"),
+            ("peer: full-spectrum fft2 hide", "peer"),
+            ("hide, a host per slice", "hide_per_slice_host"),
+            ("iqem G inference", "iqem"),
+        ):
+            rows.append({"case": "speed 512² cuda, batch 64", "method": method, "slices_per_s": r[key]})
+    return rows, keys
 
 
 def drop_stats(plain_aucs, aucs, *, bound=AUC_DROP_BOUND):
@@ -552,7 +582,10 @@ def main() -> None:
         help="run one part only: speed = the 512² throughput rows; sweep = references and the α–β sweep",
     )
     extra.add_argument(
-        "--speed-batch", type=int, default=None, help="slices per hide call in the speed rows (default: 8 quick, 32)"
+        "--speed-batch",
+        default=None,
+        help="slices per hide call in the speed rows, comma-separated; the first gives the ratio keys "
+        "(default: 8, the stage's block of 512² slices; full runs also 16 and 32)",
     )
     extra.add_argument("--speed-repeat", type=int, default=5, help="timed calls per speed row (best is kept)")
     extra.add_argument("--seeds", type=int, default=None, help="classifier seeds of the utility rows")
@@ -621,14 +654,11 @@ def main() -> None:
         p["attack"] = TrainSettings(**{**p["attack"].__dict__, "steps": own.attack_steps})
     if own.sweep_attack_steps is not None:
         p["attack_sweep"] = TrainSettings(**{**p["attack_sweep"].__dict__, "steps": own.sweep_attack_steps})
-    if own.speed_batch is None:
-        own.speed_batch = 8 if quick else 32
+    batches = [int(v) for v in (own.speed_batch or ("8" if quick else "8,16,32")).split(",")]
     if own.only == "speed":
-        speed, cpu_hide = speed_rows(own, n=own.speed_batch, repeat=own.speed_repeat, cuda=device == "cuda")
-        print_table(speed, {"hide_slices_per_s": cpu_hide})
-        write_json(
-            args.json, speed, {"hide_slices_per_s": cpu_hide}, settings={"only": "speed", "threads": own.threads}
-        )
+        speed, speed_keys = speed_rows(own, batches=batches, repeat=own.speed_repeat, cuda=device == "cuda")
+        print_table(speed, speed_keys)
+        write_json(args.json, speed, speed_keys, settings={"only": "speed", "threads": own.threads})
         return
     rng = np.random.default_rng(0)
     rows: list[dict[str, object]] = []
@@ -788,11 +818,11 @@ def main() -> None:
         )
 
     # ---- speed -------------------------------------------------------------------------------------
-    cpu_hide = float("nan")
+    speed_keys = {"hide_slices_per_s": float("nan"), "hide_speedup_vs_full_fft2": float("nan")}
     if not own.no_speed:
-        speed, cpu_hide = speed_rows(
+        speed, speed_keys = speed_rows(
             own,
-            n=2 if own.smoke else own.speed_batch,
+            batches=[2] if own.smoke else batches,
             repeat=1 if own.smoke else 2 if quick else own.speed_repeat,
             cuda=device == "cuda",
         )
@@ -828,7 +858,7 @@ def main() -> None:
         "auc_drop_vs_plaintext_ci95": util["surrogate"]["auc_drop_ci95"],
         "auc_drop_vs_plaintext_iqem": util["surrogate+iqem"]["auc_drop"],
         "auc_drop_vs_plaintext_iqem_ci95": util["surrogate+iqem"]["auc_drop_ci95"],
-        "hide_slices_per_s": cpu_hide,
+        **speed_keys,
         "host_identification_rate": host_id_rate,
     }
     print_table(rows, ratios)

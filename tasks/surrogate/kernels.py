@@ -11,8 +11,9 @@ spectrum is the host's, so ``s = h + IFFT2(M · (mixed - Y))``: the kernel trans
 Along the last axis one real FFT per row keeps the ``b + 1`` lowest columns, along the first axis an FFT of
 those columns keeps the ``2b + 1`` lowest rows; the correction goes back the same way: an inverse FFT of the
 ``b + 1`` columns is added to the host's own row spectra, and one inverse real FFT per row gives host plus
-correction in a single pass (no separate add). Slices go through in chunks of :data:`CHUNK_BYTES` into reused
-buffers: on a CPU, freshly mapped (page-faulted) intermediates for a whole batch cost more than the transforms.
+correction in a single pass (no separate add). Slices go through in chunks of :data:`CHUNK_BYTES`: on a CPU,
+freshly mapped (page-faulted) intermediates for a whole batch cost more than the transforms, while chunk-sized
+ones come back from the allocator's heap (torch's ``out=`` FFTs are no help: they copy through a temporary).
 The host's row spectra are computed once when one host serves a whole batch. For very small masks the same
 blocks can be computed as partial DFTs by matrix products (``method="matmul"``; ``"auto"`` picks by the kept
 fraction of columns). :func:`hide_reference` is the formula on the full spectrum, for tests.
@@ -116,9 +117,10 @@ def _low_rows(h: int, b: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(b + 1, device=device), torch.arange(h - b, h, device=device)])
 
 
-#: Input bytes per chunk of the fast path: intermediates this small are reused from the allocator's heap instead
-#: of being mapped (and page-faulted) afresh for every call, which on a CPU costs more than the transforms.
-CHUNK_BYTES = 4 << 20
+#: Input bytes per chunk of the fast path (two 512² slices): intermediates this small are reused from the
+#: allocator's heap instead of being mapped (and page-faulted) afresh for every call, and stay in cache between the
+#: steps. 1, 2, 4 and 8 MiB measured on 2 CPU cores at 512², interleaved: 2 MiB was fastest.
+CHUNK_BYTES = 2 << 20
 #: The partial-DFT (matmul) path is used when the kept columns are at most this fraction of the width
 #: (``method="auto"``); measured crossover on 2 CPU cores at 512² (benchmarks/surrogate.py, ``speed`` rows).
 MATMUL_MAX_COLUMN_FRACTION = 0.015
@@ -129,11 +131,12 @@ Method = Literal["auto", "fft", "matmul"]
 class _Plan:
     """Everything about one ``(H, W, b)`` transform that does not depend on the data: rows, columns, DFT matrices.
 
-    Forward: ``F = (rfft along x, first n_cols columns) → (DFT along y, the rows of the mask)``.
-    Backward: ``irfft2`` of a half-spectrum that is zero outside that block, i.e. ``ifft`` along y of the block
-    placed at its rows, then the zero-padded inverse real FFT along x (bins 0 and W/2 count once, others twice).
-    ``method="fft"`` runs both with FFTs; ``"matmul"`` with the partial DFT matrices (``W_cols``: ``W × n_cols``,
-    ``W_rows``: ``k × H``), which is faster only when ``n_cols`` is a small fraction of ``W``.
+    The mask's block of ``rfft2`` is ``(rfft along x, first n_cols columns) → (DFT along y, the mask's rows)``.
+    ``method="fft"`` computes it with FFTs and synthesises the surrogate by one inverse real FFT per row of a
+    half-spectrum whose first ``n_cols`` columns are the inverse FFT along y of the surrogate's column spectrum
+    (the host's, with the mask's rows replaced), the other columns the host's own row spectra.
+    ``method="matmul"`` uses the partial DFT matrices (``W_cols``: ``W × n_cols``, ``W_rows``: ``k × H``) forward,
+    and adds ``irfft2`` of the block's change to the host; faster only when ``n_cols`` is a small fraction of ``W``.
     """
 
     def __init__(self, h: int, w: int, b: int, device: torch.device, method: Method) -> None:
@@ -160,66 +163,64 @@ class _Plan:
             ang_y = 2 * math.pi * torch.outer(ky, m) / h  # (k, H)
             self.rows_f = torch.polar(torch.ones_like(ang_y), -ang_y).to(device, torch.complex64)
             self.rows_b = (torch.polar(torch.ones_like(ang_y), ang_y).T / h).to(device, torch.complex64)
-        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
-
-    def _buffer(self, c: int, kind: str, like: torch.Tensor) -> torch.Tensor:
-        key = (c, kind)
-        if key not in self._buffers:
-            self._buffers[key] = like.new_zeros((c, self.h, self.w // 2 + 1), dtype=torch.complex64)
-        return self._buffers[key]
-
-    def row_spectrum(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """``rfft`` of every row of ``(c, H, W)`` ``x`` into this plan's reused buffer ``kind`` (fft path)."""
-        return torch.fft.rfft(x, dim=-1, out=self._buffer(x.shape[0], kind, x))
-
-    def block(self, rows: torch.Tensor) -> torch.Tensor:
-        """The mask's block ``(c, len(rows), n_cols)`` of ``rfft2`` from the row spectra (fft path)."""
-        return torch.fft.fft(rows[..., : self.n_cols], dim=-2).index_select(-2, self.rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(c, H, W)`` real → ``(c, len(rows), n_cols)`` complex64, the mask's block of ``rfft2(x)``."""
+        """``(c, H, W)`` real → ``(c, len(rows), n_cols)`` complex64, the mask's block of ``rfft2(x)``.
+
+        fft path: no ``out=`` anywhere (on the CPU torch computes an ``out=`` FFT into a temporary and copies it
+        over); the kept columns are made contiguous (as ``(c, n_cols, H)``) before the FFT along y, and the block
+        is returned as a transposed view.
+        """
         if self.method == "matmul":
             c = x.shape[0]
             flat = x.reshape(c * self.h, self.w)
             f = torch.complex(flat @ self.cos_f, flat @ self.sin_f).reshape(c, self.h, self.n_cols)
             return self.rows_f @ f
-        return self.block(self.row_spectrum(x, "forward"))
+        cols = torch.fft.rfft(x, dim=-1)[..., : self.n_cols].transpose(-1, -2).contiguous()
+        return torch.fft.fft(cols, dim=-1).index_select(-1, self.rows).transpose(-1, -2)
 
-    def host_rows(self, host_spectrum: torch.Tensor, c: int) -> torch.Tensor:
-        """A reused ``(c, H, W//2+1)`` buffer holding one host's row spectra (fft path, shared host)."""
-        key = (c, "host")
-        if key not in self._buffers:
-            self._buffers[key] = host_spectrum.expand(c, -1, -1).clone()
-        return self._buffers[key]
 
-    def synthesise(
-        self, delta: torch.Tensor, host: torch.Tensor, out: torch.Tensor, *, host_rows: torch.Tensor | None = None
-    ) -> None:
-        """``out = host + irfft2(Z)``, ``Z`` the half-spectrum that is ``delta`` at (rows, first columns), else 0.
+class _Hosts:
+    """The hosts of one chunk (or of the whole batch when one host serves it), prepared for :func:`hide`.
 
-        fft path: ``host_rows`` (the hosts' row spectra, ``rfft`` along x, broadcastable to the chunk) is required;
-        its first ``n_cols`` columns receive the correction, so one inverse real FFT per row yields host plus
-        correction without another pass over the output. Columns beyond ``n_cols`` are left as they are.
-        """
-        c = delta.shape[0]
-        if self.method == "matmul":
-            g = (self.rows_b @ delta).reshape(c * self.h, self.n_cols)  # ifft along y: (c·H, n_cols) complex
-            out.copy_(host.expand_as(out))
-            flat = out.view(c * self.h, self.w)
-            flat.addmm_(g.real.contiguous(), self.cos_b).addmm_(g.imag.contiguous(), self.sin_b)
-            return
-        if host_rows is None:
-            raise ValueError("the fft path needs the hosts' row spectra")
-        full = delta.new_zeros((c, self.h, self.n_cols))
-        full.index_copy_(-2, self.rows, delta)
-        correction = torch.fft.ifft(full, dim=-2)
-        if host_rows.shape[0] == c:  # per-slice hosts: their own row spectra, used once
-            pad = host_rows
-            pad[..., : self.n_cols] += correction
-        else:  # one host: a reused buffer whose first columns are rewritten every chunk
-            pad = self.host_rows(host_rows, c)
-            torch.add(host_rows[..., : self.n_cols], correction, out=pad[..., : self.n_cols])
-        torch.fft.irfft(pad, n=self.w, dim=-1, out=out)
+    Inside the mask the surrogate's spectrum is ``base + |X| · gain`` with ``base = (1 - β) |Y| e^{i∠Y}`` and
+    ``gain = β e^{i∠Y}``. fft path: ``row_spectra`` (``rfft`` along x) and ``column_spectra`` (their first
+    ``n_cols`` columns, FFT along y, all rows) are buffers the synthesis writes into; matmul path: ``block``.
+    """
+
+    def __init__(self, plan: _Plan, hosts: torch.Tensor, *, beta: float, copies: int = 0) -> None:
+        if plan.method == "fft":
+            rows = torch.fft.rfft(hosts, dim=-1)
+            cols = torch.fft.fft(rows[..., : plan.n_cols], dim=-2)
+            self.block = cols.index_select(-2, plan.rows)
+            if copies:  # one host, reused chunk after chunk: its own buffers, ``copies`` slices deep
+                rows, cols = (t.expand(copies, -1, -1).clone() for t in (rows, cols))
+            self.row_spectra, self.column_spectra = rows, cols
+        else:
+            self.block = plan.forward(hosts)
+            self.images = hosts
+        amp, phasor = _amplitude_phasor(self.block)
+        self.base = (1.0 - beta) * amp * phasor
+        self.gain = beta * phasor
+
+    def dc(self) -> torch.Tensor:
+        """The DC bin of each host: NaN or inf anywhere in a slice makes it non-finite."""
+        return self.block[:, 0, 0]
+
+    def surrogate(self, plan: _Plan, block: torch.Tensor, c: int) -> torch.Tensor:
+        """The ``c`` surrogates whose private spectra have the mask's block ``block``."""
+        mixed = torch.addcmul(self.base, block.abs(), self.gain)
+        if plan.method == "matmul":
+            g = (plan.rows_b @ (mixed - self.block)).reshape(c * plan.h, plan.n_cols)  # ifft along y of the change
+            out = self.images.expand(c, plan.h, plan.w).clone()
+            flat = out.view(c * plan.h, plan.w)
+            flat.addmm_(g.real.contiguous(), plan.cos_b).addmm_(g.imag.contiguous(), plan.sin_b)
+            return out
+        cols = self.column_spectra[:c]
+        cols.index_copy_(-2, plan.rows, mixed)  # the mask's rows; all others stay the host's
+        rows = self.row_spectra[:c]
+        rows[..., : plan.n_cols] = torch.fft.ifft(cols, dim=-2)
+        return torch.fft.irfft(rows, n=plan.w, dim=-1)
 
 
 # ---- the kernel ------------------------------------------------------------------------------------
@@ -238,14 +239,20 @@ def _as_tensor(name: str, a: FloatArray | torch.Tensor, device: torch.device | N
     return t.to(device=device if device is not None else t.device, dtype=torch.float32)
 
 
-def _check_finite(name: str, t: torch.Tensor, *, block: torch.Tensor | None = None, offset: int = 0) -> None:
-    """Refuse non-finite values; ``block`` (the low-frequency block of ``t``) makes the check cheap."""
-    probe = t if block is None else block
-    finite = torch.isfinite(probe)
+def _check_finite(name: str, t: torch.Tensor, *, dc: torch.Tensor | None = None) -> None:
+    """Refuse non-finite values in ``t`` (``(ny, nx)`` or ``(slices, ny, nx)``), naming the first such slice.
+
+    ``dc``, the slices' DC bins, makes the check cheap: a NaN or inf anywhere in a slice reaches its DC bin, so
+    ``t`` is searched only when some DC bin is not finite (which finite values can also cause, by overflow).
+    """
+    if dc is not None and bool(torch.isfinite(dc).all()):
+        return
+    finite = torch.isfinite(t).reshape(-1, t.shape[-2] * t.shape[-1]).all(dim=1)
     if not bool(finite.all()):
-        per_slice = finite.reshape(-1, probe.shape[-2] * probe.shape[-1]).all(dim=1)
-        first = offset + int(torch.nonzero(~per_slice)[0, 0])
+        first = int(torch.nonzero(~finite)[0, 0])
         raise InvalidInputError(f"{name} contain NaN or infinite values (first at slice {first})")
+    if dc is not None:
+        raise InvalidInputError(f"{name} are too large: their spectra overflow float32")
 
 
 def _amplitude_phasor(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,36 +367,33 @@ def hide(
             raise InvalidInputError(f"method must be 'auto', 'fft' or 'matmul', got {method!r}")
         plan = _Plan(h, w, b, x.device, method)
         x3 = x if x.ndim == 3 else x[None]
-        out3 = torch.empty_like(x3)
+        n = x3.shape[0]
         chunk = max(1, CHUNK_BYTES // (4 * h * w))
-        shared_host = y.ndim == 2
-        fft = plan.method == "fft"
-        host_rows: torch.Tensor | None = None
-        if shared_host:
-            if fft:
-                host_rows = torch.fft.rfft(y[None], dim=-1)
-                host_block = plan.block(host_rows)
-            else:
-                host_block = plan.forward(y[None])
-            _check_finite("hosts", y, block=host_block)
-            amp_y, phasor = _amplitude_phasor(host_block)
-        for i in range(0, x3.shape[0], chunk):
+        # One chunk: its result is the output. Several: each is copied into place (an ``out=`` FFT would copy too).
+        out3 = torch.empty_like(x3) if n > chunk else None
+        result = x3
+        shared = _Hosts(plan, y[None], beta=beta, copies=min(chunk, n)) if y.ndim == 2 else None
+        if shared is not None:
+            _check_finite("hosts", y, dc=shared.dc())
+        dc = x3.new_empty((n,), dtype=torch.complex64)
+        host_dc = x3.new_empty((n,), dtype=torch.complex64)
+        for i in range(0, n, chunk):
             xc = x3[i : i + chunk]
-            yc = y[None] if shared_host else y[i : i + chunk]
-            fx = plan.forward(xc)
-            # A NaN or inf anywhere in a slice reaches its DC row and column: checking the block is enough.
-            _check_finite("images", xc, block=fx, offset=i)
-            if not shared_host:
-                if fft:
-                    host_rows = plan.row_spectrum(yc, "host_slices")
-                    host_block = plan.block(host_rows)
-                else:
-                    host_block = plan.forward(yc)
-                _check_finite("hosts", yc, block=host_block, offset=i)
-                amp_y, phasor = _amplitude_phasor(host_block)
-            # Inside the mask the surrogate's spectrum is mixed·phasor; outside it is the host's: add the difference.
-            delta = ((1.0 - beta) * amp_y + beta * fx.abs()) * phasor - host_block
-            plan.synthesise(delta, yc, out3[i : i + chunk], host_rows=host_rows)
+            c = xc.shape[0]
+            block = plan.forward(xc)
+            dc[i : i + c] = block[:, 0, 0]
+            hosts_c = shared if shared is not None else _Hosts(plan, y[i : i + c], beta=beta)
+            if shared is None:
+                host_dc[i : i + c] = hosts_c.dc()
+            result = hosts_c.surrogate(plan, block, c)
+            if out3 is not None:
+                out3[i : i + c] = result
+        # Checked once at the end (one check per chunk costs more than the transforms at 512²); nothing is
+        # returned from a batch with a non-finite slice.
+        _check_finite("images", x3, dc=dc)
+        if shared is None:
+            _check_finite("hosts", y, dc=host_dc)
+        out3 = out3 if out3 is not None else result
         out = out3 if x.ndim == 3 else out3[0]
     if was_numpy:
         return out.cpu().numpy()
