@@ -190,3 +190,13 @@ def test_nan_in_a_later_chunk_names_its_slice(monkeypatch):
     images[4, 2, 2] = np.nan
     with pytest.raises(InvalidInputError, match="slice 4"):
         hide(images, host, alpha=0.1, beta=0.5)
+
+
+def test_finite_values_too_large_for_float32_spectra_are_refused_as_such():
+    images, host = _pair((3, 16, 16), 0)
+    images[1] = 3e37  # finite, but 256 of them sum past float32's range: the spectrum would be inf
+    with pytest.raises(InvalidInputError, match="too large"):
+        hide(images, host, alpha=0.1, beta=0.5)
+    images[1, 3, 3] = np.inf  # a real inf is still named as such, with its slice
+    with pytest.raises(InvalidInputError, match=r"NaN or infinite values \(first at slice 1\)"):
+        hide(images, host, alpha=0.1, beta=0.5)
