@@ -99,9 +99,11 @@ def surrogate_slices(
     )
     device = resolve_device(config.device)
     p = torch.from_numpy(private).to(device)
-    s = hide(p, hosts, alpha=config.alpha, beta=config.beta)
     if config.iqem.enabled and generator is not None:
+        s = hide(p, hosts, alpha=config.alpha, beta=config.beta)
         s = enhance_and_rehide(p, s, generator, alpha=config.alpha, beta=config.beta)
+    else:  # the private slices are not needed afterwards: hide in place, no new output to allocate and fault in
+        s = hide(p, hosts, alpha=config.alpha, beta=config.beta, out=p)
     return s.cpu().numpy()
 
 

@@ -63,7 +63,7 @@ def to_unit_range(
 
     Returns
     -------
-    Same kind and shape as ``images``, float32, dimensionless.
+    Same kind and shape as ``images``, float32, dimensionless; always a new array.
     """
     lo, hi = window_hu
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -80,7 +80,9 @@ def to_unit_range(
         raise InvalidInputError(f"unit must be 'hu' or 'per_mm', got {unit!r}")
     if isinstance(images, torch.Tensor):
         return images.to(torch.float32) * scale + offset
-    return (np.asarray(images, dtype=np.float32) * np.float32(scale) + np.float32(offset)).astype(np.float32)
+    out = np.multiply(np.asarray(images), np.float32(scale), dtype=np.float32)  # one new array, then in place
+    out += np.float32(offset)
+    return out
 
 
 # ---- the mask --------------------------------------------------------------------------------------
@@ -289,6 +291,7 @@ def hide(
     beta: float,
     device: torch.device | str | None = None,
     method: Method = "auto",
+    out: FloatArray | None = None,
 ) -> FloatArray: ...
 @overload
 def hide(
@@ -299,6 +302,7 @@ def hide(
     beta: float,
     device: torch.device | str | None = None,
     method: Method = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor: ...
 def hide(
     images: FloatArray | torch.Tensor,
@@ -308,6 +312,7 @@ def hide(
     beta: float,
     device: torch.device | str | None = None,
     method: Method = "auto",
+    out: FloatArray | torch.Tensor | None = None,
 ) -> FloatArray | torch.Tensor:
     """Hide private slices in hosts: host phase, low-frequency amplitude mixed with ratio β (the IHM).
 
@@ -330,11 +335,18 @@ def hide(
         How the mask's block of the spectrum is computed and synthesised: pruned FFTs, or partial DFTs as
         matrix products (faster only for very small masks); ``"auto"`` picks by the kept fraction of columns
         (:data:`MATMUL_MAX_COLUMN_FRACTION`). All equal :func:`hide_reference` to float32 precision.
+    out : numpy.ndarray or torch.Tensor, optional
+        Where to write the surrogates, and then the return value: ``images``' shape, float32, C-contiguous, a
+        writeable numpy array or a tensor on the compute device. It may be ``images`` itself (the slices are read chunk by
+        chunk before their surrogates are written), not ``hosts``. Saves allocating (and first touching) the
+        output, which in processes that return freed memory to the system eagerly (Dask workers) costs a
+        page fault per 4 KiB on every call.
 
     Returns
     -------
     numpy.ndarray or torch.Tensor
-        Surrogates, ``images``' shape, float32; numpy for numpy ``images``, else a tensor on ``device``.
+        Surrogates, ``images``' shape, float32; numpy for numpy ``images``, else a tensor on ``device``; ``out``
+        when given.
         Where the host's amplitude is exactly 0 inside the mask, the phase is taken as 0.
 
     Raises
@@ -358,10 +370,12 @@ def hide(
         )
     h, w = x.shape[-2:]
     b = low_frequency_half_width((h, w), alpha=alpha)
+    target = None if out is None else _output_buffer(out, x)
     if alpha == 0 or beta == 0:
         _check_finite("images", x)
         _check_finite("hosts", y)
-        out = y.expand_as(x).clone()
+        result = y.expand_as(x)
+        result = result.clone() if target is None else target.copy_(result)
     else:
         if method not in ("auto", "fft", "matmul"):
             raise InvalidInputError(f"method must be 'auto', 'fft' or 'matmul', got {method!r}")
@@ -369,14 +383,15 @@ def hide(
         x3 = x if x.ndim == 3 else x[None]
         n = x3.shape[0]
         chunk = max(1, CHUNK_BYTES // (4 * h * w))
-        # One chunk: its result is the output. Several: each is copied into place (an ``out=`` FFT would copy too).
-        out3 = torch.empty_like(x3) if n > chunk else None
-        result = x3
+        # One chunk and no ``out``: its result is the output. Otherwise each is copied into place (an ``out=``
+        # FFT would copy too).
+        out3 = target.view(x3.shape) if target is not None else torch.empty_like(x3) if n > chunk else None
         shared = _Hosts(plan, y[None], beta=beta, copies=min(chunk, n)) if y.ndim == 2 else None
         if shared is not None:
             _check_finite("hosts", y, dc=shared.dc())
         dc = x3.new_empty((n,), dtype=torch.complex64)
         host_dc = x3.new_empty((n,), dtype=torch.complex64)
+        chunk_result = x3
         for i in range(0, n, chunk):
             xc = x3[i : i + chunk]
             c = xc.shape[0]
@@ -385,16 +400,33 @@ def hide(
             hosts_c = shared if shared is not None else _Hosts(plan, y[i : i + c], beta=beta)
             if shared is None:
                 host_dc[i : i + c] = hosts_c.dc()
-            result = hosts_c.surrogate(plan, block, c)
+            chunk_result = hosts_c.surrogate(plan, block, c)
             if out3 is not None:
-                out3[i : i + c] = result
-        # Checked once at the end (one check per chunk costs more than the transforms at 512²); nothing is
-        # returned from a batch with a non-finite slice.
+                out3[i : i + c] = chunk_result
+        # Checked once at the end (one check per chunk costs more than the transforms at 512²): no surrogate is
+        # returned from a batch with a non-finite slice (``out`` may then hold some).
         _check_finite("images", x3, dc=dc)
         if shared is None:
             _check_finite("hosts", y, dc=host_dc)
-        out3 = out3 if out3 is not None else result
-        out = out3 if x.ndim == 3 else out3[0]
+        result = (out3 if out3 is not None else chunk_result).view(x.shape)
+    if out is not None:
+        return out
     if was_numpy:
-        return out.cpu().numpy()
-    return out
+        return result.cpu().numpy()
+    return result
+
+
+def _output_buffer(out: FloatArray | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` as a tensor sharing its memory, refused unless it can hold the surrogates of ``x`` as they are."""
+    if isinstance(out, torch.Tensor):
+        t = out
+    elif isinstance(out, np.ndarray) and out.flags.writeable:
+        t = torch.from_numpy(out)
+    else:
+        raise InvalidInputError(f"out must be a writeable numpy array or a tensor, got {type(out).__name__}")
+    if tuple(t.shape) != tuple(x.shape) or t.dtype != torch.float32 or t.device != x.device or not t.is_contiguous():
+        raise InvalidInputError(
+            f"out must be C-contiguous float32 of shape {tuple(x.shape)} on {x.device}, got {t.dtype} of shape "
+            f"{tuple(t.shape)} on {t.device}"
+        )
+    return t

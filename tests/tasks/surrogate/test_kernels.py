@@ -200,3 +200,33 @@ def test_finite_values_too_large_for_float32_spectra_are_refused_as_such():
     images[1, 3, 3] = np.inf  # a real inf is still named as such, with its slice
     with pytest.raises(InvalidInputError, match=r"NaN or infinite values \(first at slice 1\)"):
         hide(images, host, alpha=0.1, beta=0.5)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize(("alpha", "beta"), [(0.1, 0.5), (0.0, 0.5)])
+def test_out_receives_the_surrogates_even_in_place(kind, alpha, beta, monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 4 * 24 * 20 * 2)  # five slices, chunks of two
+    images, host = _pair((5, 24, 20), 3)
+    expected = hide(images, host, alpha=alpha, beta=beta)
+    buffer = images.copy() if kind == "numpy" else torch.from_numpy(images.copy())
+    got = hide(buffer, host, alpha=alpha, beta=beta, out=buffer)  # in place: each chunk is read before written
+    assert got is buffer
+    np.testing.assert_array_equal(np.asarray(buffer), expected)
+    fresh = np.full_like(images, np.nan)
+    assert hide(images, host, alpha=alpha, beta=beta, out=fresh) is fresh
+    np.testing.assert_array_equal(fresh, expected)
+
+
+def test_out_that_cannot_hold_the_surrogates_is_refused():
+    images, host = _pair((3, 16, 16), 0)
+    for bad in (
+        np.zeros((3, 16, 15), np.float32),
+        np.zeros((3, 16, 16), np.float64),
+        np.zeros((3, 16, 32), np.float32)[..., ::2],
+    ):
+        with pytest.raises(InvalidInputError, match="out must be C-contiguous float32 of shape"):
+            hide(images, host, alpha=0.1, beta=0.5, out=bad)
+    frozen = np.zeros_like(images)
+    frozen.flags.writeable = False
+    with pytest.raises(InvalidInputError, match="writeable"):
+        hide(images, host, alpha=0.1, beta=0.5, out=frozen)
