@@ -337,8 +337,8 @@ def hide(
         (:data:`MATMUL_MAX_COLUMN_FRACTION`). All equal :func:`hide_reference` to float32 precision.
     out : numpy.ndarray or torch.Tensor, optional
         Where to write the surrogates, and then the return value: ``images``' shape, float32, C-contiguous, a
-        writeable numpy array or a tensor on the compute device. It may be ``images`` itself (the slices are read chunk by
-        chunk before their surrogates are written), not ``hosts``. Saves allocating (and first touching) the
+        writeable numpy array or a tensor on the compute device. It may be ``images`` itself (the slices are read
+        chunk by chunk before their surrogates are written), not ``hosts``. Saves allocating (and first touching) the
         output, which in processes that return freed memory to the system eagerly (Dask workers) costs a
         page fault per 4 KiB on every call.
 
