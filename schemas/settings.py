@@ -16,6 +16,16 @@ class Device(StrEnum):
     CUDA = "cuda"
 
 
+#: glibc allocator settings for Dask worker processes: keep up to 128 MiB of freed memory per heap, and serve
+#: allocations under 32 MiB from the heap. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` instead, which also
+#: turns off glibc's adaptive mmap threshold, so every chunk-sized intermediate is mapped afresh and page-faulted
+#: in again call after call (benchmarks/worker_env.py measures both).
+WORKER_ALLOCATOR_ENVIRON: dict[str, str] = {
+    "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+}
+
+
 class DaskSettings(BaseModel):
     """Where chunk parallelism runs."""
 
@@ -27,6 +37,14 @@ class DaskSettings(BaseModel):
     n_workers: int = Field(default=1, ge=1, le=1024, description="LocalCluster workers.")
     threads_per_worker: int | None = Field(default=None, ge=1, le=1024, description="None: all cores.")
     memory_limit: str = Field(default="auto", description="Per-worker memory limit of a LocalCluster.")
+    tune_worker_allocator: bool = Field(
+        default=True,
+        description=(
+            "Start a LocalCluster's worker processes with WORKER_ALLOCATOR_ENVIRON (glibc keeps freed memory up "
+            "to 128 MiB per heap) instead of Dask's MALLOC_TRIM_THRESHOLD_=65536 (memory back to the system at "
+            "once, at the cost of page faults on every chunk-sized allocation). No effect on in-process workers."
+        ),
+    )
     torch_threads: int | None = Field(
         default=None,
         ge=1,

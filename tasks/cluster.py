@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+import dask
 import torch
 from distributed import Client, LocalCluster
 
-from schemas.settings import DaskSettings
+from schemas.settings import WORKER_ALLOCATOR_ENVIRON, DaskSettings
 from tasks.errors import TransientError
 
 logger = logging.getLogger("fedscan.cluster")
@@ -41,13 +42,15 @@ def dask_client(settings: DaskSettings, *, timeout_s: float = 30.0) -> Iterator[
     # processes get OMP_NUM_THREADS=1 from the nanny; in-process worker threads get it from here.
     threads_before = torch.get_num_threads()
     torch.set_num_threads(intra_op_threads(settings))
-    cluster = LocalCluster(
-        n_workers=settings.n_workers,
-        threads_per_worker=settings.threads_per_worker,
-        processes=settings.n_workers > 1,
-        memory_limit=settings.memory_limit,
-        dashboard_address=None,
-    )
+    processes = settings.n_workers > 1
+    with worker_environ(WORKER_ALLOCATOR_ENVIRON if processes and settings.tune_worker_allocator else {}):
+        cluster = LocalCluster(
+            n_workers=settings.n_workers,
+            threads_per_worker=settings.threads_per_worker,
+            processes=processes,
+            memory_limit=settings.memory_limit,
+            dashboard_address=None,
+        )
     client = Client(cluster)
     logger.info("started a Dask LocalCluster (%d workers)", settings.n_workers)
     try:
@@ -56,6 +59,32 @@ def dask_client(settings: DaskSettings, *, timeout_s: float = 30.0) -> Iterator[
         client.close()
         cluster.close()
         torch.set_num_threads(threads_before)
+
+
+@contextmanager
+def worker_environ(environ: Mapping[str, str]) -> Iterator[None]:
+    """Worker processes started by a nanny inside the block get ``environ`` from their first instruction on.
+
+    Variables such as ``MALLOC_TRIM_THRESHOLD_`` are read when a process starts, so they must reach the nanny's
+    ``distributed.nanny.pre-spawn-environ``, which a nanny also keeps for the workers it restarts. The nanny
+    prefers this process's own value of a variable to the configuration's, and copies the variables into this
+    process when it spawns a worker; both are therefore set for the block and restored afterwards.
+    """
+    if not environ:
+        yield
+        return
+    before = {k: os.environ.get(k) for k in environ}
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **environ}
+    os.environ.update(environ)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+            yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def intra_op_threads(settings: DaskSettings) -> int:

@@ -97,3 +97,13 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
         check=False,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_dask_workers_get_the_allocator_settings_and_the_shared_environment():
+    from schemas.settings import WORKER_ALLOCATOR_ENVIRON
+
+    env = spec()["services"]["dask-worker"]["environment"]
+    for key, value in WORKER_ALLOCATOR_ENVIRON.items():
+        assert str(env[key]) == value, key
+    shared = spec()["x-fedscan"]["environment"]
+    assert {k: env[k] for k in shared} == shared  # the merge kept the common variables

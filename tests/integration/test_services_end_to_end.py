@@ -18,6 +18,7 @@ from uuid import UUID
 
 import pytest
 
+from schemas.settings import WORKER_ALLOCATOR_ENVIRON
 from tests.integration.browser import chromium, chromium_path, evaluate_when_ready
 from tests.integration.services import base_env, free_port, http_ok, services, wait_until
 
@@ -140,6 +141,7 @@ def test_deployed_topology_on_loopback(tmp_path):
                 "4GiB",
                 "--dashboard-address",
                 ":0",
+                env=dict(WORKER_ALLOCATOR_ENVIRON),  # as infra/compose.yaml's dask-worker
             )
 
         from distributed import Client
@@ -149,6 +151,9 @@ def test_deployed_topology_on_loopback(tmp_path):
                 return len(c.scheduler_info()["workers"]) == 2
 
         wait_until(two_workers, timeout=120, what="dask workers")
+        with Client(address, timeout=5) as c:  # the nanny passed the allocator settings on, over Dask's own
+            seen = c.run(lambda: {k: os.environ.get(k) for k in WORKER_ALLOCATOR_ENVIRON})
+        assert list(seen.values()) == [WORKER_ALLOCATOR_ENVIRON] * 2, seen
 
         # --- Flower: SuperLink + one SuperNode per site ------------------------------------------
         flwr_home = work / "flwr-home"
