@@ -22,7 +22,8 @@ best mode's Hann-FBP gain minus BM3D's), ``speed_vs_bm3d`` (min over regimes of 
 ``bandwidth_fraction`` (best-mode throughput on a stack of ``--stack-rows`` detector rows of regime C, torch on 2
 threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth), and
 ``worker_scaling_2v1`` (a stack of ``--scaling-rows`` detector rows of regime C read from and written to Zarr
-arrays on disk by a Dask distributed LocalCluster, 2 single-threaded worker processes vs 1), beside
+arrays on disk by a Dask distributed LocalCluster, 2 single-threaded worker processes vs 1, started with fedscan's
+worker allocator settings), beside
 ``worker_scaling_ceiling_2v1`` (the named peer: independent pure-compute blocks on the same clusters, i.e. what
 this machine's two vCPUs give at best) and their quotient ``worker_scaling_vs_ceiling``.
 
@@ -282,15 +283,16 @@ def _compute_block(seed: int, reps: int = 400) -> float:
 
 
 def worker_scaling(
-    stack: np.ndarray, i0: float, geometry: Geometry, *, workdir: Path
+    stack: np.ndarray, i0: float, geometry: Geometry, *, workdir: Path, environ: dict[str, str] | None = None
 ) -> tuple[float, float, float, float]:
     """Seconds to denoise a Zarr-stored stack into a Zarr array on a LocalCluster of 1 and of 2 workers, and the
     same clusters' seconds for the ceiling peer.
 
     The production data path: the input lies in a Zarr array on disk (chunks of 1/8 of the views), the workers
     read their chunks (with the halo) themselves and write the result chunk by chunk into another Zarr array;
-    nothing passes through the client. Worker processes, one thread each, torch on one thread; best of 2 runs
-    after a warm-up run.
+    nothing passes through the client. Worker processes, one thread each, torch on one thread, started with
+    ``environ`` (default: fedscan's :data:`schemas.settings.WORKER_ALLOCATOR_ENVIRON`); best of 2 runs after a
+    warm-up run.
 
     The ceiling (named peer): 8 independent blocks of pure compute (:func:`_compute_block`) on the same cluster,
     right after each denoise run. Its 2-vs-1 ratio is what this machine's two vCPUs give to work that needs no
@@ -300,8 +302,11 @@ def worker_scaling(
     import zarr
     from dask.distributed import Client, LocalCluster
 
+    from schemas.settings import WORKER_ALLOCATOR_ENVIRON
+    from tasks.cluster import worker_environ
     from tasks.denoise.chunked import denoise_dask
 
+    environ = WORKER_ALLOCATOR_ENVIRON if environ is None else environ
     config = best_config()
     resolved = resolve_group_size(config, geometry)
     chunk = max(4 * resolved.view_halo, stack.shape[0] // 8)
@@ -312,10 +317,9 @@ def worker_scaling(
     sigma = estimate_noise_sigma_dask(da.from_zarr(str(workdir / "projections.zarr")), config=resolved, i0_photons=i0)
     times, ceiling = [], []
     for workers in (1, 2):
-        with (
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
-            Client(cluster) as client,
-        ):
+        with worker_environ(environ):  # the worker processes' allocator settings, as fedscan starts them
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        with cluster, Client(cluster) as client:
             client.run(_one_torch_thread)
             best = best_ceiling = math.inf
             for run in range(3):  # run 0 warms the workers up (imports, first call)
