@@ -283,7 +283,7 @@ def _compute_block(seed: int, reps: int = 400) -> float:
 
 
 def worker_scaling(
-    stack: np.ndarray, i0: float, geometry: Geometry, *, workdir: Path, environ: dict[str, str] | None = None
+    stack: np.ndarray, i0: float, geometry: Geometry, *, workdir: Path
 ) -> tuple[float, float, float, float]:
     """Seconds to denoise a Zarr-stored stack into a Zarr array on a LocalCluster of 1 and of 2 workers, and the
     same clusters' seconds for the ceiling peer.
@@ -291,8 +291,7 @@ def worker_scaling(
     The production data path: the input lies in a Zarr array on disk (chunks of 1/8 of the views), the workers
     read their chunks (with the halo) themselves and write the result chunk by chunk into another Zarr array;
     nothing passes through the client. Worker processes, one thread each, torch on one thread, started with
-    ``environ`` (default: fedscan's :data:`schemas.settings.WORKER_ALLOCATOR_ENVIRON`); best of 2 runs after a
-    warm-up run.
+    fedscan's :data:`schemas.settings.WORKER_ALLOCATOR_ENVIRON`; best of 2 runs after a warm-up run.
 
     The ceiling (named peer): 8 independent blocks of pure compute (:func:`_compute_block`) on the same cluster,
     right after each denoise run. Its 2-vs-1 ratio is what this machine's two vCPUs give to work that needs no
@@ -306,7 +305,6 @@ def worker_scaling(
     from tasks.cluster import worker_environ
     from tasks.denoise.chunked import denoise_dask
 
-    environ = WORKER_ALLOCATOR_ENVIRON if environ is None else environ
     config = best_config()
     resolved = resolve_group_size(config, geometry)
     chunk = max(4 * resolved.view_halo, stack.shape[0] // 8)
@@ -317,7 +315,7 @@ def worker_scaling(
     sigma = estimate_noise_sigma_dask(da.from_zarr(str(workdir / "projections.zarr")), config=resolved, i0_photons=i0)
     times, ceiling = [], []
     for workers in (1, 2):
-        with worker_environ(environ):  # the worker processes' allocator settings, as fedscan starts them
+        with worker_environ(WORKER_ALLOCATOR_ENVIRON):  # the worker processes' allocator settings, as fedscan's
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         with cluster, Client(cluster) as client:
             client.run(_one_torch_thread)

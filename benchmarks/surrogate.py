@@ -378,32 +378,38 @@ def throughput(device_name, *, n=16, size=512, repeat=3, iqem=True):
     return {"hide": hide_rate, "peer": peer_rate, "hide_per_slice_host": hide_random_rate, "iqem": iqem_rate}
 
 
+#: The speed rows' methods: (row label, key of :func:`throughput`'s result).
+SPEED_METHODS = (
+    ("hide, one host", "hide"),
+    ("peer: full-spectrum fft2 hide", "peer"),
+    ("hide, a host per slice", "hide_per_slice_host"),
+    ("iqem G inference", "iqem"),
+)
+
+
 def speed_rows(own, *, batches, repeat, cuda):
     """The 512² throughput rows (CPU, and CUDA when asked and present) at each batch size; the ratio keys come
     from the first batch size."""
     import torch
 
+    # (case, device, batch, rounds, IQEM row): IQEM inference once on the CPU (full runs), always on CUDA.
+    runs = [
+        (f"speed 512² cpu, batch {n}, {own.threads} threads", "cpu", n, repeat, own.only is None and n == batches[0])
+        for n in batches
+    ]
+    if cuda and torch.cuda.is_available():
+        runs.append(("speed 512² cuda, batch 64", "cuda", 64, 3, True))
     rows = []
     keys: dict[str, float] = {}
-    for n in batches:
-        r = throughput("cpu", n=n, repeat=repeat, iqem=own.only is None and n == batches[0])
-        case = f"speed 512² cpu, batch {n}, {own.threads} threads"
-        rows.append({"case": case, "method": "hide, one host", "slices_per_s": r["hide"]})
-        rows.append({"case": case, "method": "peer: full-spectrum fft2 hide", "slices_per_s": r["peer"]})
-        rows.append({"case": case, "method": "hide, a host per slice", "slices_per_s": r["hide_per_slice_host"]})
-        if not np.isnan(r["iqem"]):
-            rows.append({"case": case, "method": "iqem G inference", "slices_per_s": r["iqem"]})
+    for case, device, n, rounds, iqem in runs:
+        r = throughput(device, n=n, repeat=rounds, iqem=iqem)
+        rows += [
+            {"case": case, "method": method, "slices_per_s": r[key]}
+            for method, key in SPEED_METHODS
+            if not np.isnan(r[key])
+        ]
         if not keys:
             keys = {"hide_slices_per_s": r["hide"], "hide_speedup_vs_full_fft2": r["hide"] / r["peer"]}
-    if cuda and torch.cuda.is_available():
-        r = throughput("cuda", n=64)
-        for method, key in (
-            ("hide, one host", "hide"),
-            ("peer: full-spectrum fft2 hide", "peer"),
-            ("hide, a host per slice", "hide_per_slice_host"),
-            ("iqem G inference", "iqem"),
-        ):
-            rows.append({"case": "speed 512² cuda, batch 64", "method": method, "slices_per_s": r[key]})
     return rows, keys
 
 

@@ -7,16 +7,17 @@ For a private image ``x`` and a host ``h`` of the same size ``(H, W)`` with spec
 
 ``M`` the centred square of low frequencies ``|k_y| <= b, |k_x| <= b`` with ``b = ⌊α · min(H, W)⌋`` (the FDA
 convention, Yang & Soatto 2020; ``α = 0`` gives an empty mask, so nothing is embedded). Outside ``M`` the
-spectrum is the host's, so ``s = h + IFFT2(M · (mixed - Y))``: the kernel transforms only what ``M`` touches.
-Along the last axis one real FFT per row keeps the ``b + 1`` lowest columns, along the first axis an FFT of
-those columns keeps the ``2b + 1`` lowest rows; the correction goes back the same way: an inverse FFT of the
-``b + 1`` columns is added to the host's own row spectra, and one inverse real FFT per row gives host plus
-correction in a single pass (no separate add). Slices go through in chunks of :data:`CHUNK_BYTES`: on a CPU,
-freshly mapped (page-faulted) intermediates for a whole batch cost more than the transforms, while chunk-sized
-ones come back from the allocator's heap (torch's ``out=`` FFTs are no help: they copy through a temporary).
-The host's row spectra are computed once when one host serves a whole batch. For very small masks the same
-blocks can be computed as partial DFTs by matrix products (``method="matmul"``; ``"auto"`` picks by the kept
-fraction of columns). :func:`hide_reference` is the formula on the full spectrum, for tests.
+spectrum is the host's: the kernel transforms only what ``M`` touches. Along the last axis one real FFT per row
+keeps the ``b + 1`` lowest columns, along the first axis an FFT of those columns keeps the ``2b + 1`` lowest rows.
+Back: the mask's rows of the host's column spectrum (its ``b + 1`` lowest columns, FFT along y) are replaced by
+the mixed spectrum, one inverse FFT along y turns those columns back into row spectra, which replace the same
+columns of the host's own row spectra, and one inverse real FFT per row gives the surrogate.
+
+Slices go through in chunks of :data:`CHUNK_BYTES`: on a CPU, freshly mapped (page-faulted) intermediates for a
+whole batch cost more than the transforms, while chunk-sized ones come back from the allocator's heap (torch's
+``out=`` FFTs are no help: they copy through a temporary). The host's spectra are computed once per call when one
+host serves the whole batch. For very small masks the same blocks can be computed as partial DFTs by matrix
+products (``method="matmul"``; ``"auto"`` picks by the kept fraction of columns). :func:`hide_reference` is the formula on the full spectrum, for tests.
 
 Intensities: the kernel is unit-agnostic, but private images and hosts must share a range; use
 :func:`to_unit_range` for CT slices (HU or 1/mm → dimensionless, air 0, water 0.5 with the default window) and
@@ -340,7 +341,9 @@ def hide(
         writeable numpy array or a tensor on the compute device. It may be ``images`` itself (the slices are read
         chunk by chunk before their surrogates are written), not ``hosts``. Saves allocating (and first touching) the
         output, which in processes that return freed memory to the system eagerly (Dask workers) costs a
-        page fault per 4 KiB on every call.
+        page fault per 4 KiB on every call. When a batch is refused for a non-finite slice, ``out`` may already
+        hold the surrogates of the slices before it (and, written in place, an input too large for float32
+        spectra is then reported as non-finite).
 
     Returns
     -------
@@ -352,7 +355,8 @@ def hide(
     Raises
     ------
     InvalidInputError
-        α or β out of range, shapes that do not match, non-finite values.
+        α or β out of range, shapes that do not match, non-finite values (or values too large for float32
+        spectra), an ``out`` that cannot hold the surrogates.
     """
     check_strengths(alpha=alpha, beta=beta)
     was_numpy = not isinstance(images, torch.Tensor)
@@ -403,8 +407,8 @@ def hide(
             chunk_result = hosts_c.surrogate(plan, block, c)
             if out3 is not None:
                 out3[i : i + c] = chunk_result
-        # Checked once at the end (one check per chunk costs more than the transforms at 512²): no surrogate is
-        # returned from a batch with a non-finite slice (``out`` may then hold some).
+        # Checked once at the end: a check per chunk waits for its result (about 0.09 ms per 2-slice chunk at 512²,
+        # 5 % of the chunk), while storing the DC bins does not. No surrogate is returned from a refused batch.
         _check_finite("images", x3, dc=dc)
         if shared is None:
             _check_finite("hosts", y, dc=host_dc)
