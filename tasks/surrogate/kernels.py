@@ -17,7 +17,8 @@ Slices go through in chunks of :data:`CHUNK_BYTES`: on a CPU, freshly mapped (pa
 whole batch cost more than the transforms, while chunk-sized ones come back from the allocator's heap (torch's
 ``out=`` FFTs are no help: they copy through a temporary). The host's spectra are computed once per call when one
 host serves the whole batch. For very small masks the same blocks can be computed as partial DFTs by matrix
-products (``method="matmul"``; ``"auto"`` picks by the kept fraction of columns). :func:`hide_reference` is the formula on the full spectrum, for tests.
+products (``method="matmul"``; ``"auto"`` picks by the kept fraction of columns). :func:`hide_reference` is the
+formula on the full spectrum, for tests.
 
 Intensities: the kernel is unit-agnostic, but private images and hosts must share a range; use
 :func:`to_unit_range` for CT slices (HU or 1/mm → dimensionless, air 0, water 0.5 with the default window) and
