@@ -10,9 +10,19 @@ from pathlib import Path
 from typing import Any
 
 
-def parse_args(description: str, *, image: bool = False, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``--quick``, ``--json PATH`` and, for quality benchmarks, ``--image PATH.npy --pixel-mm MM``."""
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(
+    description: str,
+    *,
+    image: bool = False,
+    argv: Sequence[str] | None = None,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.Namespace:
+    """``--quick``, ``--json PATH`` and, for quality benchmarks, ``--image PATH.npy --pixel-mm MM``.
+
+    ``parents`` (built with ``add_help=False``) add a benchmark's own options to the same parser, so ``--help``
+    lists them all and an unknown option is an error.
+    """
+    parser = argparse.ArgumentParser(description=description, parents=list(parents))
     parser.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 cores")
     parser.add_argument("--json", type=Path, default=None, help="write rows and ratios to this JSON file")
     if image:

@@ -344,10 +344,8 @@ def main() -> None:
     extra.add_argument(
         "--scaling-rows", type=int, default=None, help="detector rows of the worker-scaling stack (16 quick / 64)"
     )
-    own, rest = extra.parse_known_args()
-    args = parse_args(__doc__.split("\n")[0], image=True, argv=rest)
-    args.size, args.seed, args.stack_rows = own.size, own.seed, own.stack_rows
-    args.scaling_rows = own.scaling_rows or (16 if args.quick else 64)
+    args = parse_args(__doc__.split("\n")[0], image=True, parents=[extra])
+    args.scaling_rows = args.scaling_rows or (16 if args.quick else 64)
 
     import torch
 

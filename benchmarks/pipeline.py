@@ -236,15 +236,14 @@ def main() -> None:
     extra.add_argument("--scans-per-site", default=None, help="comma list, e.g. 1,2,4,8")
     extra.add_argument("--cache-dir", type=Path, default=None, help="keep the built demo stores here for reuse")
     extra.add_argument("--repeat", type=int, default=1, help="runs per mode, interleaved; the fastest counts")
-    known, rest = extra.parse_known_args()
-    args = parse_args(__doc__ or "", image=False, argv=rest)
+    args = parse_args(__doc__ or "", image=False, parents=[extra])
     sizes = sorted(
-        [int(x) for x in known.scans_per_site.split(",")]
-        if known.scans_per_site
+        [int(x) for x in args.scans_per_site.split(",")]
+        if args.scans_per_site
         else ([1, 2] if args.quick else [1, 2, 4, 8])
     )
-    size = known.size or ("tiny" if args.quick else "medium")
-    n_sites, n_slices = 3, known.slices or (8 if args.quick else 16)
+    size = args.size or ("tiny" if args.quick else "medium")
+    n_sites, n_slices = 3, args.slices or (8 if args.quick else 16)
 
     rows = []
     env = {
@@ -254,13 +253,13 @@ def main() -> None:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        cache = known.cache_dir or Path(tmp) / "cache"
+        cache = args.cache_dir or Path(tmp) / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         previous = None
         for per_site in sizes:
             base = previous = _base(cache, size, n_sites, n_slices, per_site, previous)
             runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
-            for _ in range(max(1, known.repeat)):  # interleaved, so a burst of load on the machine hits every mode
+            for _ in range(max(1, args.repeat)):  # interleaved, so a burst of load on the machine hits every mode
                 for mode in MODES:
                     work = Path(tmp) / f"{'prefect' if mode == 'skeleton' else mode}-{per_site}"
                     if mode != "skeleton":  # the skeleton reruns nightly on the stores the prefect run processed

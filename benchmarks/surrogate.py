@@ -605,8 +605,7 @@ def main() -> None:
     extra.add_argument("--no-speed", action="store_true", help="skip the 512² throughput rows")
     extra.add_argument("--sweep-seeds", type=int, default=None, help="classifier seeds per sweep point")
     extra.add_argument("--sweep-attack-steps", type=int, default=None, help="attack U-Net steps per sweep point")
-    own, rest = extra.parse_known_args()
-    args = parse_args(__doc__.split("\n")[0], image=True, argv=rest)
+    own = args = parse_args(__doc__.split("\n")[0], image=True, parents=[extra])
 
     import torch
 

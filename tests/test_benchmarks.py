@@ -1,0 +1,149 @@
+"""The benchmarks still run: each in its smallest mode as a subprocess, its JSON holding the ratio keys it documents.
+
+These check that the code paths work and the keys are there and finite, not the numbers themselves (the smallest
+modes are far too small for that). ``benchmarks/federated.py`` and ``benchmarks/pipeline.py`` have no run here
+(their smallest modes take over a minute on 2 cores), nor ``reconstruct.py`` and ``worker_env.py`` (20-25 s each:
+this file stays under about 90 s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DENOISE_NOISY_CASES = ("A-parallel-720-I0=1e5", "B-fan-360-I0=2e4", "C-fan-1440-I0=2.5e3", "SL-parallel-360-I0=1e4")
+DENOISE_METHODS = ("none", "gauss-views", "bm3d-anscombe", "fedscan-paper", "fedscan-best")
+
+
+def run_benchmark(script: str, *args: str, json_path: Path, timeout: float) -> dict[str, Any]:
+    """Run ``benchmarks/<script>`` from the repository root with ``--json json_path``; its parsed JSON."""
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args, "--json", str(json_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(json_path.read_text())
+
+
+def assert_finite_ratios(ratios: dict[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in ratios]
+    assert not missing, f"missing ratio keys {missing}; present: {sorted(ratios)}"
+    not_finite = {k: ratios[k] for k in keys if not math.isfinite(float(ratios[k]))}
+    assert not not_finite, f"ratios not finite: {not_finite}"
+
+
+@pytest.mark.parametrize(
+    ("script", "own_option"),
+    [
+        ("denoise.py", "--stack-rows STACK_ROWS"),
+        ("surrogate.py", "--speed-batch SPEED_BATCH"),
+        ("pipeline.py", "--scans-per-site SCANS_PER_SITE"),  # with its metavar: the docstring names the flag too
+    ],
+)
+def test_help_lists_every_option_and_unknown_options_are_refused(script, own_option):
+    help_run = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert help_run.returncode == 0, help_run.stderr[-4000:]
+    assert own_option in help_run.stdout  # the benchmark's own option
+    assert "--json JSON" in help_run.stdout  # and the common ones, in one listing
+    bad = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--no-such-option"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in bad.stderr
+
+
+@pytest.mark.slow
+def test_surrogate_smoke(tmp_path):
+    out = run_benchmark("surrogate.py", "--smoke", json_path=tmp_path / "surrogate.json", timeout=300)
+    assert out["rows"]
+    assert_finite_ratios(
+        out["ratios"],
+        (
+            "attack_psnr_drop_db",
+            "attack_psnr_drop_db_pool_attacker",
+            "attack_gain_over_prior_db",
+            "attack_pool_gain_over_prior_db",
+            "surrogate_ssim",
+            "auc_drop_vs_plaintext",
+            "auc_drop_vs_plaintext_ci95",
+            "auc_drop_vs_plaintext_iqem",
+            "auc_drop_vs_plaintext_iqem_ci95",
+            "hide_slices_per_s",
+            "hide_speedup_vs_full_fft2",
+            "host_identification_rate",
+        ),
+    )
+
+
+@pytest.mark.slow
+def test_denoise_quick(tmp_path):
+    out = run_benchmark("denoise.py", "--quick", json_path=tmp_path / "denoise.json", timeout=400)
+    ran = {(r["case"], r["method"]) for r in out["rows"]}
+    expected = {(c, m) for c in DENOISE_NOISY_CASES for m in DENOISE_METHODS}
+    expected |= {("clean-parallel-720", m) for m in DENOISE_METHODS if m != "bm3d-anscombe"}
+    assert ran == expected
+    ratios = out["ratios"]
+    assert_finite_ratios(
+        ratios,
+        (
+            "psnr_gain_minus_bm3d_db",
+            "psnr_gain_minus_bm3d_db_ramlak",
+            "min_gain_best_filter_db",
+            "min_gain_hann_db",
+            "min_gain_ramlak_db",
+            "clean_ssim_hann_best_minus_none",
+            "clean_ssim_ramlak_best_minus_none",
+            "speed_vs_bm3d",
+            "copy_bandwidth_gb_s",
+            "throughput_elements_per_s",
+            "bandwidth_fraction",
+            "worker_scaling_2v1",
+            "worker_scaling_ceiling_2v1",
+            "worker_scaling_vs_ceiling",
+        ),
+    )
+    for key in (
+        "psnr_gain_minus_bm3d_db_by_case_hann",
+        "psnr_gain_best_filter_minus_bm3d_db_by_case",
+        "speed_vs_bm3d_by_case",
+    ):
+        assert set(ratios[key]) == set(DENOISE_NOISY_CASES), key
+        assert all(math.isfinite(v) for v in ratios[key].values()), key
+    assert len(ratios["span_sweep_hann_gain_db"]) == 4
+    for gains in ratios["span_sweep_hann_gain_db"].values():
+        assert len(gains) == len(DENOISE_NOISY_CASES)
+        assert all(math.isfinite(v) for v in gains.values())
+
+
+def test_storage_quick(tmp_path):
+    out = run_benchmark("storage.py", "--quick", "--repeats", "1", json_path=tmp_path / "storage.json", timeout=120)
+    chosen = "blosc-zstd1-bitshuffle"
+    cases = ("projections_f32", "counts_u16", "volume_f32")
+    assert_finite_ratios(
+        out["ratios"],
+        tuple(f"{chosen}_ratio_{c}" for c in cases) + tuple(f"{chosen}_write_speed_vs_none_{c}" for c in cases),
+    )
+
+
+@pytest.mark.slow
+def test_reconstruct_memory_quick(tmp_path):
+    out = run_benchmark("reconstruct_memory.py", "--quick", json_path=tmp_path / "memory.json", timeout=300)
+    assert len(out["rows"]) == 2
+    assert_finite_ratios(out["ratios"], ("peak_growth_512_over_128", "peak_growth_512_over_projections"))
