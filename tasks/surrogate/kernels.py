@@ -15,8 +15,9 @@ columns of the host's own row spectra, and one inverse real FFT per row gives th
 
 Slices go through in chunks of :data:`CHUNK_BYTES`: on a CPU, freshly mapped (page-faulted) intermediates for a
 whole batch cost more than the transforms, while chunk-sized ones come back from the allocator's heap (torch's
-``out=`` FFTs are no help: they copy through a temporary). The host's spectra are computed once per call when one
-host serves the whole batch. For very small masks the same blocks can be computed as partial DFTs by matrix
+``out=`` FFTs are no help: they copy through a temporary). When one host serves the whole batch, its spectra are
+computed once per thread and reused by later calls with an equal host (a site's secret host comes back with every
+block). For very small masks the same blocks can be computed as partial DFTs by matrix
 products (``method="matmul"``; ``"auto"`` picks by the kept fraction of columns). :func:`hide_reference` is the
 formula on the full spectrum, for tests.
 
@@ -28,6 +29,7 @@ the host pool (:mod:`tasks.surrogate.hosts`) for hosts in [0, 1].
 from __future__ import annotations
 
 import math
+import threading
 from typing import Literal, TypeVar, overload
 
 import numpy as np
@@ -227,6 +229,45 @@ class _Hosts:
         return torch.fft.irfft(rows, n=plan.w, dim=-1)
 
 
+class _SharedHostCache(threading.local):
+    """The last shared host each thread prepared, with a copy of the host it was prepared from.
+
+    A site hides every block with its one secret host (policy ``fixed``), and preparing it (a real FFT of the host,
+    the FFT of its kept columns, amplitude and phase, the synthesis buffers) costs about as much as hiding one
+    slice. The buffers are written by every chunk, so each thread keeps its own; reuse needs an equal host
+    (``torch.equal`` against the copy, a tenth of the preparation), so a host changed in place is prepared anew.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[object, ...] | None = None
+        self.copies = 0
+        self.host: torch.Tensor | None = None
+        self.prepared: _Hosts | None = None
+
+
+_SHARED_HOST = _SharedHostCache()
+
+
+def _shared_host(plan: _Plan, host: torch.Tensor, *, beta: float, copies: int) -> _Hosts:
+    """:class:`_Hosts` of one ``(ny, nx)`` host serving a whole batch (buffers at least ``copies`` slices deep),
+    reused from this thread's last call when the host, the transform and β are the same."""
+    cache = _SHARED_HOST
+    key = (plan.h, plan.w, plan.n_cols, len(plan.rows), plan.method, host.device, beta)
+    if (
+        cache.key == key
+        and cache.copies >= copies
+        and cache.host is not None
+        and cache.prepared is not None
+        and torch.equal(cache.host, host)
+    ):
+        return cache.prepared
+    copies = max(copies, cache.copies) if cache.key == key else copies
+    cache.key = cache.host = cache.prepared = None  # a failure below leaves nothing half-made behind
+    prepared = _Hosts(plan, host[None], beta=beta, copies=copies)
+    cache.key, cache.copies, cache.host, cache.prepared = key, copies, host.clone(), prepared
+    return prepared
+
+
 # ---- the kernel ------------------------------------------------------------------------------------
 def _as_tensor(name: str, a: FloatArray | torch.Tensor, device: torch.device | None) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
@@ -391,7 +432,7 @@ def hide(
         # One chunk and no ``out``: its result is the output. Otherwise each is copied into place (an ``out=``
         # FFT would copy too).
         out3 = target.view(x3.shape) if target is not None else torch.empty_like(x3) if n > chunk else None
-        shared = _Hosts(plan, y[None], beta=beta, copies=min(chunk, n)) if y.ndim == 2 else None
+        shared = _shared_host(plan, y, beta=beta, copies=min(chunk, n)) if y.ndim == 2 else None
         if shared is not None:
             _check_finite("hosts", y, dc=shared.dc())
         dc = x3.new_empty((n,), dtype=torch.complex64)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -230,3 +233,48 @@ def test_out_that_cannot_hold_the_surrogates_is_refused():
     frozen.flags.writeable = False
     with pytest.raises(InvalidInputError, match="writeable"):
         hide(images, host, alpha=0.1, beta=0.5, out=frozen)
+
+
+def test_one_shared_host_is_prepared_once_per_thread_and_never_reused_stale(monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 4 * 24 * 20 * 2)  # chunks of two slices
+    monkeypatch.setattr(kernels, "_SHARED_HOST", kernels._SharedHostCache())
+    made = []
+
+    class CountingHosts(kernels._Hosts):
+        def __init__(self, *args, **kwargs):
+            made.append(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_Hosts", CountingHosts)
+    images, host = _pair((5, 24, 20), 4)
+
+    def check(x, h, beta=0.5):
+        got = hide(x, h, alpha=0.2, beta=beta)
+        np.testing.assert_allclose(got, hide_reference(x, h, alpha=0.2, beta=beta), atol=1e-5)
+
+    check(images, host)
+    check(images[::-1].copy(), host)  # same host, other slices: prepared once
+    check(images[:1], host)  # fewer slices than the buffers hold: still the same
+    assert len(made) == 1
+    host[3, 4] += 0.5  # changed in place (the kernel sees this memory through torch.from_numpy)
+    check(images, host)
+    check(images, host, beta=0.8)
+    assert len(made) == 3
+    check(images[:1], host, beta=0.8)
+    assert len(made) == 3
+
+    # Every thread has its own prepared host: its synthesis buffers are written by every chunk.
+    seeds = range(6)
+    expected = {s: hide_reference(_pair((5, 24, 20), s)[0], host, alpha=0.2, beta=0.8) for s in seeds}
+
+    def worker(seed):
+        x = _pair((5, 24, 20), seed)[0]
+        return [hide(x, host, alpha=0.2, beta=0.8) for _ in range(10)]
+
+    with ThreadPoolExecutor(3) as pool:
+        results = dict(zip(seeds, pool.map(worker, seeds), strict=True))
+    for s, outs in results.items():
+        for got in outs:
+            np.testing.assert_allclose(got, expected[s], atol=1e-5)
+    in_pool = made[3:]
+    assert in_pool and len(set(in_pool)) == len(in_pool)  # once in each pool thread that ran a seed
