@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,10 +42,27 @@ def best_time(fn: Callable[[], Any], *, repeat: int = 1) -> tuple[float, Any]:
     return best, result
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float | int) and not isinstance(value, bool) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy scalars
+        return _json_safe(value.item())
+    return value
+
+
 def write_json(path: Path | None, rows: list[dict[str, Any]], ratios: dict[str, float], **extra: Any) -> None:
-    """``{"rows": [...], "ratios": {...}, **extra}`` to ``path`` (nothing when ``path`` is None)."""
+    """``{"rows": [...], "ratios": {...}, **extra}`` to ``path`` (nothing when ``path`` is None).
+
+    Strict JSON: a value that is not a finite number (a row a run could not measure) is written as ``null``.
+    """
     if path is not None:
-        path.write_text(json.dumps({"rows": rows, "ratios": ratios, **extra}, indent=2, default=float) + "\n")
+        doc = _json_safe({"rows": rows, "ratios": ratios, **extra})
+        path.write_text(json.dumps(doc, indent=2, default=float, allow_nan=False) + "\n")
 
 
 def print_table(rows: list[dict[str, Any]], ratios: dict[str, float] | None = None) -> None:
