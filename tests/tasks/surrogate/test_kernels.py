@@ -278,3 +278,34 @@ def test_one_shared_host_is_prepared_once_per_thread_and_never_reused_stale(monk
             np.testing.assert_allclose(got, expected[s], atol=1e-5)
     in_pool = made[3:]
     assert in_pool and len(set(in_pool)) == len(in_pool)  # once in each pool thread that ran a seed
+
+
+@pytest.mark.parametrize("host_kind", ["shared", "per slice"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_several_groups_of_chunks_equal_the_reference(host_kind, in_place, monkeypatch):
+    # Chunks of two slices, groups of two chunks, eleven slices: groups of 4, 4 and 3, a short last chunk in each.
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 4 * 20 * 18 * 2)
+    monkeypatch.setattr(kernels, "GROUP_CHUNKS", 2)
+    monkeypatch.setattr(kernels, "_SHARED_HOST", kernels._SharedHostCache())
+    images, host = _pair((11, 20, 18), 5)
+    hosts = host if host_kind == "shared" else np.random.default_rng(6).random((11, 20, 18)).astype(np.float32)
+    expected = hide_reference(images, hosts, alpha=0.2, beta=0.6)
+    buffer = images.copy()
+    got = hide(buffer, hosts, alpha=0.2, beta=0.6, method="fft", out=buffer if in_place else None)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+    if in_place:
+        assert got is buffer
+    else:
+        np.testing.assert_array_equal(buffer, images)  # the input is not touched
+
+
+@pytest.mark.parametrize("shape", [(20, 18), (20, 19), (18, 20), (40, 41), (100, 100)])
+def test_mask_keeps_every_bin_up_to_the_half_width(shape):
+    # Integer frequencies: with fftfreq(n) * n, 3 / 20 * 20 rounds above 3 and the mask lost rows ±3 at n = 20.
+    for alpha in (0.1, 0.2, 0.3, 0.45):
+        b = low_frequency_half_width(shape, alpha=alpha)
+        mask = low_frequency_mask(shape, alpha=alpha)
+        ky = np.abs((np.arange(shape[0]) + shape[0] // 2) % shape[0] - shape[0] // 2)
+        kx = np.abs((np.arange(shape[1]) + shape[1] // 2) % shape[1] - shape[1] // 2)
+        np.testing.assert_array_equal(mask, (ky[:, None] <= b) & (kx[None, :] <= b))
+        assert mask.sum() == min(2 * b + 1, shape[0]) * min(2 * b + 1, shape[1])
