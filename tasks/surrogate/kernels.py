@@ -15,9 +15,9 @@ columns of the host's own row spectra, and one inverse real FFT per row gives th
 
 Slices go through in chunks of :data:`CHUNK_BYTES`: on a CPU, freshly mapped (page-faulted) intermediates for a
 whole batch cost more than the transforms, while chunk-sized ones come back from the allocator's heap (torch's
-``out=`` FFTs are no help: they copy through a temporary). Chunks come in groups of :data:`GROUP_CHUNKS`: a group's
-real FFTs run back to back, and the work on its kept columns is one call per step for the whole group. When one
-host serves the whole batch, its spectra are computed once per thread and reused by later calls with an equal host
+``out=`` FFTs are no help: they copy through a temporary). With one shared host, chunks come in groups of
+:data:`GROUP_CHUNKS`: a group's real FFTs run back to back, and the work on its kept columns is one call per step
+for the whole group. That host's spectra are computed once per thread and reused by later calls with an equal host
 (a site's secret host comes back with every block). For very small masks the same blocks can be computed as
 partial DFTs by matrix products (``method="matmul"``; ``"auto"`` picks by the kept fraction of columns).
 :func:`hide_reference` is the formula on the full spectrum, for tests.
@@ -134,9 +134,10 @@ CHUNK_BYTES = 2 << 20
 #: (``method="auto"``); measured crossover on 2 CPU cores at 512² (benchmarks/surrogate.py, ``speed`` rows).
 MATMUL_MAX_COLUMN_FRACTION = 0.015
 
-#: Chunks per group on the fft path: a group's real FFTs along x run back to back, its column work is one call per
-#: step, and a group is read whole before its surrogates are written. 4 (8 slices at 512²) measured 1.29× the
-#: chunk-at-a-time loop at 8 slices and 1.17–1.32× at 32; a whole batch of 32 as one group ran at 0.79×.
+#: Chunks per group on the fft path with one shared host: a group's real FFTs along x run back to back, its column
+#: work is one call per step, and a group is read whole before its surrogates are written. 4 (8 slices at 512²)
+#: measured 1.29x the chunk-at-a-time loop at 8 slices and 1.17-1.32x at 32; a whole batch of 32 as one group ran
+#: at 0.79x.
 GROUP_CHUNKS = 4
 
 Method = Literal["auto", "fft", "matmul"]
@@ -461,7 +462,9 @@ def hide(
         x3 = x if x.ndim == 3 else x[None]
         n = x3.shape[0]
         chunk = max(1, CHUNK_BYTES // (4 * h * w))
-        group = chunk * GROUP_CHUNKS if plan.method == "fft" else chunk
+        # Groups for one shared host only: per-slice hosts would be transformed a group at a time, and with spectra
+        # four times a chunk's that ran at 0.6x the chunk-by-chunk loop.
+        group = chunk * GROUP_CHUNKS if plan.method == "fft" and y.ndim == 2 else chunk
         # One chunk and no ``out``: its result is the output. Otherwise each is copied into place (an ``out=``
         # FFT would copy too). In place, a group is read whole before any of its surrogates is written.
         out3 = target.view(x3.shape) if target is not None else torch.empty_like(x3) if n > chunk else None
