@@ -296,8 +296,10 @@ def _shared_host(plan: _Plan, host: torch.Tensor, *, beta: float, copies: int, c
     if cache.key == key:
         copies, column_copies = max(copies, cache.copies[0]), max(column_copies, cache.copies[1])
     cache.key = cache.host = cache.prepared = None  # a failure below leaves nothing half-made behind
-    prepared = _Hosts(plan, host[None], beta=beta, copies=copies, column_copies=column_copies)
-    cache.key, cache.copies, cache.host, cache.prepared = key, (copies, column_copies), host.clone(), prepared
+    # Prepared from the kept copy: the matmul path keeps the host image itself, and the caller's memory may change.
+    kept = host.clone()
+    prepared = _Hosts(plan, kept[None], beta=beta, copies=copies, column_copies=column_copies)
+    cache.key, cache.copies, cache.host, cache.prepared = key, (copies, column_copies), kept, prepared
     return prepared
 
 

@@ -309,3 +309,15 @@ def test_mask_keeps_every_bin_up_to_the_half_width(shape):
         kx = np.abs((np.arange(shape[1]) + shape[1] // 2) % shape[1] - shape[1] // 2)
         np.testing.assert_array_equal(mask, (ky[:, None] <= b) & (kx[None, :] <= b))
         assert mask.sum() == min(2 * b + 1, shape[0]) * min(2 * b + 1, shape[1])
+
+
+@pytest.mark.parametrize("method", ["fft", "matmul"])
+def test_a_reused_host_does_not_depend_on_the_memory_it_was_first_passed_in(method, monkeypatch):
+    monkeypatch.setattr(kernels, "_SHARED_HOST", kernels._SharedHostCache())
+    images, host = _pair((3, 24, 20), 7)
+    expected = hide_reference(images, host, alpha=0.05, beta=0.5)
+    buffer = host.copy()
+    hide(images, buffer, alpha=0.05, beta=0.5, method=method)
+    buffer[:] = 0.0  # the caller reuses its buffer for something else ...
+    got = hide(images, host.copy(), alpha=0.05, beta=0.5, method=method)  # ... and passes the same host anew
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
