@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import print_table, write_json
+from _common import parse_args, print_table, write_json
 
 STAGES = ("denoise", "reconstruct", "surrogate")
 
@@ -83,11 +83,12 @@ def run_variant(base: Path, environ: dict[str, str], *, workers: int) -> dict[st
 
 
 def main() -> None:
+    import dask
+    import distributed  # noqa: F401  (registers the nanny defaults read below)
+
     from schemas.settings import WORKER_ALLOCATOR_ENVIRON
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small demo scans: about a minute on 2 cores")
-    parser.add_argument("--json", type=Path, default=None, help="write rows and ratios to this JSON file")
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--size", default=None, help="demo grid: tiny | small | medium | full")
     parser.add_argument("--slices", type=int, default=None, help="slices per scan")
     parser.add_argument("--scans-per-site", type=int, default=1)
@@ -101,7 +102,7 @@ def main() -> None:
         default=[],
         help="another environment to compare, NAME=KEY:VALUE,KEY:VALUE (repeatable)",
     )
-    args = parser.parse_args()
+    args = parse_args(__doc__.splitlines()[0], parents=[parser])
     size = args.size or ("small" if args.quick else "medium")
     slices = args.slices or (4 if args.quick else 16)
 
@@ -110,7 +111,8 @@ def main() -> None:
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="fedscan-workerenv-cache-"))
     cache.mkdir(parents=True, exist_ok=True)
     base = _base(cache, size, args.sites, slices, args.scans_per_site, None)
-    variants = {"dask default": {"MALLOC_TRIM_THRESHOLD_": "65536"}, "fedscan": dict(WORKER_ALLOCATOR_ENVIRON)}
+    dask_trim = str(dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"])
+    variants = {"dask default": {"MALLOC_TRIM_THRESHOLD_": dask_trim}, "fedscan": dict(WORKER_ALLOCATOR_ENVIRON)}
     for spec in args.variant:
         name, _, pairs = spec.partition("=")
         variants[name] = dict(pair.split(":", 1) for pair in pairs.split(","))
