@@ -20,7 +20,10 @@ Usage::
 Ratios (against BM3D measured in the same run): ``psnr_gain_minus_bm3d_db`` (min over noisy regimes of the
 best mode's Hann-FBP gain minus BM3D's), ``speed_vs_bm3d`` (min over regimes of BM3D time / best-mode time),
 ``bandwidth_fraction`` (best-mode throughput on a stack of ``--stack-rows`` detector rows of regime C, torch on 2
-threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth), and
+threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth),
+``bandwidth_fraction_compute_ceiling`` (the compute roofline: the bandwidth fraction the best mode would reach if
+its matrix products — ``matmul_flops_per_element``, counted by the torch profiler — ran at ``sgemm_peak_gflop_s``,
+the named peer: one 2048² float32 product on 2 threads, and nothing else took any time), and
 ``worker_scaling_2v1`` (a stack of ``--scaling-rows`` detector rows of regime C read from and written to Zarr
 arrays on disk by a Dask distributed LocalCluster, 2 single-threaded worker processes vs 1, started with fedscan's
 worker allocator settings), beside
@@ -49,7 +52,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import parse_args, write_json
+from benchmarks._common import best_time, parse_args, write_json
 from schemas.denoise import DenoiseConfig, DenoiseDomain
 from schemas.geometry import Geometry
 from tasks.denoise.chunked import estimate_noise_sigma_dask
@@ -213,6 +216,55 @@ def copy_bandwidth_bytes_per_s() -> float:
     finally:
         torch.set_num_threads(threads)
     return 2 * a.nbytes / best
+
+
+def sgemm_flops_per_s(n: int = 2048) -> float:
+    """FLOP/s of one large float32 matrix product on 2 torch threads, best of 5: the machine's matmul peak.
+
+    The named peer of the compute ceiling: a square product this large runs near what the cores' vector units
+    give (MKL's blocked kernels), far above the small batched products of any per-block filter.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = torch.rand(n, n), torch.rand(n, n)
+        a @ b  # warm-up (MKL's first call)
+        best = best_time(lambda: a @ b, repeat=5)[0]
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * n**3 / best
+
+
+def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[float, float, float]:
+    """FLOPs per element of the best mode's matrix products on ``stack``, and the seconds they and the whole call
+    took (2 threads): the fastest of 3 profiled calls.
+
+    Counted by the torch profiler (``with_flops``: the products' own shapes, bmm / mm / addmm), timed as those
+    ops' own CPU time inside the call, beside the call's wall time under the same profiler.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    config = resolve_group_size(best_config(), geometry)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    best = (math.inf, 0.0, 0.0)
+    try:
+        for _ in range(3):
+            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+                t0 = time.perf_counter()
+                denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
+                wall = time.perf_counter() - t0
+            names = ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm")
+            products = [e for e in prof.key_averages() if e.key in names]
+            if wall < best[0]:
+                best = (wall, sum(e.self_cpu_time_total for e in products) / 1e6, sum(e.flops for e in products))
+    finally:
+        torch.set_num_threads(threads)
+    wall, seconds, flops = best
+    return flops / stack.size, seconds, wall
 
 
 def noisy_stack(clean: np.ndarray, i0: float, rng: np.random.Generator, *, rows: int) -> np.ndarray:
@@ -431,6 +483,11 @@ def main() -> None:
     stack_clean, stack_i0, stack_geometry, stack_rng = stack_input
     stack = noisy_stack(stack_clean, stack_i0, stack_rng, rows=args.stack_rows)
     throughput, stack_elements = stack_throughput(stack, stack_i0, stack_geometry), stack.size
+    # Compute roofline: the best mode's matrix products (FLOPs per element, their share of a call) against the
+    # machine's large-matmul rate. The ceiling is the bandwidth fraction if those products ran at that rate and
+    # everything else (layout copies, transforms, eigh / Cholesky) cost nothing.
+    flops_per_element, matmul_seconds, profiled_seconds = matmul_profile(stack, stack_i0, stack_geometry)
+    peak = sgemm_flops_per_s()
     clean_case = next(c.name for c in cases(args.quick) if c.i0_photons is None)
     ratios: dict[str, object] = {
         "psnr_gain_minus_bm3d_db": round(min(gains["hann"]), 3),
@@ -456,6 +513,11 @@ def main() -> None:
         "throughput_elements_per_s": round(throughput),
         "throughput_stack_elements": stack_elements,
         "bandwidth_fraction": round(throughput * 8 / bandwidth, 5),
+        "matmul_flops_per_element": round(flops_per_element, 1),
+        "matmul_gflop_s_in_denoiser": round(flops_per_element * stack_elements / matmul_seconds / 1e9, 2),
+        "sgemm_peak_gflop_s": round(peak / 1e9, 2),
+        "matmul_time_share": round(matmul_seconds / profiled_seconds, 3),
+        "bandwidth_fraction_compute_ceiling": round(peak / flops_per_element * 8 / bandwidth, 4),
         "span_sweep_hann_gain_db": span_sweep(sweep_inputs, (None, 2.0, 4.0, 8.0)),
         "config_best": best_config().model_dump(mode="json"),
         "config_best_hash": best_config().config_hash(),

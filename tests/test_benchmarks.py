@@ -115,6 +115,11 @@ def test_denoise_quick(tmp_path):
             "copy_bandwidth_gb_s",
             "throughput_elements_per_s",
             "bandwidth_fraction",
+            "matmul_flops_per_element",
+            "matmul_gflop_s_in_denoiser",
+            "sgemm_peak_gflop_s",
+            "matmul_time_share",
+            "bandwidth_fraction_compute_ceiling",
             "worker_scaling_2v1",
             "worker_scaling_ceiling_2v1",
             "worker_scaling_vs_ceiling",
@@ -127,6 +132,9 @@ def test_denoise_quick(tmp_path):
     ):
         assert set(ratios[key]) == set(DENOISE_NOISY_CASES), key
         assert all(math.isfinite(v) for v in ratios[key].values()), key
+    # The products are counted, not assumed: a best mode without them (or a profiler that saw none) fails here.
+    assert ratios["matmul_flops_per_element"] > 0
+    assert 0 < ratios["matmul_time_share"] < 1
     assert len(ratios["span_sweep_hann_gain_db"]) == 4
     for gains in ratios["span_sweep_hann_gain_db"].values():
         assert len(gains) == len(DENOISE_NOISY_CASES)
