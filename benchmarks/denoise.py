@@ -22,8 +22,8 @@ best mode's Hann-FBP gain minus BM3D's), ``speed_vs_bm3d`` (min over regimes of 
 ``bandwidth_fraction`` (best-mode throughput on a stack of ``--stack-rows`` detector rows of regime C, torch on 2
 threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth),
 ``bandwidth_fraction_compute_ceiling`` (the compute roofline: the bandwidth fraction the best mode would reach if
-its matrix products — ``matmul_flops_per_element``, counted by the torch profiler — ran at ``sgemm_peak_gflop_s``,
-the named peer: one 2048² float32 product on 2 threads, and nothing else took any time), and
+its matrix products — ``matmul_flops_per_element``, counted by torch's ``FlopCounterMode`` — ran at
+``sgemm_peak_gflop_s``, the named peer: one 2048² float32 product on 2 threads, and nothing else took any time), and
 ``worker_scaling_2v1`` (a stack of ``--scaling-rows`` detector rows of regime C read from and written to Zarr
 arrays on disk by a Dask distributed LocalCluster, 2 single-threaded worker processes vs 1, started with fedscan's
 worker allocator settings), beside
@@ -237,34 +237,51 @@ def sgemm_flops_per_s(n: int = 2048) -> float:
     return 2 * n**3 / best
 
 
-def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[float, float, float]:
-    """FLOPs per element of the best mode's matrix products on ``stack``, and the seconds they and the whole call
-    took (2 threads): the fastest of 3 profiled calls.
+def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[float, float]:
+    """FLOPs per element of the best mode's matrix products on ``stack``, and the seconds they took inside a call
+    (2 threads): the fewest of 3 calls.
 
-    Counted by the torch profiler (``with_flops``: the products' own shapes, bmm / mm / addmm), timed as those
-    ops' own CPU time inside the call, beside the call's wall time under the same profiler.
+    Counted by torch's ``FlopCounterMode`` (the products' own shapes) in one call, and timed by a dispatch mode
+    around each product (bmm / mm / addmm / baddbmm) in 3 more. The mode's own cost falls on the other ops, so the
+    products' share of a call is taken against the plain call's time (:func:`stack_throughput`). No profiler:
+    Kineto prints to stderr on every start and stop.
     """
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    products = {aten.bmm, aten.mm, aten.addmm, aten.baddbmm}
+
+    class ProductTimer(TorchDispatchMode):
+        seconds = 0.0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket not in products:
+                return func(*args, **(kwargs or {}))
+            t0 = time.perf_counter()
+            result = func(*args, **(kwargs or {}))
+            self.seconds += time.perf_counter() - t0
+            return result
 
     config = resolve_group_size(best_config(), geometry)
+
+    def call() -> None:
+        denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    best = (math.inf, 0.0, 0.0)
     try:
+        with FlopCounterMode(display=False) as flops:  # its bookkeeping slows every op: counted apart
+            call()
+        seconds = math.inf
         for _ in range(3):
-            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-                t0 = time.perf_counter()
-                denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
-                wall = time.perf_counter() - t0
-            names = ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm")
-            products = [e for e in prof.key_averages() if e.key in names]
-            if wall < best[0]:
-                best = (wall, sum(e.self_cpu_time_total for e in products) / 1e6, sum(e.flops for e in products))
+            with ProductTimer() as timer:
+                call()
+            seconds = min(seconds, timer.seconds)
     finally:
         torch.set_num_threads(threads)
-    wall, seconds, flops = best
-    return flops / stack.size, seconds, wall
+    return flops.get_total_flops() / stack.size, seconds
 
 
 def noisy_stack(clean: np.ndarray, i0: float, rng: np.random.Generator, *, rows: int) -> np.ndarray:
@@ -486,7 +503,7 @@ def main() -> None:
     # Compute roofline: the best mode's matrix products (FLOPs per element, their share of a call) against the
     # machine's large-matmul rate. The ceiling is the bandwidth fraction if those products ran at that rate and
     # everything else (layout copies, transforms, eigh / Cholesky) cost nothing.
-    flops_per_element, matmul_seconds, profiled_seconds = matmul_profile(stack, stack_i0, stack_geometry)
+    flops_per_element, matmul_seconds = matmul_profile(stack, stack_i0, stack_geometry)
     peak = sgemm_flops_per_s()
     clean_case = next(c.name for c in cases(args.quick) if c.i0_photons is None)
     ratios: dict[str, object] = {
@@ -516,7 +533,7 @@ def main() -> None:
         "matmul_flops_per_element": round(flops_per_element, 1),
         "matmul_gflop_s_in_denoiser": round(flops_per_element * stack_elements / matmul_seconds / 1e9, 2),
         "sgemm_peak_gflop_s": round(peak / 1e9, 2),
-        "matmul_time_share": round(matmul_seconds / profiled_seconds, 3),
+        "matmul_time_share": round(matmul_seconds * throughput / stack_elements, 3),
         "bandwidth_fraction_compute_ceiling": round(peak / flops_per_element * 8 / bandwidth, 4),
         "span_sweep_hann_gain_db": span_sweep(sweep_inputs, (None, 2.0, 4.0, 8.0)),
         "config_best": best_config().model_dump(mode="json"),
