@@ -314,3 +314,38 @@ def test_row_tiles_share_the_noise_reduction_across_rows(rng: np.random.Generato
         out = denoise_projections(noisy, config=config, periodic=True)
         errors.append(float(np.mean((out - clean) ** 2)))
     assert errors[1] < 0.8 * errors[0]
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "overrides"),
+    [
+        (16, 64, {}),  # whole cells only
+        (7, 45, {}),  # the last row and column cells reach past the detector
+        (9, 77, {"tile_rows": 4, "tile_cols": 16, "tile_stride_rows": 2, "tile_stride_cols": 8}),  # r0, c0 < 0
+        (1, 90, {}),  # a sinogram
+    ],
+    ids=["whole", "edges", "overlapping", "sinogram"],
+)
+def test_cells_written_one_by_one_equal_the_whole_layout(
+    rows: int, cols: int, overrides: dict[str, object], rng: np.random.Generator
+) -> None:
+    """The final pass hands each cell straight to the result (``put_cell``): the same bins as ``from_cells``."""
+    from tasks.denoise.kernels import _block_axes, _Cells
+
+    config = DenoiseConfig(group_span_deg=None, **overrides)  # type: ignore[arg-type]
+    _, rax, cax = _block_axes(config, rows, cols, pilot=False)
+    cells = _Cells.of(rax, cax, rows, cols)
+    values = torch.from_numpy(rng.standard_normal((cells.n_cells, 12, cells.m)).astype(np.float32))
+    expected = cells.from_cells(values, 3, 7)
+    res = torch.full((7, rows, cols), float("nan"))
+    for i in range(cells.n_cells):
+        cells.put_cell(res, i, values[i], 3)
+    assert not torch.isnan(res).any()  # every detector bin written
+    assert torch.equal(res, expected)
+    # and round trip: the layout of a detector array, written back cell by cell, is that array
+    det = torch.from_numpy(rng.standard_normal((5, rows, cols)).astype(np.float32))
+    back = torch.empty_like(det)
+    laid = cells.to_cells(det)
+    for i in range(cells.n_cells):
+        cells.put_cell(back, i, laid[i], 0)
+    assert torch.equal(back, det)
