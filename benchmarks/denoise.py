@@ -23,7 +23,9 @@ best mode's Hann-FBP gain minus BM3D's), ``speed_vs_bm3d`` (min over regimes of 
 threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth),
 ``bandwidth_fraction_compute_ceiling`` (the compute roofline: the bandwidth fraction the best mode would reach if
 its matrix products — ``matmul_flops_per_element``, counted by torch's ``FlopCounterMode`` — ran at
-``sgemm_peak_gflop_s``, the named peer: one 2048² float32 product on 2 threads, and nothing else took any time), and
+``sgemm_peak_gflop_s``, the named peer: one 2048² float32 product on 2 threads, and nothing else took any
+time), ``one_cell_vs_stack`` (throughput on one tile-wide column strip of the same stack, a single cell that stays
+in cache, over the stack's: near 1 when memory traffic is not what limits the denoiser), and
 ``worker_scaling_2v1`` (a stack of ``--scaling-rows`` detector rows of regime C read from and written to Zarr
 arrays on disk by a Dask distributed LocalCluster, 2 single-threaded worker processes vs 1, started with fedscan's
 worker allocator settings), beside
@@ -500,6 +502,13 @@ def main() -> None:
     stack_clean, stack_i0, stack_geometry, stack_rng = stack_input
     stack = noisy_stack(stack_clean, stack_i0, stack_rng, rows=args.stack_rows)
     throughput, stack_elements = stack_throughput(stack, stack_i0, stack_geometry), stack.size
+    # The same views and rows, one tile of columns wide from the middle: one cell, a few MB that stay in cache and
+    # whose arrays come back from the heap (no page faults). If memory traffic limited the stack, this would be
+    # much faster per element.
+    tile = best_config().tile_cols or stack.shape[2]
+    mid = (stack.shape[2] // 2 // tile) * tile
+    one_cell = np.ascontiguousarray(stack[:, :, mid : mid + tile])
+    throughput_one_cell = stack_throughput(one_cell, stack_i0, stack_geometry)
     # Compute roofline: the best mode's matrix products (FLOPs per element, their share of a call) against the
     # machine's large-matmul rate. The ceiling is the bandwidth fraction if those products ran at that rate and
     # everything else (layout copies, transforms, eigh / Cholesky) cost nothing.
@@ -529,6 +538,8 @@ def main() -> None:
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "throughput_elements_per_s": round(throughput),
         "throughput_stack_elements": stack_elements,
+        "throughput_one_cell_elements_per_s": round(throughput_one_cell),
+        "one_cell_vs_stack": round(throughput_one_cell / throughput, 3),
         "bandwidth_fraction": round(throughput * 8 / bandwidth, 5),
         "matmul_flops_per_element": round(flops_per_element, 1),
         "matmul_gflop_s_in_denoiser": round(flops_per_element * stack_elements / matmul_seconds / 1e9, 2),
