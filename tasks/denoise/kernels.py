@@ -913,7 +913,37 @@ def denoise_view_window(
     if low < -tol:  # the halo may hold it (then the core passes)
         check_not_negative(arr[halo : halo + n_core], tolerance=tol, view_offset=first_view)
     dev = check_device(device)
-    data = host.to(dev)
+    return _denoise_window(
+        host.to(dev), first_view=first_view, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0
+    )
+
+
+def _to_numpy(t: torch.Tensor) -> FloatArray:
+    """float32 numpy copy of ``t``; from a GPU through page-locked memory.
+
+    A device-to-host copy into fresh pageable memory faults in every page of the destination as it lands (on a
+    Firecracker VM's H100: 120 ms for a 189 MB result). Page-locked buffers come from torch's caching host
+    allocator, so same-sized results (chunk after chunk) reuse one; the returned array keeps its buffer alive.
+    """
+    if t.device.type != "cuda":
+        return t.to(torch.float32).cpu().numpy()
+    pinned = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
+    pinned.copy_(t)
+    return pinned.numpy()
+
+
+def _denoise_window(
+    data: torch.Tensor,
+    *,
+    first_view: int,
+    halo: int,
+    config: DenoiseConfig,
+    noise_sigma: float,
+    i0_photons: float | None,
+) -> FloatArray:
+    """:func:`denoise_view_window` on a checked window already on its device (not modified)."""
+    i0 = i0_photons
+    n_core = data.shape[0] - 2 * halo
     ext_first = first_view - halo
     lo, hi = first_view, first_view + n_core
     center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
@@ -922,7 +952,7 @@ def denoise_view_window(
             data, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma, i0_photons=i0
         )
         if est is not None:
-            return est.to(torch.float32).cpu().numpy()
+            return _to_numpy(est)
     values = to_domain(data, domain=config.domain, i0_photons=i0)
     lowrank_pass = _banded_pass if center else _lowrank_pass
     if config.second_pass:
@@ -940,7 +970,7 @@ def denoise_view_window(
     else:
         est = lowrank_pass(values, None, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma)
     out = from_domain(est, domain=config.domain, i0_photons=i0, counts_floor=config.counts_floor_photons)
-    return out.to(torch.float32).cpu().numpy()
+    return _to_numpy(out)
 
 
 def pad_views(projections: FloatArray, *, halo: int, periodic: bool) -> FloatArray:
@@ -1003,9 +1033,24 @@ def denoise_projections(
     if noise_sigma is None:
         noise_sigma = estimate_noise_sigma_of(arr, config=config, i0_photons=i0)
     halo = config.view_halo
+    dev = check_device(device)
+    if dev.type == "cuda":  # pad on the device: a padded host copy costs more than the whole denoising there
+        if not math.isfinite(noise_sigma) or noise_sigma < 0:
+            raise InvalidInputError(f"noise_sigma must be finite and >= 0; got {noise_sigma}")
+        tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
+        data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
+        if float(data.min()) < -tol:
+            check_not_negative(arr, tolerance=tol)
+        n = arr.shape[0]
+        idx = torch.arange(-halo, n + halo) % n if periodic else _symmetric_index(-halo, n + halo, n)
+        padded_data = data.index_select(0, idx.to(dev))
+        del data
+        return _denoise_window(
+            padded_data, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0
+        )
     padded = pad_views(arr, halo=halo, periodic=periodic)
     return denoise_view_window(
-        padded, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0, device=device
+        padded, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0, device=dev
     )
 
 

@@ -321,3 +321,30 @@ def test_a_reused_host_does_not_depend_on_the_memory_it_was_first_passed_in(meth
     buffer[:] = 0.0  # the caller reuses its buffer for something else ...
     got = hide(images, host.copy(), alpha=0.05, beta=0.5, method=method)  # ... and passes the same host anew
     np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fft", "matmul"])
+@pytest.mark.parametrize("host_kind", ["shared", "per slice"])
+def test_cuda_equals_the_reference_and_stays_on_the_device(method, host_kind, monkeypatch):
+    # Several chunks and groups (as on the CPU), both host policies, tensors in and out, out= on the device too.
+    monkeypatch.setattr(kernels, "CHUNK_BYTES", 4 * 20 * 18 * 2)
+    monkeypatch.setattr(kernels, "GROUP_CHUNKS", 2)
+    images, host = _pair((11, 20, 18), 5)
+    hosts = host if host_kind == "shared" else np.random.default_rng(6).random((11, 20, 18)).astype(np.float32)
+    expected = hide_reference(images, hosts, alpha=0.2, beta=0.6)
+    x, h = torch.from_numpy(images).cuda(), torch.from_numpy(hosts).cuda()
+    got = hide(x, h, alpha=0.2, beta=0.6, method=method)
+    assert got.device.type == "cuda"
+    np.testing.assert_allclose(got.cpu().numpy(), expected, atol=1e-5 * np.abs(expected).max())
+    out = torch.empty_like(x)
+    assert hide(x, h, alpha=0.2, beta=0.6, method=method, out=out) is out
+    np.testing.assert_allclose(out.cpu().numpy(), expected, atol=1e-5 * np.abs(expected).max())
+    # numpy in, computed on the GPU, numpy out
+    cpu_in = hide(images, hosts, alpha=0.2, beta=0.6, method=method, device="cuda")
+    assert isinstance(cpu_in, np.ndarray)
+    np.testing.assert_allclose(cpu_in, expected, atol=1e-5 * np.abs(expected).max())
+    bad = x.clone()
+    bad[7, 3, 4] = float("nan")
+    with pytest.raises(InvalidInputError, match="slice 7"):
+        hide(bad, h, alpha=0.2, beta=0.6, method=method)
