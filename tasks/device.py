@@ -1,4 +1,4 @@
-"""Turn a device request ("auto" | "cpu" | "cuda") into a :class:`torch.device`.
+"""Turn a device request ("auto" | "cpu" | "cuda") into a :class:`torch.device`; bring results back to numpy.
 
 Kernels never pick a device; the code that calls them resolves the user's request once, here.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 from tasks.errors import DeviceUnavailableError, InvalidInputError
@@ -47,3 +48,18 @@ def resolve_device(request: DeviceRequest | str = "auto") -> torch.device:
             )
         return torch.device("cuda")
     raise InvalidInputError(f"device must be 'auto', 'cpu' or 'cuda', got {request!r}")
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy array of ``t`` (same dtype): ``t``'s own memory on the CPU, a copy through page-locked memory from a GPU.
+
+    A device-to-host copy into fresh pageable memory faults in every page of the destination as it lands: on a
+    Firecracker VM's H100 a 189 MB denoised scan took 120 ms to come back that way, and 3.4 ms into page-locked
+    memory. The page-locked buffer comes from torch's caching host allocator, so same-sized results (chunk after
+    chunk) reuse one; the returned array keeps it alive.
+    """
+    if t.device.type != "cuda":
+        return t.detach().cpu().numpy()
+    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    pinned.copy_(t)
+    return pinned.numpy()

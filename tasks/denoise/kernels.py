@@ -48,6 +48,7 @@ import torch
 
 from schemas.denoise import DenoiseConfig, DenoiseDomain, ThresholdMode, ViewBoundary
 from schemas.geometry import Geometry
+from tasks.device import to_numpy
 from tasks.errors import DeviceUnavailableError, InvalidInputError
 
 #: Line integrals below ``-NEGATIVE_TOLERANCE_SIGMA · σ`` cannot come from noise around an air reading.
@@ -918,20 +919,6 @@ def denoise_view_window(
     )
 
 
-def _to_numpy(t: torch.Tensor) -> FloatArray:
-    """float32 numpy copy of ``t``; from a GPU through page-locked memory.
-
-    A device-to-host copy into fresh pageable memory faults in every page of the destination as it lands (on a
-    Firecracker VM's H100: 120 ms for a 189 MB result). Page-locked buffers come from torch's caching host
-    allocator, so same-sized results (chunk after chunk) reuse one; the returned array keeps its buffer alive.
-    """
-    if t.device.type != "cuda":
-        return t.to(torch.float32).cpu().numpy()
-    pinned = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
-    pinned.copy_(t)
-    return pinned.numpy()
-
-
 def _denoise_window(
     data: torch.Tensor,
     *,
@@ -952,7 +939,7 @@ def _denoise_window(
             data, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma, i0_photons=i0
         )
         if est is not None:
-            return _to_numpy(est)
+            return to_numpy(est.to(torch.float32))
     values = to_domain(data, domain=config.domain, i0_photons=i0)
     lowrank_pass = _banded_pass if center else _lowrank_pass
     if config.second_pass:
@@ -970,7 +957,7 @@ def _denoise_window(
     else:
         est = lowrank_pass(values, None, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma)
     out = from_domain(est, domain=config.domain, i0_photons=i0, counts_floor=config.counts_floor_photons)
-    return _to_numpy(out)
+    return to_numpy(out.to(torch.float32))
 
 
 def pad_views(projections: FloatArray, *, halo: int, periodic: bool) -> FloatArray:

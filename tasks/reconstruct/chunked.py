@@ -17,7 +17,7 @@ import torch
 
 from schemas.geometry import Geometry
 from schemas.reconstruct import ReconstructConfig
-from tasks.device import resolve_device
+from tasks.device import resolve_device, to_numpy
 from tasks.errors import InvalidInputError
 from tasks.reconstruct.kernels import (
     FilterName,
@@ -53,7 +53,7 @@ def _reconstruct_block(
     images = result if isinstance(result, torch.Tensor) else torch.from_numpy(result)  # tensor in, tensor out
     if output_unit == "hu":
         images = attenuation_to_hu(images, water_attenuation_per_mm=water_attenuation_per_mm)
-    return images.cpu().numpy().astype(np.float32, copy=False)
+    return to_numpy(images).astype(np.float32, copy=False)
 
 
 def reconstruct_volume(

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from schemas.geometry import DetectorShape, Geometry
+from tasks.device import to_numpy
 from tasks.errors import InvalidInputError
 
 # torch warns once per process (TORCH_WARN_ONCE) that sparse CSR is "beta"; the operations used here are
@@ -173,7 +174,7 @@ def _as_block(
 
 def _as_output(t: torch.Tensor, *, was_numpy: bool, was_2d: bool) -> np.ndarray | torch.Tensor:
     out = t[0] if was_2d else t
-    return out.cpu().numpy() if was_numpy else out
+    return to_numpy(out) if was_numpy else out
 
 
 def _check_geometry(geometry: Geometry) -> None:

@@ -21,7 +21,7 @@ import numpy.typing as npt
 import torch
 
 from schemas.surrogate import HostPolicy, SurrogateConfig
-from tasks.device import resolve_device
+from tasks.device import resolve_device, to_numpy
 from tasks.errors import InvalidInputError
 from tasks.surrogate.hosts import check_labels, hosts_for_slices
 from tasks.surrogate.iqem import Generator, enhance_and_rehide
@@ -104,7 +104,7 @@ def surrogate_slices(
         s = enhance_and_rehide(p, s, generator, alpha=config.alpha, beta=config.beta)
     else:  # the private slices are not needed afterwards: hide in place, no new output to allocate and fault in
         s = hide(p, hosts, alpha=config.alpha, beta=config.beta, out=p)
-    return s.cpu().numpy()
+    return to_numpy(s)
 
 
 def surrogate_volume(

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from tasks.device import to_numpy
 from tasks.errors import InvalidInputError
 
 FloatArray = npt.NDArray[np.float32]
@@ -497,7 +498,7 @@ def hide(
     if out is not None:
         return out
     if was_numpy:
-        return result.cpu().numpy()
+        return to_numpy(result)
     return result
 
 
