@@ -50,6 +50,7 @@ def assert_finite_ratios(ratios: dict[str, Any], keys: tuple[str, ...]) -> None:
         ("denoise.py", "--stack-rows STACK_ROWS"),
         ("surrogate.py", "--speed-batch SPEED_BATCH"),
         ("pipeline.py", "--scans-per-site SCANS_PER_SITE"),  # with its metavar: the docstring names the flag too
+        ("gpu.py", "--device DEVICE"),
     ],
 )
 def test_help_lists_every_option_and_unknown_options_are_refused(script, own_option):
@@ -196,6 +197,38 @@ def test_worker_env_quick(tmp_path):
         out["ratios"],
         ("speedup_denoise", "speedup_reconstruct", "speedup_surrogate", "speedup_total", "worker_peak_rss_ratio"),
     )
+
+
+def test_gpu_benchmark_code_paths_on_the_cpu(tmp_path):
+    """``gpu.py`` needs CUDA for its numbers; ``--device cpu`` runs every code path (and the CPU peer) here."""
+    out = run_benchmark("gpu.py", "--device", "cpu", "--quick", json_path=tmp_path / "gpu.json", timeout=300)
+    assert_finite_ratios(
+        out["ratios"],
+        (
+            "gpu_copy_gb_s",
+            "denoise_gpu_vs_cpu2",
+            "denoise_gpu_bandwidth_fraction",
+            "hide_gpu_vs_cpu2",
+            "readback_pinned_speedup",
+        ),
+    )
+    workloads = [r["workload"] for r in out["rows"]]
+    assert sum(w.startswith("denoise") for w in workloads) == 2 and sum(w.startswith("hide") for w in workloads) == 4
+    assert all(r["max_abs_diff_vs_cpu"] == 0.0 for r in out["rows"] if "max_abs_diff_vs_cpu" in r)  # same device
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch missing")
+def test_gpu_benchmark_without_cuda_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "no CUDA device is available" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_json_output_is_strict_json(tmp_path):
