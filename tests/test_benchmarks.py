@@ -214,7 +214,9 @@ def test_gpu_benchmark_code_paths_on_the_cpu(tmp_path):
     )
     workloads = [r["workload"] for r in out["rows"]]
     assert sum(w.startswith("denoise") for w in workloads) == 2 and sum(w.startswith("hide") for w in workloads) == 4
-    assert all(r["max_abs_diff_vs_cpu"] == 0.0 for r in out["rows"] if "max_abs_diff_vs_cpu" in r)  # same device
+    # the same device, on all of this machine's threads against 2: equal up to float32 rounding
+    diffs = [r["max_abs_diff_vs_cpu"] for r in out["rows"] if "max_abs_diff_vs_cpu" in r]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, diffs
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch missing")
