@@ -16,8 +16,9 @@ from pydantic import Field
 from schemas.base import FrozenModel
 from schemas.pipeline import PipelineConfig
 from schemas.refs import ScanRef
-from schemas.settings import get_settings
+from schemas.settings import Device, get_settings
 from tasks.cluster import dask_client
+from tasks.device import resolve_device
 from tasks.prefect_tasks import flush_artifacts, ingest_scan, stage_tasks
 
 
@@ -89,6 +90,24 @@ def _artifacts_flushed() -> Iterator[None]:
         flush_artifacts()
 
 
+def with_settings_device(config: PipelineConfig, device: Device | str) -> PipelineConfig:
+    """``config`` with the settings' device (``FEDSCAN_DEVICE``) for every stage whose own config names none.
+
+    A stage config that sets ``device`` keeps it. For denoising and surrogates ``auto`` resolves here, once: to
+    ``cuda`` where torch sees a GPU, else ``cpu``; ``cuda`` where there is none is refused before any scan starts.
+    Reconstruction takes ``auto`` as it is (its config resolves it), so that the defaults' config hashes, and with
+    them what earlier runs wrote, stay valid on a machine without a GPU.
+    """
+    request = Device(device).value
+    resolved = resolve_device(request).type  # refuses "cuda" without CUDA
+    updates: dict[str, object] = {}
+    for name, value in (("denoise", resolved), ("reconstruct", request), ("surrogate", resolved)):
+        stage = getattr(config, name)
+        if "device" not in stage.model_fields_set and stage.device != value:
+            updates[name] = type(stage).model_validate({**stage.model_dump(), "device": value})
+    return config.model_copy(update=updates) if updates else config
+
+
 def _run_chains(
     refs: list[ScanRef], config: PipelineConfig, stages: tuple[Any, Any, Any], *, in_flight: int
 ) -> tuple[ScanOutcome, ...]:
@@ -142,7 +161,8 @@ def _process_one(request: ProcessScanRequest) -> PipelineReport:
             ref = request.scan
         else:
             raise ValueError("process-scan needs a scan or a source")
-        (outcome,) = _run_chains([ref], request.config, stage_tasks(), in_flight=1)
+        config = with_settings_device(request.config, settings.device)
+        (outcome,) = _run_chains([ref], config, stage_tasks(), in_flight=1)
     if not outcome.ok:
         raise RuntimeError(f"scan {outcome.scan} failed in {outcome.failed_stage}: {outcome.error}")
     return PipelineReport(scans=(outcome,))
@@ -178,8 +198,9 @@ def nightly(request: NightlyRequest) -> PipelineReport:
     settings = get_settings()
     root = request.data_root or settings.data_root
     with dask_client(settings.dask), _artifacts_flushed():
+        config = with_settings_device(request.config, settings.device)
         refs = discover_scans(root, request.sites)
-        outcomes = _run_chains(refs, request.config, stage_tasks(), in_flight=NIGHTLY_SCANS_IN_FLIGHT)
+        outcomes = _run_chains(refs, config, stage_tasks(), in_flight=NIGHTLY_SCANS_IN_FLIGHT)
     federated = None
     if request.federated and any(o.ok for o in outcomes):
         from flows.federated import FederatedRequest, federated_training

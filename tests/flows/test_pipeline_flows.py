@@ -59,8 +59,20 @@ def make_site(
     return site
 
 
+@pytest.fixture
+def device_setting_cpu(monkeypatch):
+    """``FEDSCAN_DEVICE=cpu`` for this test: reconstruction's own default is ``auto``, so its stored config shows
+    whether the flow applied the setting."""
+    from schemas.settings import get_settings
+
+    monkeypatch.setenv("FEDSCAN_DEVICE", "cpu")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
 @pytest.mark.slow
-def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path, prefect_harness):
+def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path, prefect_harness, device_setting_cpu):
     from flows.pipeline import NightlyRequest, nightly
 
     make_site(tmp_path, site_id="A", n_scans=2)
@@ -78,6 +90,8 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
     html = Path(report.report_path).read_text()
     assert "Failed scans" in html and "B-1" in html and "data:image/png;base64," in html
     first = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
+    for scan in SiteStore.open(tmp_path / "A.zarr").scans():  # FEDSCAN_DEVICE reached every stage
+        assert [scan.stage_record(st).config["device"] for st in ("denoise", "reconstruct", "surrogate")] == ["cpu"] * 3
     # a rerun skips every finished stage: records unchanged
     nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
     again = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
@@ -86,7 +100,7 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ["process_scan", "on_scan_arrived"])
-def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry):
+def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry, device_setting_cpu):
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -126,6 +140,8 @@ def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry)
         state = on_scan_arrived(str(src), "S", str(tmp_path / "data"), return_state=True)
     report = state.result()
     assert [o.ok for o in report.scans] == [True]
+    (scan,) = SiteStore.open(tmp_path / "data" / "S.zarr").scans()
+    assert scan.stage_record("reconstruct").config["device"] == "cpu"  # FEDSCAN_DEVICE, not the stage's "auto"
     run_id = state.state_details.flow_run_id
 
     async def runs() -> tuple[list, list]:
