@@ -98,12 +98,17 @@ def with_settings_device(config: PipelineConfig, device: Device | str) -> Pipeli
     Reconstruction takes ``auto`` as it is (its config resolves it), so that the defaults' config hashes, and with
     them what earlier runs wrote, stay valid on a machine without a GPU.
     """
+    stages = ("denoise", "reconstruct", "surrogate")
+    takers = [name for name in stages if "device" not in getattr(config, name).model_fields_set]
+    if not takers:  # every stage names its own device: the setting is not used
+        return config
     request = Device(device).value
     resolved = resolve_device(request).type  # refuses "cuda" without CUDA
     updates: dict[str, object] = {}
-    for name, value in (("denoise", resolved), ("reconstruct", request), ("surrogate", resolved)):
+    for name in takers:
         stage = getattr(config, name)
-        if "device" not in stage.model_fields_set and stage.device != value:
+        value = request if name == "reconstruct" else resolved
+        if stage.device != value:
             updates[name] = type(stage).model_validate({**stage.model_dump(), "device": value})
     return config.model_copy(update=updates) if updates else config
 

@@ -39,9 +39,11 @@ def test_auto_without_a_gpu_keeps_every_default_config_hash() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
-def test_cuda_without_a_gpu_is_refused_before_any_scan() -> None:
+def test_cuda_without_a_gpu_is_refused_before_any_scan_unless_no_stage_uses_it() -> None:
     with pytest.raises(DeviceUnavailableError, match="no CUDA device"):
         with_settings_device(PipelineConfig(), "cuda")
+    pinned = PipelineConfig.model_validate({k: {"device": "cpu"} for k in ("denoise", "reconstruct", "surrogate")})
+    assert with_settings_device(pinned, "cuda") == pinned
 
 
 def test_auto_with_a_gpu_puts_every_stage_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
