@@ -109,3 +109,25 @@ def test_bad_training_input():
     bad[0, 0, 0] = np.nan
     with pytest.raises(InvalidInputError, match="NaN"):
         train_iqem(bad, host, config=CONFIG, device=CPU)
+
+
+@pytest.mark.gpu
+def test_training_and_inference_on_cuda(tmp_path):
+    """Training on the GPU learns as on the CPU; a checkpoint moves between devices; inference and the second
+    pass on the GPU equal the CPU's with the same generator."""
+    cuda = torch.device("cuda")
+    private, host, surrogates = _site()
+    result = train_iqem(surrogates, host, config=CONFIG, device=cuda, checkpoint_path=tmp_path / "iqem.pt")
+    assert next(result.generator.parameters()).device.type == "cuda"
+    d = np.array(result.losses["d"])
+    assert len(d) == CONFIG.steps and np.isfinite(d).all()
+    assert d[-10:].mean() < 0.8 * d[:5].mean()
+    on_cpu = load_generator(tmp_path / "iqem.pt", device=CPU)
+    s, p = torch.from_numpy(surrogates), torch.from_numpy(private)
+    g_gpu = enhance(s.to(cuda), result.generator)
+    assert g_gpu.device.type == "cuda"
+    np.testing.assert_allclose(g_gpu.cpu().numpy(), enhance(s, on_cpu).numpy(), atol=1e-4)
+    out = enhance_and_rehide(p.to(cuda), s.to(cuda), result.generator, alpha=0.2, beta=0.8)
+    assert out.device.type == "cuda"
+    expected = enhance_and_rehide(p, s, on_cpu, alpha=0.2, beta=0.8)
+    np.testing.assert_allclose(out.cpu().numpy(), expected.numpy(), atol=1e-4)
