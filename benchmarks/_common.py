@@ -42,6 +42,32 @@ def best_time(fn: Callable[[], Any], *, repeat: int = 1) -> tuple[float, Any]:
     return best, result
 
 
+def on_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``n`` torch intra-op threads (restored afterwards)."""
+
+    def run() -> Any:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+def sgemm_flops_per_s(n: int = 2048) -> float:
+    """FLOP/s of one ``n × n`` float32 matrix product on torch's current threads, best of 5: the machine's matmul
+    peak, a named peer for any kernel's products (MKL's blocked kernels run near what the vector units give)."""
+    import torch
+
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    seconds, _ = best_time(lambda: a @ b, repeat=5)
+    return 2 * n**3 / seconds
+
+
 def _json_safe(value: Any) -> Any:
     """``value`` with every NaN or infinite float replaced by None (JSON has no such numbers)."""
     if isinstance(value, dict):

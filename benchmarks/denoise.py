@@ -54,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import best_time, parse_args, write_json
+from benchmarks._common import on_threads, parse_args, sgemm_flops_per_s, write_json
 from schemas.denoise import DenoiseConfig, DenoiseDomain
 from schemas.geometry import Geometry
 from tasks.denoise.chunked import estimate_noise_sigma_dask
@@ -218,25 +218,6 @@ def copy_bandwidth_bytes_per_s() -> float:
     finally:
         torch.set_num_threads(threads)
     return 2 * a.nbytes / best
-
-
-def sgemm_flops_per_s(n: int = 2048) -> float:
-    """FLOP/s of one large float32 matrix product on 2 torch threads, best of 5: the machine's matmul peak.
-
-    The named peer of the compute ceiling: a square product this large runs near what the cores' vector units
-    give (MKL's blocked kernels), far above the small batched products of any per-block filter.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        a, b = torch.rand(n, n), torch.rand(n, n)
-        a @ b  # warm-up (MKL's first call)
-        best = best_time(lambda: a @ b, repeat=5)[0]
-    finally:
-        torch.set_num_threads(threads)
-    return 2 * n**3 / best
 
 
 def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[float, float]:
@@ -513,7 +494,7 @@ def main() -> None:
     # machine's large-matmul rate. The ceiling is the bandwidth fraction if those products ran at that rate and
     # everything else (layout copies, transforms, eigh / Cholesky) cost nothing.
     flops_per_element, matmul_seconds = matmul_profile(stack, stack_i0, stack_geometry)
-    peak = sgemm_flops_per_s()
+    peak = on_threads(2, sgemm_flops_per_s)()  # the named peer: 2 threads, as the stack's throughput
     clean_case = next(c.name for c in cases(args.quick) if c.i0_photons is None)
     ratios: dict[str, object] = {
         "psnr_gain_minus_bm3d_db": round(min(gains["hann"]), 3),

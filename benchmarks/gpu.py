@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import parse_args, print_table, write_json
+from benchmarks._common import on_threads, parse_args, print_table, write_json
 
 I0 = 2.5e3
 
@@ -70,7 +70,6 @@ def main() -> None:
         dev = resolve_device(args.device)
     except DeviceUnavailableError as exc:
         sys.exit(f"benchmarks/gpu.py: {exc}")
-    all_threads = torch.get_num_threads()
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -88,11 +87,7 @@ def main() -> None:
         return t
 
     def on_cpu2(fn: Callable[[], Any], n: int) -> float:
-        torch.set_num_threads(2)
-        try:
-            return best(fn, n)
-        finally:
-            torch.set_num_threads(all_threads)
+        return on_threads(2, lambda: best(fn, n))()
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device under test: {name}; torch {torch.__version__}; CPU peer: 2 of {os.cpu_count()} cores", flush=True)

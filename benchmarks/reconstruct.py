@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from skimage.transform import iradon
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import best_time, parse_args, print_table, write_json
+from benchmarks._common import best_time, on_threads, parse_args, print_table, sgemm_flops_per_s, write_json
 from schemas.geometry import Geometry, ReconGrid
 from tasks import phantoms
 from tasks.reconstruct.kernels import fbp, forward_project, sart
@@ -42,27 +41,6 @@ def quality(image: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         "psnr_db": float(peak_signal_noise_ratio(truth, image.astype(np.float32), data_range=data_range)),
         "ssim": float(structural_similarity(truth, image.astype(np.float32), data_range=data_range)),
     }
-
-
-def on_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run with ``n`` torch intra-op threads (ASTRA's CPU algorithms are single-threaded: the per-core
-    comparison runs fedscan on one thread too, and it is also the one that holds up on a loaded machine)."""
-
-    def run() -> Any:
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            return fn()
-        finally:
-            torch.set_num_threads(before)
-
-    return run
-
-
-def sgemm_gflops() -> float:
-    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
-    seconds, _ = best_time(lambda: a @ b, repeat=5)
-    return 2 * 2048**3 / seconds / 1e9
 
 
 def astra_geometry(g: Geometry) -> tuple[Any, Any]:
@@ -151,7 +129,7 @@ def main() -> None:
     }
     rows: list[dict[str, Any]] = []
     ratios: dict[str, float] = {}
-    peak = sgemm_gflops()
+    peak = sgemm_flops_per_s() / 1e9
     has_astra_cuda = astra is not None and astra.use_cuda()
     smooth = gaussian_filter(truth, 2.0)
     for case, g in cases.items():
