@@ -157,6 +157,7 @@ def _process_one(request: ProcessScanRequest) -> PipelineReport:
     """The body of :func:`process_scan` and :func:`on_scan_arrived`, run in the calling flow's run."""
     settings = get_settings()
     root = request.data_root or settings.data_root
+    config = with_settings_device(request.config, settings.device)  # refused before a cluster or an ingest
     with dask_client(settings.dask), _artifacts_flushed():
         if request.source is not None:
             if request.site_id is None:
@@ -166,7 +167,6 @@ def _process_one(request: ProcessScanRequest) -> PipelineReport:
             ref = request.scan
         else:
             raise ValueError("process-scan needs a scan or a source")
-        config = with_settings_device(request.config, settings.device)
         (outcome,) = _run_chains([ref], config, stage_tasks(), in_flight=1)
     if not outcome.ok:
         raise RuntimeError(f"scan {outcome.scan} failed in {outcome.failed_stage}: {outcome.error}")
@@ -202,8 +202,8 @@ def nightly(request: NightlyRequest) -> PipelineReport:
 
     settings = get_settings()
     root = request.data_root or settings.data_root
+    config = with_settings_device(request.config, settings.device)  # refused before a cluster starts
     with dask_client(settings.dask), _artifacts_flushed():
-        config = with_settings_device(request.config, settings.device)
         refs = discover_scans(root, request.sites)
         outcomes = _run_chains(refs, config, stage_tasks(), in_flight=NIGHTLY_SCANS_IN_FLIGHT)
     federated = None
