@@ -903,8 +903,7 @@ def denoise_view_window(
     n_core = arr.shape[0] - 2 * halo
     if n_core <= 0:
         raise InvalidInputError(f"a window of {arr.shape[0]} views has no core views inside a halo of {halo}")
-    if not math.isfinite(noise_sigma) or noise_sigma < 0:
-        raise InvalidInputError(f"noise_sigma must be finite and >= 0; got {noise_sigma}")
+    _check_noise_sigma(noise_sigma)
     i0 = require_i0(config, i0_photons)
     tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
     host = torch.from_numpy(np.ascontiguousarray(arr))
@@ -960,12 +959,19 @@ def _denoise_window(
     return to_numpy(out.to(torch.float32))
 
 
+def _pad_index(n: int, *, halo: int, periodic: bool) -> torch.Tensor:
+    """The views ``-halo … n + halo - 1`` of an ``n``-view scan: wrapped for a full circle, else mirrored."""
+    return torch.arange(-halo, n + halo) % n if periodic else _symmetric_index(-halo, n + halo, n)
+
+
+def _check_noise_sigma(noise_sigma: float) -> None:
+    if not math.isfinite(noise_sigma) or noise_sigma < 0:
+        raise InvalidInputError(f"noise_sigma must be finite and >= 0; got {noise_sigma}")
+
+
 def pad_views(projections: FloatArray, *, halo: int, periodic: bool) -> FloatArray:
     """Pad ``halo`` views on both ends: wrapped for a full circle, else mirrored (numpy ``symmetric``)."""
-    n = projections.shape[0]
-    idx = np.arange(-halo, n + halo)
-    idx = idx % n if periodic else _symmetric_index(-halo, n + halo, n).numpy()
-    return projections[idx]
+    return projections[_pad_index(projections.shape[0], halo=halo, periodic=periodic).numpy()]
 
 
 def denoise_projections(
@@ -1022,15 +1028,12 @@ def denoise_projections(
     halo = config.view_halo
     dev = check_device(device)
     if dev.type == "cuda":  # pad on the device: a padded host copy costs more than the whole denoising there
-        if not math.isfinite(noise_sigma) or noise_sigma < 0:
-            raise InvalidInputError(f"noise_sigma must be finite and >= 0; got {noise_sigma}")
+        _check_noise_sigma(noise_sigma)
         tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
         data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
         if float(data.min()) < -tol:
             check_not_negative(arr, tolerance=tol)
-        n = arr.shape[0]
-        idx = torch.arange(-halo, n + halo) % n if periodic else _symmetric_index(-halo, n + halo, n)
-        padded_data = data.index_select(0, idx.to(dev))
+        padded_data = data.index_select(0, _pad_index(arr.shape[0], halo=halo, periodic=periodic).to(dev))
         del data
         return _denoise_window(
             padded_data, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0
