@@ -146,6 +146,51 @@ def test_quality_rises_on_a_phantom(
     assert psnr(den) > psnr(noisy) + min_gain_db
 
 
+def _svd_blocks_reference(x: np.ndarray, *, t: int, tr: int, tc: int, keep: float, periodic: bool) -> np.ndarray:
+    """Non-overlapping blocks anchored at view, row and column 0, each rebuilt from numpy's SVD (float64) with the
+    singular values at least ``keep`` times the largest; views past the end wrapped or mirrored, rows and
+    columns past the detector mirrored."""
+    views, rows, cols = x.shape
+    nv, nr, nc = -(-views // t) * t, -(-rows // tr) * tr, -(-cols // tc) * tc
+    view_idx = np.arange(nv) % views if periodic else np.pad(np.arange(views), (0, nv - views), mode="symmetric")
+    padded = np.pad(x[view_idx].astype(np.float64), ((0, 0), (0, nr - rows), (0, nc - cols)), mode="symmetric")
+    out = np.empty_like(padded)
+    for v in range(0, nv, t):
+        for r in range(0, nr, tr):
+            for c in range(0, nc, tc):
+                block = padded[v : v + t, r : r + tr, c : c + tc].reshape(t, -1)
+                u, s, vt = np.linalg.svd(block, full_matrices=False)
+                k = s >= keep * s[0]
+                out[v : v + t, r : r + tr, c : c + tc] = ((u[:, k] * s[k]) @ vt[k]).reshape(t, tr, tc)
+    return out[:views, :rows, :cols]
+
+
+@pytest.mark.parametrize(
+    ("shape", "overrides"),
+    [
+        ((48, 3, 40), {}),  # the paper's mode: whole views, the views a multiple of t
+        ((45, 3, 40), {}),  # the last group reaches past the end
+        ((45, 5, 37), {"tile_rows": 2, "tile_cols": 8}),  # tiles reach past the detector's edges
+        ((64, 4, 32), {"threshold_value": 0.02, "views_per_group": 16, "tile_cols": 16}),  # several components
+    ],
+    ids=["whole-views", "ragged-views", "ragged-tiles", "rank-k"],
+)
+@pytest.mark.parametrize("periodic", [False, True])
+def test_non_overlapping_groups_equal_a_per_block_svd(
+    shape: tuple[int, int, int], overrides: dict[str, object], periodic: bool, rng: np.random.Generator
+) -> None:
+    x = rank1_scan(rng, *shape) + (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    config = DenoiseConfig.paper(**overrides)  # type: ignore[arg-type]
+    y = denoise_projections(x, config=config, periodic=periodic)
+    tr = min(config.tile_rows or shape[1], shape[1])
+    tc = min(config.tile_cols or shape[2], shape[2])
+    reference = _svd_blocks_reference(
+        x, t=config.views_per_group, tr=tr, tc=tc, keep=config.threshold_value, periodic=periodic
+    )
+    assert float(np.abs(reference - x).mean()) > 0.01  # it does denoise
+    np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5)
+
+
 def test_window_kernel_equals_whole_array_on_any_core(rng: np.random.Generator) -> None:
     x = rank1_scan(rng, views=40) + (0.05 * rng.standard_normal((40, 2, 40))).astype(np.float32)
     sigma = estimate_noise_sigma_of(x, config=BEST, i0_photons=None)
