@@ -424,9 +424,9 @@ def _lowrank_pass(
     if lo < 0 or hi > n_ext:
         raise AssertionError(f"view window [{lo}, {hi}) exceeds the extended array of {n_ext} views")
     if vax.step == vax.size and rax.step == rax.size and cax.step == cax.size:
-        keep = (out_lo - v0, out_hi - v0)
+        views = (out_lo - v0, out_hi - v0)
         axes = (vax, rax, cax)
-        return _disjoint_pass(noisy, pilot, lo=lo, nbv=nbv, axes=axes, keep=keep, config=config, sigma=sigma)
+        return _disjoint_pass(noisy, pilot, lo=lo, nbv=nbv, axes=axes, keep=views, config=config, sigma=sigma)
     r_idx = _symmetric_index(r0, r0 + (nbr - 1) * rax.step + rax.size, rows).to(noisy.device)
     c_idx = _symmetric_index(c0, c0 + (nbc - 1) * cax.step + cax.size, cols).to(noisy.device)
 
@@ -1104,12 +1104,15 @@ def denoise_projections(
         noise_sigma = estimate_noise_sigma_of(arr, config=config, i0_photons=i0)
     halo = config.view_halo
     dev = check_device(device)
-    if dev.type == "cuda":  # pad on the device: a padded host copy costs more than the whole denoising there
+    whole_groups = _groups_tile_the_views(config, arr.shape)
+    if dev.type == "cuda" or whole_groups:  # no padded host copy (on a GPU it costs more than the denoising)
         _check_noise_sigma(noise_sigma)
         tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
-        data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
-        if float(data.min()) < -tol:
+        if low < -tol:
             check_not_negative(arr, tolerance=tol)
+        data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
+        if whole_groups:  # no block reaches past the scan's ends: nothing to pad
+            return _denoise_window(data, first_view=0, halo=0, config=config, noise_sigma=noise_sigma, i0_photons=i0)
         padded_data = data.index_select(0, _pad_index(arr.shape[0], halo=halo, periodic=periodic).to(dev))
         del data
         return _denoise_window(
@@ -1119,6 +1122,16 @@ def denoise_projections(
     return denoise_view_window(
         padded, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0, device=dev
     )
+
+
+def _groups_tile_the_views(config: DenoiseConfig, shape: tuple[int, ...]) -> bool:
+    """Whether a whole scan of ``shape`` needs no views beyond its ends: one pass of uncentred, non-overlapping
+    blocks (the paper's mode) whose groups tile the views exactly, so no block reaches past either end."""
+    if config.second_pass or config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD):
+        return False
+    views, rows, cols = shape
+    axes = _block_axes(config, rows, cols, pilot=False)
+    return views % config.views_per_group == 0 and all(a.step == a.size for a in axes)
 
 
 def negative_tolerance(*, config: DenoiseConfig, noise_sigma: float, i0_photons: float | None) -> float:
