@@ -20,7 +20,8 @@ Usage::
 Ratios (against BM3D measured in the same run): ``psnr_gain_minus_bm3d_db`` (min over noisy regimes of the
 best mode's Hann-FBP gain minus BM3D's), ``speed_vs_bm3d`` (min over regimes of BM3D time / best-mode time),
 ``bandwidth_fraction`` (best-mode throughput on a stack of ``--stack-rows`` detector rows of regime C, torch on 2
-threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth),
+threads, × 8 bytes per element (one float32 read + one write) / the best measured copy bandwidth; the same
+for the paper's mode, rank 1 of non-overlapping 8-view groups of whole views, in ``bandwidth_fraction_paper``),
 ``bandwidth_fraction_compute_ceiling`` (the compute roofline: the bandwidth fraction the best mode would reach if
 its matrix products — ``matmul_flops_per_element``, counted by torch's ``FlopCounterMode`` — ran at
 ``sgemm_peak_gflop_s``, the named peer: one 2048² float32 product on 2 threads, and nothing else took any
@@ -272,15 +273,15 @@ def noisy_stack(clean: np.ndarray, i0: float, rng: np.random.Generator, *, rows:
     return np.stack([simulate(clean, i0, rng)[0] for _ in range(rows)], axis=1)
 
 
-def stack_throughput(stack: np.ndarray, i0: float, geometry: Geometry) -> float:
-    """Elements per second of the best mode on a (views, rows, cols) stack, torch on 2 threads.
+def stack_throughput(stack: np.ndarray, i0: float, geometry: Geometry, *, paper: bool = False) -> float:
+    """Elements per second of the best mode (or the paper's) on a (views, rows, cols) stack, torch on 2 threads.
 
     The production case is a 3-D scan: one call on many detector rows (the per-sinogram times above include the
     fixed per-call costs). Best of 3 calls, torch on 2 threads (the 2 cores of this machine).
     """
     import torch
 
-    config = resolve_group_size(best_config(), geometry)
+    config = DenoiseConfig.paper() if paper else resolve_group_size(best_config(), geometry)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -483,6 +484,7 @@ def main() -> None:
     stack_clean, stack_i0, stack_geometry, stack_rng = stack_input
     stack = noisy_stack(stack_clean, stack_i0, stack_rng, rows=args.stack_rows)
     throughput, stack_elements = stack_throughput(stack, stack_i0, stack_geometry), stack.size
+    throughput_paper = stack_throughput(stack, stack_i0, stack_geometry, paper=True)
     # The same views and rows, one tile of columns wide from the middle: one cell, a few MB that stay in cache and
     # whose arrays come back from the heap (no page faults). If memory traffic limited the stack, this would be
     # much faster per element.
@@ -522,6 +524,9 @@ def main() -> None:
         "throughput_one_cell_elements_per_s": round(throughput_one_cell),
         "one_cell_vs_stack": round(throughput_one_cell / throughput, 3),
         "bandwidth_fraction": round(throughput * 8 / bandwidth, 5),
+        "throughput_paper_elements_per_s": round(throughput_paper),
+        "bandwidth_fraction_paper": round(throughput_paper * 8 / bandwidth, 5),
+        "paper_vs_best_throughput": round(throughput_paper / throughput, 2),
         "matmul_flops_per_element": round(flops_per_element, 1),
         "matmul_gflop_s_in_denoiser": round(flops_per_element * stack_elements / matmul_seconds / 1e9, 2),
         "sgemm_peak_gflop_s": round(peak / 1e9, 2),
