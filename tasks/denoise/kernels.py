@@ -1105,23 +1105,20 @@ def denoise_projections(
     halo = config.view_halo
     dev = check_device(device)
     whole_groups = _groups_tile_the_views(config, arr.shape)
-    if dev.type == "cuda" or whole_groups:  # no padded host copy (on a GPU it costs more than the denoising)
-        _check_noise_sigma(noise_sigma)
-        tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
-        if low < -tol:
-            check_not_negative(arr, tolerance=tol)
+    _check_noise_sigma(noise_sigma)
+    tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
+    if low < -tol:
+        check_not_negative(arr, tolerance=tol)
+    if whole_groups:  # no block reaches past the scan's ends: nothing to pad
         data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
-        if whole_groups:  # no block reaches past the scan's ends: nothing to pad
-            return _denoise_window(data, first_view=0, halo=0, config=config, noise_sigma=noise_sigma, i0_photons=i0)
+        return _denoise_window(data, first_view=0, halo=0, config=config, noise_sigma=noise_sigma, i0_photons=i0)
+    if dev.type == "cuda":  # pad on the device: a padded host copy costs more than the whole denoising there
+        data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
         padded_data = data.index_select(0, _pad_index(arr.shape[0], halo=halo, periodic=periodic).to(dev))
         del data
-        return _denoise_window(
-            padded_data, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0
-        )
-    padded = pad_views(arr, halo=halo, periodic=periodic)
-    return denoise_view_window(
-        padded, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0, device=dev
-    )
+    else:
+        padded_data = torch.from_numpy(pad_views(arr, halo=halo, periodic=periodic))
+    return _denoise_window(padded_data, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0)
 
 
 def _groups_tile_the_views(config: DenoiseConfig, shape: tuple[int, ...]) -> bool:
