@@ -25,7 +25,9 @@ for the paper's mode, rank 1 of non-overlapping 8-view groups of whole views, in
 ``bandwidth_fraction_compute_ceiling`` (the compute roofline: the bandwidth fraction the best mode would reach if
 its matrix products — ``matmul_flops_per_element``, counted by torch's ``FlopCounterMode`` — ran at
 ``sgemm_peak_gflop_s``, the named peer: one 2048² float32 product on 2 threads, and nothing else took any
-time), ``one_cell_vs_stack`` (throughput on one tile-wide column strip of the same stack, a single cell that stays
+time), ``bandwidth_fraction_linalg_ceiling`` (tighter: those products at that rate plus the call's own batched
+``eigh`` and Cholesky factorisations, timed alone on the very matrices of a call, and nothing else),
+``one_cell_vs_stack`` (throughput on one tile-wide column strip of the same stack, a single cell that stays
 in cache, over the stack's: near 1 when memory traffic is not what limits the denoiser), and
 ``worker_scaling_2v1`` (a stack of ``--scaling-rows`` detector rows of regime C read from and written to Zarr
 arrays on disk by a Dask distributed LocalCluster, 2 single-threaded worker processes vs 1, started with fedscan's
@@ -268,6 +270,44 @@ def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[fl
     return flops.get_total_flops() / stack.size, seconds
 
 
+def factorization_seconds(stack: np.ndarray, i0: float, geometry: Geometry) -> float:
+    """Seconds the best mode's own factorisations take alone on ``stack``, 2 threads: the batched ``eigh`` of the
+    first pass and the Cholesky factorisation and inverse of the second, each run on the very matrices of a call
+    (captured by a dispatch mode), best of 3 runs each."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    factorizations = {aten._linalg_eigh, aten.linalg_cholesky_ex, aten.cholesky_inverse}
+    captured: list[tuple[object, tuple[object, ...], dict[str, object]]] = []
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in factorizations:
+                captured.append((func, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+            return func(*args, **(kwargs or {}))
+
+    config = resolve_group_size(best_config(), geometry)
+
+    def run_all() -> None:
+        for func, args, kwargs in captured:
+            func(*args, **(kwargs or {}))  # type: ignore[operator]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Capture():
+            denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
+        best = math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run_all()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
 def noisy_stack(clean: np.ndarray, i0: float, rng: np.random.Generator, *, rows: int) -> np.ndarray:
     """(views, rows, cols): ``rows`` independent noisy copies of one sinogram (the throughput workload)."""
     return np.stack([simulate(clean, i0, rng)[0] for _ in range(rows)], axis=1)
@@ -497,6 +537,8 @@ def main() -> None:
     # everything else (layout copies, transforms, eigh / Cholesky) cost nothing.
     flops_per_element, matmul_seconds = matmul_profile(stack, stack_i0, stack_geometry)
     peak = on_threads(2, sgemm_flops_per_s)()  # the named peer: 2 threads, as the stack's throughput
+    # Tighter: the products at that peak plus the call's own eigh and Cholesky work at LAPACK's speed.
+    linalg_seconds = flops_per_element * stack_elements / peak + factorization_seconds(stack, stack_i0, stack_geometry)
     clean_case = next(c.name for c in cases(args.quick) if c.i0_photons is None)
     ratios: dict[str, object] = {
         "psnr_gain_minus_bm3d_db": round(min(gains["hann"]), 3),
@@ -532,6 +574,8 @@ def main() -> None:
         "sgemm_peak_gflop_s": round(peak / 1e9, 2),
         "matmul_time_share": round(matmul_seconds * throughput / stack_elements, 3),
         "bandwidth_fraction_compute_ceiling": round(peak / flops_per_element * 8 / bandwidth, 4),
+        "linalg_seconds_floor": round(linalg_seconds, 4),
+        "bandwidth_fraction_linalg_ceiling": round(stack_elements / linalg_seconds * 8 / bandwidth, 4),
         "span_sweep_hann_gain_db": span_sweep(sweep_inputs, (None, 2.0, 4.0, 8.0)),
         "config_best": best_config().model_dump(mode="json"),
         "config_best_hash": best_config().config_hash(),

@@ -124,6 +124,8 @@ def test_denoise_quick(tmp_path):
             "sgemm_peak_gflop_s",
             "matmul_time_share",
             "bandwidth_fraction_compute_ceiling",
+            "linalg_seconds_floor",
+            "bandwidth_fraction_linalg_ceiling",
             "throughput_one_cell_elements_per_s",
             "one_cell_vs_stack",
             "worker_scaling_2v1",
