@@ -57,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import on_threads, parse_args, sgemm_flops_per_s, write_json
+from benchmarks._common import best_time, on_threads, parse_args, sgemm_flops_per_s, write_json
 from schemas.denoise import DenoiseConfig, DenoiseDomain
 from schemas.geometry import Geometry
 from tasks.denoise.chunked import estimate_noise_sigma_dask
@@ -293,19 +293,12 @@ def factorization_seconds(stack: np.ndarray, i0: float, geometry: Geometry) -> f
         for func, args, kwargs in captured:
             func(*args, **(kwargs or {}))  # type: ignore[operator]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    def measure() -> float:
         with Capture():
             denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            run_all()
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return best
+        return best_time(run_all, repeat=3)[0]
+
+    return float(on_threads(2, measure)())
 
 
 def noisy_stack(clean: np.ndarray, i0: float, rng: np.random.Generator, *, rows: int) -> np.ndarray:
