@@ -73,6 +73,8 @@ def _check_projections(projections: da.Array, config: DenoiseConfig) -> None:
         raise InvalidInputError(f"projections must be (views, rows, cols); got shape {projections.shape}")
     if not np.issubdtype(projections.dtype, np.floating):
         raise InvalidInputError(f"projections must be floating-point line integrals; got {projections.dtype}")
+    if 0 in projections.shape:
+        raise InvalidInputError(f"projections are empty: shape {projections.shape} (views, rows, cols) has a zero")
     check_view_count(projections.shape[0], config)
 
 

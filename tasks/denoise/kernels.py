@@ -68,6 +68,8 @@ def _as_projections(projections: npt.ArrayLike) -> FloatArray:
         raise InvalidInputError(f"projections must be (views, rows, cols); got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise InvalidInputError(f"projections must be floating-point line integrals; got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise InvalidInputError(f"projections are empty: shape {arr.shape} (views, rows, cols) has a zero")
     return arr.astype(np.float32, copy=False)
 
 
@@ -265,8 +267,8 @@ def estimate_noise_sigma(
         σ in the domain's units (≈ 1 in the Anscombe domain when ``i0_photons`` is right).
     """
     arr = np.asarray(samples, dtype=np.float32)
-    if arr.ndim != 4 or arr.shape[1] != 3:
-        raise InvalidInputError(f"noise samples must be (k, 3, rows, cols); got {arr.shape}")
+    if arr.ndim != 4 or arr.shape[1] != 3 or arr.size == 0:
+        raise InvalidInputError(f"noise samples must be (k, 3, rows, cols), none of them zero; got {arr.shape}")
     values = to_domain(torch.from_numpy(arr), domain=domain, i0_photons=i0_photons).double()
     d2 = (values[:, 0] - 2.0 * values[:, 1] + values[:, 2]).reshape(-1).numpy()
     mad = _lower_median(np.abs(d2 - _lower_median(d2)))

@@ -158,3 +158,5 @@ def test_too_few_views_and_bad_shapes_are_refused() -> None:
         denoise_dask(da.from_array(SCAN[:, 0]), config=CONFIGS["best-log"])
     with pytest.raises(InvalidInputError, match="i0_photons"):
         denoise_dask(da.from_array(SCAN), config=CONFIGS["anscombe-one-pass"])
+    with pytest.raises(InvalidInputError, match="empty"):
+        denoise_dask(da.from_array(SCAN[:, :0]), config=CONFIGS["best-log"])

@@ -252,6 +252,15 @@ def test_wrong_shape_and_dtype_are_refused() -> None:
         denoise_projections(np.zeros((20, 1, 30), np.int16), config=BEST, periodic=False)
 
 
+@BAD_INPUT_CONFIGS
+@pytest.mark.parametrize("shape", [(48, 0, 40), (48, 2, 0), (0, 2, 40)], ids=["no-rows", "no-cols", "no-views"])
+def test_empty_projections_are_refused(config: DenoiseConfig, shape: tuple[int, int, int]) -> None:
+    with pytest.raises(InvalidInputError, match=r"empty: shape \(" + r", ".join(map(str, shape))):
+        denoise_projections(np.zeros(shape, np.float32), config=config, periodic=False)
+    with pytest.raises(InvalidInputError, match="empty"):
+        denoise_view_window(np.zeros(shape, np.float32), first_view=0, halo=0, config=config, noise_sigma=0.1)
+
+
 def test_anscombe_without_i0_is_refused(rng: np.random.Generator) -> None:
     with pytest.raises(InvalidInputError, match="i0_photons"):
         denoise_projections(rank1_scan(rng), config=DenoiseConfig(), periodic=False)
@@ -299,6 +308,8 @@ def test_cuda_matches_cpu(rng: np.random.Generator) -> None:
 def test_estimate_noise_sigma_refuses_bad_shape() -> None:
     with pytest.raises(InvalidInputError, match=r"\(k, 3, rows, cols\)"):
         estimate_noise_sigma(np.zeros((4, 2, 1, 8), np.float32))
+    with pytest.raises(InvalidInputError, match=r"\(k, 3, rows, cols\)"):
+        estimate_noise_sigma(np.zeros((4, 3, 0, 8), np.float32))
 
 
 def _clean_scan(views: int = 64, rows: int = 5, cols: int = 45) -> np.ndarray:
