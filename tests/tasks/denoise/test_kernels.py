@@ -203,11 +203,11 @@ def test_window_kernel_equals_whole_array_on_any_core(rng: np.random.Generator) 
 
 
 # ---- bad inputs ---------------------------------------------------------------------------------------------
-# The paper's mode on 48 views: the groups tile the scan, so it runs unpadded (its own checks).
-BAD_INPUT_CONFIGS = pytest.mark.parametrize("config", [BEST, DenoiseConfig.paper()], ids=["best-log", "paper"])
+# The default mode, and the paper's mode, whose groups tile these scans' views (48, 64), so it runs unpadded.
+BEST_AND_PAPER = pytest.mark.parametrize("config", [BEST, DenoiseConfig.paper()], ids=["best-log", "paper"])
 
 
-@BAD_INPUT_CONFIGS
+@BEST_AND_PAPER
 def test_nan_is_refused_naming_view_and_row(config: DenoiseConfig, rng: np.random.Generator) -> None:
     x = rank1_scan(rng)
     x[17, 1, 3] = np.nan
@@ -222,7 +222,7 @@ def test_inf_in_a_window_is_named_by_absolute_view(rng: np.random.Generator) -> 
         denoise_view_window(x, first_view=100, halo=BEST.view_halo, config=BEST, noise_sigma=0.1)
 
 
-@BAD_INPUT_CONFIGS
+@BEST_AND_PAPER
 def test_negative_line_integrals_beyond_noise_are_refused(config: DenoiseConfig, rng: np.random.Generator) -> None:
     x = rank1_scan(rng) + (0.01 * rng.standard_normal((48, 2, 40))).astype(np.float32)
     x[5:8, 0, 0] = -0.7
@@ -252,7 +252,7 @@ def test_wrong_shape_and_dtype_are_refused() -> None:
         denoise_projections(np.zeros((20, 1, 30), np.int16), config=BEST, periodic=False)
 
 
-@BAD_INPUT_CONFIGS
+@BEST_AND_PAPER
 @pytest.mark.parametrize("shape", [(48, 0, 40), (48, 2, 0), (0, 2, 40)], ids=["no-rows", "no-cols", "no-views"])
 def test_empty_projections_are_refused(config: DenoiseConfig, shape: tuple[int, int, int]) -> None:
     with pytest.raises(InvalidInputError, match=r"empty: shape \(" + r", ".join(map(str, shape))):
@@ -298,10 +298,11 @@ def test_cuda_without_a_gpu_is_refused(rng: np.random.Generator) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu(rng: np.random.Generator) -> None:
+@BEST_AND_PAPER  # the paper's mode on 64 views: the unpadded non-overlapping path on the device
+def test_cuda_matches_cpu(config: DenoiseConfig, rng: np.random.Generator) -> None:
     x = rank1_scan(rng, views=64) + (0.05 * rng.standard_normal((64, 2, 40))).astype(np.float32)
-    cpu = denoise_projections(x, config=BEST, periodic=True, noise_sigma=0.05)
-    gpu = denoise_projections(x, config=BEST, periodic=True, noise_sigma=0.05, device="cuda")
+    cpu = denoise_projections(x, config=config, periodic=True, noise_sigma=0.05)
+    gpu = denoise_projections(x, config=config, periodic=True, noise_sigma=0.05, device="cuda")
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
 
 
