@@ -842,6 +842,29 @@ def _check_iterative(iterations: int, relaxation: float) -> None:
         raise InvalidInputError(f"relaxation must be in (0, 2), got {relaxation!r}")
 
 
+def _iterative_setup(
+    sinograms: np.ndarray | torch.Tensor,
+    geometry: Geometry,
+    iterations: int,
+    relaxation: float,
+    device: torch.device | None,
+) -> tuple[torch.Tensor, bool, bool, torch.device, _Operator]:
+    """The checks and the system operator every iterative method starts from: the sinograms as a
+    ``(slices, views, cols)`` block on its device, whether they came as numpy and 2-D, the device, the operator."""
+    _check_iterative(iterations, relaxation)
+    _check_geometry(geometry)
+    y, was_numpy, was_2d, dev = _as_block(
+        sinograms,
+        name="sinograms",
+        trailing=(geometry.n_views, geometry.n_detector_cols),
+        trailing_names="views, cols",
+        device=device,
+    )
+    check_finite_sinograms(y)
+    _warn_fov(geometry)
+    return y, was_numpy, was_2d, dev, _Operator(geometry, dev)
+
+
 def _safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 1e-12, 1.0 / x.clamp(min=1e-12), 0.0)
 
@@ -900,18 +923,7 @@ def sirt(
     -------
     ``(slices, ny, nx)`` attenuation, 1/mm, float32.
     """
-    _check_iterative(iterations, relaxation)
-    _check_geometry(geometry)
-    y, was_numpy, was_2d, dev = _as_block(
-        sinograms,
-        name="sinograms",
-        trailing=(geometry.n_views, geometry.n_detector_cols),
-        trailing_names="views, cols",
-        device=device,
-    )
-    check_finite_sinograms(y)
-    _warn_fov(geometry)
-    op = _Operator(geometry, dev)
+    y, was_numpy, was_2d, dev, op = _iterative_setup(sinograms, geometry, iterations, relaxation, device)
     b = y.reshape(y.shape[0], -1).T.contiguous()
     x = _start(initial, y.shape[0], geometry, dev)
     ones_pix = torch.ones(x.shape[0], 1, device=dev)
@@ -961,18 +973,7 @@ def sart(
     -------
     ``(slices, ny, nx)`` attenuation, 1/mm, float32.
     """
-    _check_iterative(iterations, relaxation)
-    _check_geometry(geometry)
-    y, was_numpy, was_2d, dev = _as_block(
-        sinograms,
-        name="sinograms",
-        trailing=(geometry.n_views, geometry.n_detector_cols),
-        trailing_names="views, cols",
-        device=device,
-    )
-    check_finite_sinograms(y)
-    _warn_fov(geometry)
-    op = _Operator(geometry, dev)
+    y, was_numpy, was_2d, dev, op = _iterative_setup(sinograms, geometry, iterations, relaxation, device)
     grid, ncols = geometry.grid, geometry.n_detector_cols
     nx, ny, width = grid.nx_pixels, grid.ny_pixels, ncols + 2
     yp = torch.nn.functional.pad(y.permute(1, 2, 0), (0, 0, 1, 1))  # (views, cols + 2, slices)
