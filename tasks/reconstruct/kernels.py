@@ -570,15 +570,7 @@ def back_project(
     InvalidInputError
         Shape disagrees with the geometry, or NaN/inf (named by slice, view and column).
     """
-    _check_geometry(geometry)
-    y, was_numpy, was_2d, dev = _as_block(
-        sinograms,
-        name="sinograms",
-        trailing=(geometry.n_views, geometry.n_detector_cols),
-        trailing_names="views, cols",
-        device=device,
-    )
-    check_finite_sinograms(y)
+    y, was_numpy, was_2d, dev = _checked_sinograms(sinograms, geometry, device, warn_fov=False)
     op = _operator(geometry, dev)
     cols = _back(op, y.reshape(y.shape[0], -1).T.contiguous())
     return _as_output(
@@ -817,16 +809,7 @@ def fbp(
         raise InvalidInputError(f"filter_name must be one of {FILTER_NAMES}, got {filter_name!r}")
     if not (0 < frequency_cutoff <= 1):
         raise InvalidInputError(f"frequency_cutoff must be in (0, 1], got {frequency_cutoff!r}")
-    _check_geometry(geometry)
-    y, was_numpy, was_2d, _ = _as_block(
-        sinograms,
-        name="sinograms",
-        trailing=(geometry.n_views, geometry.n_detector_cols),
-        trailing_names="views, cols",
-        device=device,
-    )
-    check_finite_sinograms(y)
-    _warn_fov(geometry)
+    y, was_numpy, was_2d, _ = _checked_sinograms(sinograms, geometry, device)
     q = _filter_sinograms(y, geometry, filter_name, frequency_cutoff)
     cols = _fbp_back_project(q.permute(1, 2, 0).contiguous(), geometry)
     scale = math.pi / geometry.n_views if not geometry.is_fan else math.radians(geometry.view_step_deg)
@@ -842,16 +825,12 @@ def _check_iterative(iterations: int, relaxation: float) -> None:
         raise InvalidInputError(f"relaxation must be in (0, 2), got {relaxation!r}")
 
 
-def _iterative_setup(
-    sinograms: np.ndarray | torch.Tensor,
-    geometry: Geometry,
-    iterations: int,
-    relaxation: float,
-    device: torch.device | None,
-) -> tuple[torch.Tensor, bool, bool, torch.device, _Operator]:
-    """The checks and the system operator every iterative method starts from: the sinograms as a
-    ``(slices, views, cols)`` block on its device, whether they came as numpy and 2-D, the device, the operator."""
-    _check_iterative(iterations, relaxation)
+def _checked_sinograms(
+    sinograms: np.ndarray | torch.Tensor, geometry: Geometry, device: torch.device | None, *, warn_fov: bool = True
+) -> tuple[torch.Tensor, bool, bool, torch.device]:
+    """What every operator on sinograms checks first: the geometry, then the sinograms as a finite ``(slices,
+    views, cols)`` block on its device (with whether they came as numpy and 2-D); reconstructions also warn when
+    the grid exceeds the field of view (``warn_fov``; the adjoint alone does not)."""
     _check_geometry(geometry)
     y, was_numpy, was_2d, dev = _as_block(
         sinograms,
@@ -861,8 +840,9 @@ def _iterative_setup(
         device=device,
     )
     check_finite_sinograms(y)
-    _warn_fov(geometry)
-    return y, was_numpy, was_2d, dev, _Operator(geometry, dev)
+    if warn_fov:
+        _warn_fov(geometry)
+    return y, was_numpy, was_2d, dev
 
 
 def _safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
@@ -923,7 +903,9 @@ def sirt(
     -------
     ``(slices, ny, nx)`` attenuation, 1/mm, float32.
     """
-    y, was_numpy, was_2d, dev, op = _iterative_setup(sinograms, geometry, iterations, relaxation, device)
+    _check_iterative(iterations, relaxation)
+    y, was_numpy, was_2d, dev = _checked_sinograms(sinograms, geometry, device)
+    op = _Operator(geometry, dev)
     b = y.reshape(y.shape[0], -1).T.contiguous()
     x = _start(initial, y.shape[0], geometry, dev)
     ones_pix = torch.ones(x.shape[0], 1, device=dev)
@@ -973,7 +955,9 @@ def sart(
     -------
     ``(slices, ny, nx)`` attenuation, 1/mm, float32.
     """
-    y, was_numpy, was_2d, dev, op = _iterative_setup(sinograms, geometry, iterations, relaxation, device)
+    _check_iterative(iterations, relaxation)
+    y, was_numpy, was_2d, dev = _checked_sinograms(sinograms, geometry, device)
+    op = _Operator(geometry, dev)
     grid, ncols = geometry.grid, geometry.n_detector_cols
     nx, ny, width = grid.nx_pixels, grid.ny_pixels, ncols + 2
     yp = torch.nn.functional.pad(y.permute(1, 2, 0), (0, 0, 1, 1))  # (views, cols + 2, slices)
