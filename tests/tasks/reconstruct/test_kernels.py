@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -308,8 +309,13 @@ def test_non_finite_sinogram_is_refused_naming_slice_and_view() -> None:
 
 def test_detector_too_narrow_warns_by_how_many_mm() -> None:
     g = parallel(n=32, views=10, cols=20)  # covers 10 mm of a 16 mm inscribed radius
-    with pytest.warns(UserWarning, match=r"6\.00 mm short"):
-        fbp(np.zeros((10, 20), np.float32), g)
+    sino = np.zeros((10, 20), np.float32)
+    for reconstruct in (fbp, partial(sirt, iterations=0), partial(sart, iterations=0)):
+        with pytest.warns(UserWarning, match=r"6\.00 mm short"):
+            reconstruct(sino, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the adjoint is an operator, not a reconstruction: no warning
+        back_project(sino, g)
 
 
 def test_bad_options_are_refused() -> None:
