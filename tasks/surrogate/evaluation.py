@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -239,12 +240,7 @@ def train_regressor(
     if x.shape != y.shape:
         raise InvalidInputError(f"inputs {tuple(x.shape)} and targets {tuple(y.shape)} differ")
     gen = torch.Generator().manual_seed(settings.seed)
-    net = UNet()
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu", generator=gen)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    net = _seeded(UNet(), (nn.Conv2d, nn.ConvTranspose2d), gen)
     net.to(device).train()
     opt = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
@@ -258,6 +254,21 @@ def train_regressor(
         if history is not None:
             history.append(float(loss.detach()))
     return net.eval()
+
+
+_Net = TypeVar("_Net", bound=nn.Module)
+
+
+def _seeded(
+    net: _Net, layers: tuple[type[nn.Conv2d] | type[nn.ConvTranspose2d] | type[nn.Linear], ...], gen: torch.Generator
+) -> _Net:
+    """``net`` with the weights of its ``layers`` drawn from ``gen`` (Kaiming uniform, ReLU gain), biases zero."""
+    for m in net.modules():
+        if isinstance(m, layers):
+            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu", generator=gen)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return net
 
 
 def predict(net: nn.Module, inputs: npt.ArrayLike, *, batch_size: int = 64) -> FloatArray:
@@ -281,12 +292,7 @@ def train_classifier(images: npt.ArrayLike, labels: npt.ArrayLike, *, settings: 
     if y.shape[0] != x.shape[0]:
         raise InvalidInputError(f"{x.shape[0]} images but {y.shape[0]} labels")
     gen = torch.Generator().manual_seed(settings.seed)
-    net = LesionClassifier()
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu", generator=gen)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    net = _seeded(LesionClassifier(), (nn.Conv2d, nn.Linear), gen)
     net.to(device).train()
     pos = float(y.mean())
     weight = torch.tensor((1 - pos) / max(pos, 1e-6), device=device)
