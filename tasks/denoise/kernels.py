@@ -92,6 +92,15 @@ def check_finite(projections: FloatArray, *, view_offset: int = 0) -> None:
         )
 
 
+def _finite_minimum(values: torch.Tensor, projections: FloatArray, *, view_offset: int = 0) -> float:
+    """The smallest of ``values`` (``projections`` as a CPU tensor), refusing NaN/inf: one ``aminmax`` pass (a NaN
+    makes both ends NaN), then :func:`check_finite` only to name the first bad value."""
+    low, high = (float(v) for v in torch.aminmax(values))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        check_finite(projections, view_offset=view_offset)
+    return low
+
+
 def check_not_negative(projections: FloatArray, *, tolerance: float, view_offset: int = 0) -> None:
     """Refuse line integrals below ``-tolerance`` (more negative than noise around an air reading can make).
 
@@ -295,6 +304,11 @@ def _gd_hard_lambda(beta: float) -> float:
     return math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta**2 + 14 * beta + 1)))
 
 
+def _centred(config: DenoiseConfig) -> bool:
+    """Whether the automatic thresholds run, on centred blocks (the mean view passes unfiltered)."""
+    return config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
+
+
 def _keep_factors(
     s: torch.Tensor, *, mode: ThresholdMode, value: float, sigma: float, n_long: int, n_short: int
 ) -> torch.Tensor:
@@ -425,10 +439,17 @@ def _lowrank_pass(
     lo, hi = v0 - first_view, v0 + (nbv - 1) * vax.step + vax.size - first_view
     if lo < 0 or hi > n_ext:
         raise AssertionError(f"view window [{lo}, {hi}) exceeds the extended array of {n_ext} views")
-    if vax.step == vax.size and rax.step == rax.size and cax.step == cax.size:
-        views = (out_lo - v0, out_hi - v0)
-        axes = (vax, rax, cax)
-        return _disjoint_pass(noisy, pilot, lo=lo, nbv=nbv, axes=axes, keep=views, config=config, sigma=sigma)
+    if _disjoint((vax, rax, cax)):
+        return _disjoint_pass(
+            noisy,
+            pilot,
+            lo=lo,
+            axes=(vax, rax, cax),
+            blocks=(nbv, nbr, nbc),
+            keep=(out_lo - v0, out_hi - v0),
+            config=config,
+            sigma=sigma,
+        )
     r_idx = _symmetric_index(r0, r0 + (nbr - 1) * rax.step + rax.size, rows).to(noisy.device)
     c_idx = _symmetric_index(c0, c0 + (nbc - 1) * cax.step + cax.size, cols).to(noisy.device)
 
@@ -442,7 +463,7 @@ def _lowrank_pass(
     t, m = x.shape[1], x.shape[2]
     # The paper's modes (relative / absolute thresholds) take the SVD of the raw block, in float64; the
     # automatic modes (centred blocks) run in _banded_pass.
-    center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
+    center = _centred(config)
     work = x - x.mean(1, keepdim=True) if center else x.double()
     if pilot is None:
         gram = (work @ work.mT).double()
@@ -498,6 +519,11 @@ def _lowrank_pass(
     return acc[keep] / wsum[keep]
 
 
+def _disjoint(axes: tuple[_Axis, _Axis, _Axis]) -> bool:
+    """Whether no two blocks of these layouts overlap (every stride equals its window)."""
+    return all(a.step == a.size for a in axes)
+
+
 #: Float64 bytes of one piece of blocks whose Gram matrices are formed together (a few MB: stays in cache).
 _GRAM_PIECE_BYTES = 4 * 2**20
 
@@ -507,8 +533,8 @@ def _disjoint_pass(
     pilot: torch.Tensor | None,
     *,
     lo: int,
-    nbv: int,
     axes: tuple[_Axis, _Axis, _Axis],
+    blocks: tuple[int, int, int],
     keep: tuple[int, int],
     config: DenoiseConfig,
     sigma: float,
@@ -520,9 +546,9 @@ def _disjoint_pass(
     formed a few MB of blocks at a time, and the rebuilt blocks are the result's memory.
     """
     vax, rax, cax = axes
+    nbv, nbr, nbc = blocks  # blocks along views (from row lo of noisy), rows and cols (from 0)
     _, rows, cols = noisy.shape
     t, tr, tc = vax.size, rax.size, cax.size
-    nbr, nbc = -(-rows // tr), -(-cols // tc)
 
     def blocks_of(a: torch.Tensor) -> torch.Tensor:
         sub = a[lo : lo + nbv * t]
@@ -538,7 +564,7 @@ def _disjoint_pass(
     x = blocks_of(noisy)
     src = x if pilot is None else blocks_of(pilot)
     n_blocks, m = x.shape[0], x.shape[2]
-    center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
+    center = _centred(config)
     gram = torch.empty(n_blocks, t, t, dtype=torch.float64, device=x.device)
     step = max(1, _GRAM_PIECE_BYTES // (8 * t * m))
     for s in range(0, n_blocks, step):
@@ -984,9 +1010,7 @@ def denoise_view_window(
     i0 = require_i0(config, i0_photons)
     tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
     host = torch.from_numpy(np.ascontiguousarray(arr))
-    low, high = (float(v) for v in torch.aminmax(host))  # one pass; a NaN makes both NaN
-    if not (math.isfinite(low) and math.isfinite(high)):
-        check_finite(arr, view_offset=first_view - halo)  # names the first bad value
+    low = _finite_minimum(host, arr, view_offset=first_view - halo)
     if low < -tol:  # the halo may hold it (then the core passes)
         check_not_negative(arr[halo : halo + n_core], tolerance=tol, view_offset=first_view)
     dev = check_device(device)
@@ -1009,7 +1033,7 @@ def _denoise_window(
     n_core = data.shape[0] - 2 * halo
     ext_first = first_view - halo
     lo, hi = first_view, first_view + n_core
-    center = config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD)
+    center = _centred(config)
     if center and _CELL_MAJOR:
         est = _banded_denoise(
             data, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma, i0_photons=i0
@@ -1098,39 +1122,33 @@ def denoise_projections(
     """
     arr = _as_projections(projections)
     check_view_count(arr.shape[0], config)
-    low, high = (float(v) for v in torch.aminmax(torch.from_numpy(np.ascontiguousarray(arr))))  # a NaN: both NaN
-    if not (math.isfinite(low) and math.isfinite(high)):
-        check_finite(arr)  # names the first bad value
+    host = torch.from_numpy(np.ascontiguousarray(arr))
+    low = _finite_minimum(host, arr)
     i0 = require_i0(config, i0_photons)
     if noise_sigma is None:
         noise_sigma = estimate_noise_sigma_of(arr, config=config, i0_photons=i0)
     halo = config.view_halo
     dev = check_device(device)
-    whole_groups = _groups_tile_the_views(config, arr.shape)
     _check_noise_sigma(noise_sigma)
     tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0)
     if low < -tol:
         check_not_negative(arr, tolerance=tol)
-    if whole_groups:  # no block reaches past the scan's ends: nothing to pad
-        data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
-        return _denoise_window(data, first_view=0, halo=0, config=config, noise_sigma=noise_sigma, i0_photons=i0)
-    if dev.type == "cuda":  # pad on the device: a padded host copy costs more than the whole denoising there
-        data = torch.from_numpy(np.ascontiguousarray(arr)).to(dev)
-        padded_data = data.index_select(0, _pad_index(arr.shape[0], halo=halo, periodic=periodic).to(dev))
-        del data
+    if _groups_tile_the_views(config, arr.shape):  # no block reaches past the scan's ends: nothing to pad
+        halo, data = 0, host.to(dev)
+    elif dev.type == "cuda":  # pad on the device: a padded host copy costs more than the whole denoising there
+        data = host.to(dev).index_select(0, _pad_index(arr.shape[0], halo=halo, periodic=periodic).to(dev))
     else:
-        padded_data = torch.from_numpy(pad_views(arr, halo=halo, periodic=periodic))
-    return _denoise_window(padded_data, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0)
+        data = torch.from_numpy(pad_views(arr, halo=halo, periodic=periodic))
+    return _denoise_window(data, first_view=0, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0)
 
 
 def _groups_tile_the_views(config: DenoiseConfig, shape: tuple[int, ...]) -> bool:
     """Whether a whole scan of ``shape`` needs no views beyond its ends: one pass of uncentred, non-overlapping
     blocks (the paper's mode) whose groups tile the views exactly, so no block reaches past either end."""
-    if config.second_pass or config.threshold_mode in (ThresholdMode.AUTO, ThresholdMode.AUTO_HARD):
+    if config.second_pass or _centred(config):
         return False
     views, rows, cols = shape
-    axes = _block_axes(config, rows, cols, pilot=False)
-    return views % config.views_per_group == 0 and all(a.step == a.size for a in axes)
+    return views % config.views_per_group == 0 and _disjoint(_block_axes(config, rows, cols, pilot=False))
 
 
 def negative_tolerance(*, config: DenoiseConfig, noise_sigma: float, i0_photons: float | None) -> float:
