@@ -209,18 +209,9 @@ def copy_bandwidth_bytes_per_s() -> float:
     a = np.ones(64 * 2**20, dtype=np.float32)  # 256 MB, far beyond the caches
     b = np.empty_like(a)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    best = math.inf
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for copy in (lambda: np.copyto(b, a), lambda: tb.copy_(ta)):
-            for _ in range(3):
-                t0 = time.perf_counter()
-                copy()
-                best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return 2 * a.nbytes / best
+    copies = (lambda: np.copyto(b, a), lambda: tb.copy_(ta))
+    best = on_threads(2, lambda: min(best_time(copy, repeat=3)[0] for copy in copies))()
+    return 2 * a.nbytes / float(best)
 
 
 def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[float, float]:
@@ -255,9 +246,7 @@ def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[fl
     def call() -> None:
         denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    def measure() -> tuple[float, float]:
         with FlopCounterMode(display=False) as flops:  # its bookkeeping slows every op: counted apart
             call()
         seconds = math.inf
@@ -265,9 +254,10 @@ def matmul_profile(stack: np.ndarray, i0: float, geometry: Geometry) -> tuple[fl
             with ProductTimer() as timer:
                 call()
             seconds = min(seconds, timer.seconds)
-    finally:
-        torch.set_num_threads(threads)
-    return flops.get_total_flops() / stack.size, seconds
+        return flops.get_total_flops() / stack.size, seconds
+
+    flops_per_element, seconds = on_threads(2, measure)()
+    return float(flops_per_element), float(seconds)
 
 
 def factorization_seconds(stack: np.ndarray, i0: float, geometry: Geometry) -> float:
@@ -312,20 +302,12 @@ def stack_throughput(stack: np.ndarray, i0: float, geometry: Geometry, *, paper:
     The production case is a 3-D scan: one call on many detector rows (the per-sinogram times above include the
     fixed per-call costs). Best of 3 calls, torch on 2 threads (the 2 cores of this machine).
     """
-    import torch
-
     config = DenoiseConfig.paper() if paper else resolve_group_size(best_config(), geometry)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return stack.size / best
+
+    def call() -> None:
+        denoise_projections(stack, config=config, periodic=geometry.is_full_circle, i0_photons=i0)
+
+    return stack.size / float(on_threads(2, lambda: best_time(call, repeat=3)[0])())
 
 
 def span_sweep(
