@@ -178,7 +178,7 @@ class DenoiseConfig(StageConfig):
     def paper(cls, *, views_per_group: int = 8, **overrides: object) -> DenoiseConfig:
         """The paper's mode: non-overlapping groups of whole views, rank 1 (relative threshold 1), log domain.
 
-        About 7-8x the default's throughput on 2 cores (``paper_vs_best_throughput`` in ``benchmarks/denoise.py``),
+        About 6-10x the default's throughput on 2 cores (``paper_vs_best_throughput`` in ``benchmarks/denoise.py``),
         but rank 1 of whole views blurs: it lost 0.9-4.6 dB of Hann-FBP PSNR against no denoising on three of the
         benchmark's four noisy regimes (the default: -0.07 to +1.94 dB). ``DenoiseConfig()`` is the one to use.
         """
