@@ -35,7 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import parse_args, print_table, write_json
 
-STAGES = ("denoise", "reconstruct", "surrogate")
+from schemas.stages import PIPELINE
+
+STAGES = tuple(spec.name.value for spec in PIPELINE)
 
 
 def _worker_peak_rss_mb() -> float:
@@ -44,12 +46,13 @@ def _worker_peak_rss_mb() -> float:
 
 def run_variant(base: Path, environ: dict[str, str], *, workers: int) -> dict[str, float]:
     """Stage wall times (s) over all scans of a fresh copy of ``base``, and the workers' largest peak RSS (MB)."""
+    import torch
     from distributed import Client, LocalCluster
 
     from schemas.pipeline import PipelineConfig
     from tasks.cluster import worker_environ
-    from tasks.drivers import denoise_scan, reconstruct_scan, surrogate_scan
     from tasks.pipeline_support import find_scans
+    from tasks.stages import run_scan_stage
     from tasks.storage import SiteStore
 
     config = PipelineConfig()
@@ -68,13 +71,9 @@ def run_variant(base: Path, environ: dict[str, str], *, workers: int) -> dict[st
                     assert got == environ, f"worker environment {got} is not {environ}"
                 for ref in find_scans(str(root)):
                     scan = SiteStore.open(ref.store_uri).scan(ref.scan_id)
-                    for stage, run, stage_config in (
-                        ("denoise", denoise_scan, config.denoise),
-                        ("reconstruct", reconstruct_scan, config.reconstruct),
-                        ("surrogate", surrogate_scan, config.surrogate),
-                    ):
+                    for stage in STAGES:
                         t0 = time.perf_counter()
-                        run(scan, stage_config)
+                        run_scan_stage(scan, stage, config.stage_config(stage), device=torch.device("cpu"))
                         times[stage] += time.perf_counter() - t0
                 peak = max(client.run(_worker_peak_rss_mb).values())
         finally:

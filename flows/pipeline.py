@@ -16,10 +16,11 @@ from pydantic import Field
 from schemas.base import FrozenModel
 from schemas.pipeline import PipelineConfig
 from schemas.refs import ScanRef
-from schemas.settings import Device, get_settings
+from schemas.settings import get_settings
+from schemas.stages import PIPELINE, StageState
 from tasks.cluster import dask_client
 from tasks.device import resolve_device
-from tasks.prefect_tasks import flush_artifacts, ingest_scan, stage_tasks
+from tasks.prefect_tasks import StageOutcome, flush_artifacts, ingest_scan, stage_tasks
 
 
 class ScanOutcome(FrozenModel):
@@ -29,6 +30,9 @@ class ScanOutcome(FrozenModel):
     ok: bool
     failed_stage: str | None = None
     error: str | None = None
+    stages: dict[str, StageState] = Field(
+        default_factory=dict, description="Each pipeline stage's state for this scan, in pipeline order."
+    )
 
 
 class PipelineReport(FrozenModel):
@@ -55,6 +59,7 @@ class ProcessScanRequest(FrozenModel):
     site_id: str | None = Field(default=None, description="Site of ``source``.")
     data_root: str | None = Field(default=None, description="Where the site stores live; default from settings.")
     config: PipelineConfig = Field(default_factory=PipelineConfig)
+    config_path: str | None = Field(default=None, description="A pipeline config file; replaces ``config``.")
 
 
 class NightlyRequest(FrozenModel):
@@ -63,6 +68,9 @@ class NightlyRequest(FrozenModel):
     data_root: str | None = Field(default=None, description="Folder of <site>.zarr stores; default from settings.")
     sites: tuple[str, ...] | None = Field(default=None, description="Only these sites (default: all).")
     config: PipelineConfig = Field(default_factory=PipelineConfig)
+    config_path: str | None = Field(
+        default=None, description="A pipeline config file (configs/pipeline.yaml's format); replaces ``config``."
+    )
     federated: bool = Field(default=True, description="Run a federated round after the scans.")
     report: bool = Field(default=True, description="Write report.html next to the stores.")
 
@@ -78,8 +86,6 @@ def discover_scans(data_root: str, sites: tuple[str, ...] | None) -> list[ScanRe
 #: Scans in flight in a nightly run: the thread pool's size (one stage task per scan runs at a time).
 NIGHTLY_SCANS_IN_FLIGHT = 2
 
-_STAGE_NAMES = ("denoise", "reconstruct", "surrogate")
-
 
 @contextlib.contextmanager
 def _artifacts_flushed() -> Iterator[None]:
@@ -90,66 +96,61 @@ def _artifacts_flushed() -> Iterator[None]:
         flush_artifacts()
 
 
-def with_settings_device(config: PipelineConfig, device: Device | str) -> PipelineConfig:
-    """``config`` with the settings' device (``FEDSCAN_DEVICE``) for every stage whose own config names none.
-
-    A stage config that sets ``device`` keeps it. For denoising and surrogates ``auto`` resolves here, once: to
-    ``cuda`` where torch sees a GPU, else ``cpu``; ``cuda`` where there is none is refused before any scan starts.
-    Reconstruction takes ``auto`` as it is (its config resolves it), so that the defaults' config hashes, and with
-    them what earlier runs wrote, stay valid on a machine without a GPU.
-    """
-    stages = ("denoise", "reconstruct", "surrogate")
-    takers = [name for name in stages if "device" not in getattr(config, name).model_fields_set]
-    if not takers:  # every stage names its own device: the setting is not used
-        return config
-    request = Device(device).value
-    resolved = resolve_device(request).type  # refuses "cuda" without CUDA
-    updates: dict[str, object] = {}
-    for name in takers:
-        stage = getattr(config, name)
-        value = request if name == "reconstruct" else resolved
-        if stage.device != value:
-            updates[name] = type(stage).model_validate({**stage.model_dump(), "device": value})
-    return config.model_copy(update=updates) if updates else config
+def resolve_run(config: PipelineConfig, config_path: str | None) -> tuple[PipelineConfig, str]:
+    """The run's config (``config_path`` wins over ``config``) and its device: the config's ``device``, else
+    ``FEDSCAN_DEVICE``, resolved once (``auto``: CUDA where torch sees a GPU). ``cuda`` without a GPU is refused
+    here, before a cluster starts or a scan is ingested."""
+    if config_path is not None:
+        config = PipelineConfig.from_yaml(config_path)
+    request = config.device if config.device is not None else get_settings().device
+    return config, resolve_device(request).type
 
 
-def _run_chains(
-    refs: list[ScanRef], config: PipelineConfig, stages: tuple[Any, Any, Any], *, in_flight: int
-) -> tuple[ScanOutcome, ...]:
-    """Each scan's stages in order (``stages``: see :func:`~tasks.prefect_tasks.stage_tasks`), at most
-    ``in_flight`` scans at a time; a failed stage stops its scan only.
+def _run_chains(refs: list[ScanRef], config: PipelineConfig, device: str, *, in_flight: int) -> tuple[ScanOutcome, ...]:
+    """Each scan's chain of the registry's stages, in order, at most ``in_flight`` scans at a time; a failed
+    stage stops its scan only; a stage that does not apply to the scan's data kind is recorded not-applicable.
 
-    A stage is submitted when the one before it has finished (its finished future is the next stage's input, so
+    A stage is submitted when the one before it has finished (its future is the next stage's ``wait_for``, so
     the UI still draws the dependency). Submitting whole chains at once made a worker thread pick up a stage
     whose upstream was still running and sit blocked on it: with two workers, one scan at a time.
     """
-    configs = (config.denoise, config.reconstruct, config.surrogate)
-    finished: queue.SimpleQueue[PrefectFuture[ScanRef]] = queue.SimpleQueue()
-    running: dict[PrefectFuture[ScanRef], tuple[str, int]] = {}
+    tasks = stage_tasks()
+    order = [spec.name for spec in PIPELINE]
+    finished: queue.SimpleQueue[PrefectFuture[StageOutcome]] = queue.SimpleQueue()
+    running: dict[PrefectFuture[StageOutcome], tuple[ScanRef, int]] = {}
+    states: dict[str, dict[str, StageState]] = {str(ref): {} for ref in refs}
     outcomes: dict[str, ScanOutcome] = {}
-    todo = [(str(ref), ref) for ref in refs]
-    todo.reverse()
+    todo = list(reversed(refs))
 
-    def submit(name: str, stage: int, upstream: Any) -> None:
-        fut = stages[stage].submit(upstream, configs[stage])
-        running[fut] = (name, stage)
+    def submit(ref: ScanRef, k: int, upstream: PrefectFuture[StageOutcome] | None) -> None:
+        name = order[k]
+        fut = tasks[name].submit(
+            ref, name, config.stage_config(name), device, wait_for=[upstream] if upstream is not None else None
+        )
+        running[fut] = (ref, k)
         fut.add_done_callback(finished.put)
 
     while todo or running:
         while todo and len(running) < in_flight:
-            name, ref = todo.pop()
-            submit(name, 0, ref)
+            submit(todo.pop(), 0, None)
         fut = finished.get()
-        name, stage = running.pop(fut)
+        ref, k = running.pop(fut)
         fut.wait()  # already done: takes the final state from the thread, no API call
         state = fut.state
+        key = str(ref)
         if not state.is_completed():
+            states[key][order[k]] = StageState.FAILED
+            states[key].update({name: StageState.NOT_RUN for name in order[k + 1 :]})
             error = str(state.message or state.name)[:500]
-            outcomes[name] = ScanOutcome(scan=name, ok=False, failed_stage=_STAGE_NAMES[stage], error=error)
-        elif stage + 1 < len(stages):
-            submit(name, stage + 1, fut)
+            outcomes[key] = ScanOutcome(
+                scan=key, ok=False, failed_stage=order[k].value, error=error, stages=states[key]
+            )
+            continue
+        states[key][order[k]] = cast(StageOutcome, state.result()).state
+        if k + 1 < len(order):
+            submit(ref, k + 1, fut)
         else:
-            outcomes[name] = ScanOutcome(scan=name, ok=True)
+            outcomes[key] = ScanOutcome(scan=key, ok=True, stages=states[key])
     return tuple(outcomes[str(ref)] for ref in refs)
 
 
@@ -157,7 +158,7 @@ def _process_one(request: ProcessScanRequest) -> PipelineReport:
     """The body of :func:`process_scan` and :func:`on_scan_arrived`, run in the calling flow's run."""
     settings = get_settings()
     root = request.data_root or settings.data_root
-    config = with_settings_device(request.config, settings.device)  # refused before a cluster or an ingest
+    config, device = resolve_run(request.config, request.config_path)  # refused before a cluster or an ingest
     with dask_client(settings.dask), _artifacts_flushed():
         if request.source is not None:
             if request.site_id is None:
@@ -167,7 +168,7 @@ def _process_one(request: ProcessScanRequest) -> PipelineReport:
             ref = request.scan
         else:
             raise ValueError("process-scan needs a scan or a source")
-        (outcome,) = _run_chains([ref], config, stage_tasks(), in_flight=1)
+        (outcome,) = _run_chains([ref], config, device, in_flight=1)
     if not outcome.ok:
         raise RuntimeError(f"scan {outcome.scan} failed in {outcome.failed_stage}: {outcome.error}")
     return PipelineReport(scans=(outcome,))
@@ -202,10 +203,10 @@ def nightly(request: NightlyRequest) -> PipelineReport:
 
     settings = get_settings()
     root = request.data_root or settings.data_root
-    config = with_settings_device(request.config, settings.device)  # refused before a cluster starts
+    config, device = resolve_run(request.config, request.config_path)  # refused before a cluster starts
     with dask_client(settings.dask), _artifacts_flushed():
         refs = discover_scans(root, request.sites)
-        outcomes = _run_chains(refs, config, stage_tasks(), in_flight=NIGHTLY_SCANS_IN_FLIGHT)
+        outcomes = _run_chains(refs, config, device, in_flight=NIGHTLY_SCANS_IN_FLIGHT)
     federated = None
     if request.federated and any(o.ok for o in outcomes):
         from flows.federated import FederatedRequest, federated_training
@@ -213,7 +214,7 @@ def nightly(request: NightlyRequest) -> PipelineReport:
         # Called directly, not via return_state: a subflow's state fetched back from the API carries no result
         # unless results are persisted (MissingResult, seen intermittently in the integration test).
         try:
-            fed = federated_training(FederatedRequest(data_root=root, config=request.config.federation))
+            fed = federated_training(FederatedRequest(data_root=root, config=config.federation))
             federated = fed.model_dump(mode="json")
         except Exception as exc:  # recorded in the report; the scans' results stand
             federated = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500], "rounds": []}

@@ -10,7 +10,7 @@ or shrunk by a threshold and the block is rebuilt. Overlapping blocks (``view_st
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal, Self
+from typing import Self
 
 from pydantic import Field, model_validator
 
@@ -140,7 +140,6 @@ class DenoiseConfig(StageConfig):
         description="Triplets of consecutive views, evenly spaced over the scan, from which the noise σ is "
         "estimated (the same ones however the array is chunked), triplets.",
     )
-    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Torch device the blocks are computed on.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:

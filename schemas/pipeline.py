@@ -1,17 +1,23 @@
-"""The whole pipeline's configuration: one YAML file (``configs/*.yaml``) or a flow parameter."""
+"""The whole pipeline's configuration: one YAML file (``configs/pipeline.yaml``) or a flow parameter."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError
 
-from schemas.base import FrozenModel
+from schemas.base import FrozenModel, StageConfig
 from schemas.denoise import DenoiseConfig
 from schemas.federation import FederationConfig
 from schemas.reconstruct import ReconstructConfig
+from schemas.settings import Device
+from schemas.stages import StageName
 from schemas.surrogate import SurrogateConfig
+
+
+class ConfigFileError(ValueError):
+    """A pipeline config file that cannot be read or validated; the message names the file and the key."""
 
 
 def _reconstruct_default() -> ReconstructConfig:
@@ -20,15 +26,42 @@ def _reconstruct_default() -> ReconstructConfig:
 
 
 class PipelineConfig(FrozenModel):
-    """Every stage's settings; each section has its own defaults and units."""
+    """Every stage's settings (one section per stage of :data:`schemas.stages.PIPELINE`, named after it) and the
+    federated run's; each section has its own defaults and units."""
 
+    device: Device | None = Field(
+        default=None,
+        description="Where the stages' torch kernels run (auto | cpu | cuda); None: FEDSCAN_DEVICE. A run "
+        "setting: recorded in each stage's provenance, never part of a stage's config hash, so work written on "
+        "a CPU counts as done on a GPU worker and back.",
+    )
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     reconstruct: ReconstructConfig = Field(default_factory=_reconstruct_default)
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
 
+    def stage_config(self, stage: StageName | str) -> StageConfig:
+        """The config section of a pipeline stage."""
+        section = getattr(self, StageName(stage).value, None)
+        if not isinstance(section, StageConfig):
+            raise TypeError(f"stage {stage!r} has no config section")
+        return section
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
-        """Parse a YAML file; unknown keys and out-of-range values are refused with their location."""
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.model_validate(raw)
+        """Parse a YAML file; an unknown key or an out-of-range value is refused naming the file and the key."""
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigFileError(f"{p}: cannot read the pipeline config: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigFileError(f"{p}: a pipeline config is a mapping of sections, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            if err["type"] == "extra_forbidden":
+                raise ConfigFileError(f"{p}: unknown key {key!r}") from exc
+            raise ConfigFileError(f"{p}: {key}: {err['msg']}") from exc

@@ -11,7 +11,6 @@ from schemas.base import StageConfig
 ReconstructMethod = Literal["fbp", "sart", "sirt"]
 FilterName = Literal["ram-lak", "shepp-logan", "cosine", "hann"]
 OutputUnit = Literal["hu", "attenuation"]
-DeviceRequest = Literal["auto", "cpu", "cuda"]
 
 
 class ReconstructConfig(StageConfig):
@@ -62,7 +61,4 @@ class ReconstructConfig(StageConfig):
         le=1.0,
         allow_inf_nan=False,
         description="Linear attenuation of water at the effective energy, 1/mm (HU = 0).",
-    )
-    device: DeviceRequest = Field(
-        default="auto", description="auto (CUDA when present), cpu, or cuda (an error without CUDA)."
     )

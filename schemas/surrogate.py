@@ -17,7 +17,7 @@ scaled to [0, 1] by their own minimum and maximum. Surrogates are written in tha
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal, Self
+from typing import Self
 
 from pydantic import Field, model_validator
 
@@ -99,7 +99,6 @@ class SurrogateConfig(StageConfig):
         default=0.0192, gt=0, lt=1, allow_inf_nan=False, description="Water, for 1/mm input, 1/mm."
     )
     iqem: IqemConfig = Field(default_factory=IqemConfig, description="Quality enhancement (off by default).")
-    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Torch device hiding and IQEM run on.")
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:

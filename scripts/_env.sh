@@ -1,5 +1,5 @@
 # Sourced by the scripts: a project virtualenv with fedscan and its dev extras, and quiet, offline services.
-# Reinstalls only when pyproject.toml changed since the last install.
+# Installs from requirements-lock.txt; reinstalls only when pyproject.toml or the lock changed since the last install.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -10,12 +10,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=".venv/.fedscan-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml requirements-lock.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "fedscan: installing fedscan[dev] into .venv (first run takes a few minutes)" >&2
+  echo "fedscan: installing the locked dependencies and fedscan into .venv (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-  # torch is pinned to 2.13.0 in pyproject.toml (the CPU build on this machine's disk).
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  # Every third-party distribution at the version and file hash in requirements-lock.txt (refresh it with
+  # scripts/lock.sh); torch is the CPU build 2.13.0 on this machine's disk. Then fedscan itself, editable.
+  .venv/bin/python -m pip install -q --require-hashes -r requirements-lock.txt
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -m pip check >&2
   echo "$want" > "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

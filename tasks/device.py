@@ -5,17 +5,14 @@ Kernels never pick a device; the code that calls them resolves the user's reques
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 
+from schemas.settings import Device
 from tasks.errors import DeviceUnavailableError, InvalidInputError
 
-DeviceRequest = Literal["auto", "cpu", "cuda"]
 
-
-def resolve_device(request: DeviceRequest | str = "auto") -> torch.device:
+def resolve_device(request: Device | str = Device.AUTO) -> torch.device:
     """Return the torch device for a request.
 
     Parameters

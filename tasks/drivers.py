@@ -14,33 +14,19 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from schemas.denoise import DenoiseConfig
-from schemas.manifest import DataKind
 from schemas.reconstruct import ReconstructConfig
+from schemas.stages import StageName
 from schemas.surrogate import SurrogateConfig
-from tasks.errors import InvalidInputError, StageIncompleteError
+from tasks.errors import InvalidInputError
 from tasks.storage import ScanStore, StageOutput, StageResult
 
-INGEST = "ingest"
-DENOISE = "denoise"
-RECONSTRUCT = "reconstruct"
-SURROGATE = "surrogate"
+#: Provenance metric naming where a stage ran ("cpu" / "cuda"): a run setting, never part of the config hash.
+DEVICE_METRIC = "device"
 
-
-def _upstream(scan: ScanStore, stage: str) -> dict[str, str]:
-    rec = scan.stage_record(stage)
-    if rec is None:
-        raise StageIncompleteError(f"scan {scan.scan_id!r} of site {scan.site.site_id!r}: stage {stage!r} is not done")
-    return {stage: rec.config_hash}
-
-
-def _skip_if_done(scan: ScanStore, stage: str, config_hash: str, inputs: Mapping[str, str]) -> StageResult | None:
-    if scan.is_done(stage, config_hash, inputs):
-        rec = scan.stage_record(stage)
-        assert rec is not None
-        return StageResult(record=rec, skipped=True, chunks_written=0, chunks_present=0)
-    return None
+Metrics = dict[str, float | int | str | bool | None]
 
 
 def psnr_db(estimate: da.Array, truth: da.Array) -> float:
@@ -53,26 +39,28 @@ def psnr_db(estimate: da.Array, truth: da.Array) -> float:
 
 # ------------------------------------------------------------------------------------------------
 def denoise_scan(
-    scan: ScanStore, config: DenoiseConfig, *, force: bool = False, progress: Callable[[float], None] | None = None
+    scan: ScanStore,
+    config: DenoiseConfig,
+    *,
+    source: str = "projections",
+    inputs: Mapping[str, str],
+    device: torch.device,
+    progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``projections`` → ``projections_denoised`` (same chunks), resumable."""
     from tasks.denoise.chunked import denoise_dask
 
-    inputs = _upstream(scan, INGEST)
-    if not force and (done := _skip_if_done(scan, DENOISE, config.config_hash(), inputs)):
-        return done
     manifest = scan.manifest
-    if manifest.data_kind is DataKind.HU_IMAGES:
-        raise InvalidInputError(f"scan {scan.scan_id!r} holds images only; there are no projections to denoise")
-    target = scan.array("projections")
-    projections = scan.read("projections")
+    target = scan.array(source)
+    projections = scan.read(source)
     result, record = denoise_dask(
-        projections, config=config, geometry=manifest.geometry, i0_photons=manifest.i0_photons
+        projections, config=config, geometry=manifest.geometry, i0_photons=manifest.i0_photons, device=device
     )
     elements = int(np.prod(projections.shape))
 
-    def metrics(_scan: ScanStore, seconds: float) -> dict[str, float | int | str | bool | None]:
+    def metrics(_scan: ScanStore, seconds: float) -> Metrics:
         return {
+            DEVICE_METRIC: device.type,
             "noise_sigma": float(record.noise_sigma),
             "periodic_views": bool(record.periodic_views),
             "view_halo": int(record.view_halo),
@@ -80,7 +68,7 @@ def denoise_scan(
         }
 
     return scan.run_stage(
-        stage=DENOISE,
+        stage=StageName.DENOISE,
         config=config,
         inputs=inputs,
         outputs=[
@@ -93,7 +81,7 @@ def denoise_scan(
             )
         ],
         metrics=metrics,
-        force=force,
+        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
         progress=progress,
     )
 
@@ -104,25 +92,28 @@ def _central(n: int) -> int:
 
 
 def reconstruct_scan(
-    scan: ScanStore, config: ReconstructConfig, *, force: bool = False, progress: Callable[[float], None] | None = None
+    scan: ScanStore,
+    config: ReconstructConfig,
+    *,
+    source: str,
+    inputs: Mapping[str, str],
+    device: torch.device,
+    progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``projections_denoised`` (or ``projections`` when the scan was not denoised) → ``volume``."""
     from tasks.reconstruct.chunked import reconstruct_with_config
 
-    source = "projections_denoised" if scan.is_done(DENOISE) else "projections"
-    inputs = _upstream(scan, DENOISE if source == "projections_denoised" else INGEST)
-    if not force and (done := _skip_if_done(scan, RECONSTRUCT, config.config_hash(), inputs)):
-        return done
     manifest = scan.manifest
     geometry = manifest.geometry
     if geometry is None:
         raise InvalidInputError(f"scan {scan.scan_id!r} has no geometry; nothing to reconstruct")
     water = manifest.water_attenuation_per_mm
-    volume = reconstruct_with_config(scan.read(source), geometry, config, water_attenuation_per_mm=water)
+    volume = reconstruct_with_config(scan.read(source), geometry, config, water_attenuation_per_mm=water, device=device)
     has_truth = "volume_truth" in scan.array_names()
 
-    def metrics(s: ScanStore, seconds: float) -> dict[str, float | int | str | bool | None]:
-        out: dict[str, float | int | str | bool | None] = {
+    def metrics(s: ScanStore, seconds: float) -> Metrics:
+        out: Metrics = {
+            DEVICE_METRIC: device.type,
             "source": source,
             "slices_per_s": volume.shape[0] / seconds if seconds > 0 else None,
         }
@@ -135,12 +126,12 @@ def reconstruct_scan(
 
     unit = "HU" if config.output_unit == "hu" else "1/mm"
     return scan.run_stage(
-        stage=RECONSTRUCT,
+        stage=StageName.RECONSTRUCT,
         config=config,
         inputs=inputs,
         outputs=[StageOutput("volume", volume, ("slice", "y", "x"), None, {"units": unit})],
         metrics=metrics,
-        force=force,
+        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
         progress=progress,
     )
 
@@ -154,7 +145,7 @@ _RAW_FBP_LOCK = threading.Lock()
 
 
 def _raw_fbp_key(scan: ScanStore, k: int, filter_name: str, output_unit: str) -> tuple[str, ...] | None:
-    ingest = scan.stage_record(INGEST)
+    ingest = scan.stage_record(StageName.INGEST)
     if ingest is None:  # projections of unknown provenance: never reuse
         return None
     uri = scan.site.uri
@@ -210,7 +201,7 @@ def reconstruction_preview(scan: ScanStore, config: ReconstructConfig) -> str | 
     if scan.manifest.geometry is None or "volume" not in scan.array_names():
         return None
     k, raw_img, stored = _central_slices(scan, filter_name=config.filter_name, output_unit=config.output_unit)
-    label = "denoised" if scan.is_done(DENOISE) else "stored"
+    label = "denoised" if scan.is_done(StageName.DENOISE) else "stored"
     window = (-200.0, 300.0) if config.output_unit == "hu" else None
     png = montage_png([("raw FBP", raw_img), (f"{label} FBP", stored)], window=window)
     return png_markdown(f"{scan.site.site_id}/{scan.scan_id} slice {k}", png, "Same filter, same window.")
@@ -218,15 +209,18 @@ def reconstruction_preview(scan: ScanStore, config: ReconstructConfig) -> str | 
 
 # ------------------------------------------------------------------------------------------------
 def surrogate_scan(
-    scan: ScanStore, config: SurrogateConfig, *, force: bool = False, progress: Callable[[float], None] | None = None
+    scan: ScanStore,
+    config: SurrogateConfig,
+    *,
+    source: str = "volume",
+    inputs: Mapping[str, str],
+    device: torch.device,
+    progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``volume`` → ``surrogate`` (slice k of the surrogate keeps label k), resumable."""
     from tasks.surrogate.chunked import surrogate_volume
 
-    inputs = _upstream(scan, RECONSTRUCT) if scan.is_done(RECONSTRUCT) else _upstream(scan, INGEST)
-    if not force and (done := _skip_if_done(scan, SURROGATE, config.config_hash(), inputs)):
-        return done
-    volume = scan.read("volume")
+    volume = scan.read(source)
     labels = None
     if "labels" in scan.array_names():
         labels = np.asarray(scan.array("labels")[...])
@@ -234,14 +228,17 @@ def surrogate_scan(
             raise InvalidInputError(
                 f"scan {scan.scan_id!r}: labels of shape {labels.shape} do not match {volume.shape[0]} slices"
             )
-    surrogate = surrogate_volume(volume, config, site_id=scan.site.site_id, labels=labels)
+    surrogate = surrogate_volume(volume, config, site_id=scan.site.site_id, labels=labels, device=device)
     return scan.run_stage(
-        stage=SURROGATE,
+        stage=StageName.SURROGATE,
         config=config,
         inputs=inputs,
         outputs=[StageOutput("surrogate", surrogate, ("slice", "y", "x"), None, {"units": "host intensity"})],
-        metrics=lambda _s, seconds: {"slices_per_s": volume.shape[0] / seconds if seconds > 0 else None},
-        force=force,
+        metrics=lambda _s, seconds: {
+            DEVICE_METRIC: device.type,
+            "slices_per_s": volume.shape[0] / seconds if seconds > 0 else None,
+        },
+        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
         progress=progress,
     )
 
@@ -275,9 +272,9 @@ def report_images(data_root: str) -> list[tuple[str, bytes]]:
     for path in find_site_stores(data_root):
         site = SiteStore.open(path, mode="r")
         for scan in site.scans():
-            if scan.manifest.geometry is None or not scan.is_done(RECONSTRUCT):
+            if scan.manifest.geometry is None or not scan.is_done(StageName.RECONSTRUCT):
                 continue
-            rec = scan.stage_record(RECONSTRUCT)
+            rec = scan.stage_record(StageName.RECONSTRUCT)
             assert rec is not None
             unit = str(rec.config.get("output_unit", "attenuation"))
             k, raw_img, stored = _central_slices(
@@ -288,7 +285,8 @@ def report_images(data_root: str) -> list[tuple[str, bytes]]:
             if "volume_truth" in scan.array_names():
                 truth = np.asarray(scan.array("volume_truth")[k], dtype=np.float32)
                 panels.append(("truth", attenuation_to_hu(truth, water_attenuation_per_mm=water)))
-            for name, img in (("raw FBP", raw_img), ("denoised FBP" if scan.is_done(DENOISE) else "FBP", stored)):
+            denoised = scan.is_done(StageName.DENOISE)
+            for name, img in (("raw FBP", raw_img), ("denoised FBP" if denoised else "FBP", stored)):
                 panels.append((name, img if unit == "hu" else attenuation_to_hu(img, water_attenuation_per_mm=water)))
             images.append((f"{site.site_id}/{scan.scan_id} slice {k}", montage_png(panels, window=(-200.0, 300.0))))
             if "surrogate" in scan.array_names():

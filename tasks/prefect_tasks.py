@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -21,10 +21,13 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.exceptions import MissingContextError
 from prefect.states import State
 
+from schemas.base import FrozenModel, StageConfig
 from schemas.ingest import IngestSidecar
+from schemas.reconstruct import ReconstructConfig
 from schemas.refs import ScanRef, StageReport
+from schemas.stages import PIPELINE, StageName, StageState
 from tasks.errors import AlreadyIngestedError, TransientError
-from tasks.storage import SiteStore, StageResult, site_store_uri
+from tasks.storage import ScanStore, SiteStore, StageResult, site_store_uri
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -229,7 +232,7 @@ def stage_progress(ref: ScanRef, stage: str) -> Callable[[float], None] | None:
     )
 
 
-def _open_scan(ref: ScanRef) -> Any:
+def _open_scan(ref: ScanRef) -> ScanStore:
     return SiteStore.open(ref.store_uri).scan(ref.scan_id)
 
 
@@ -261,36 +264,39 @@ def _publish(report: StageReport, markdown: Callable[[], str | None] | None = No
     )
 
 
-@task(name="denoise", task_run_name="denoise-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
-def denoise_stage(ref: ScanRef, config: Any) -> ScanRef:
-    """Low-rank view-group denoising of the scan's projections."""
-    from tasks.drivers import denoise_scan
+class StageOutcome(FrozenModel):
+    """What one stage task did to one scan (the flow chains the next stage on it)."""
 
-    result = denoise_scan(_open_scan(ref), config, progress=stage_progress(ref, "denoise"))
-    _publish(stage_report(ref, "denoise", result))
-    return ref
+    scan: ScanRef
+    stage: StageName
+    state: StageState
 
 
-@task(name="reconstruct", task_run_name="reconstruct-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
-def reconstruct_stage(ref: ScanRef, config: Any) -> ScanRef:
-    """FBP / SART of the (denoised) projections into the scan's volume."""
-    from tasks.drivers import reconstruct_scan, reconstruction_preview
+def _previews() -> dict[StageName, Callable[[ScanStore, StageConfig], str | None]]:
+    from tasks.drivers import reconstruction_preview, surrogate_preview
+
+    return {
+        StageName.RECONSTRUCT: lambda scan, config: reconstruction_preview(scan, cast(ReconstructConfig, config)),
+        StageName.SURROGATE: lambda scan, _config: surrogate_preview(scan),
+    }
+
+
+@task(name="stage", task_run_name="{stage}-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
+def scan_stage(ref: ScanRef, stage: StageName, config: StageConfig, device: str) -> StageOutcome:
+    """One stage of one scan (the registry's driver), skipped when done, recorded not-applicable when the scan's
+    data kind has nothing for it."""
+    import torch
+
+    from tasks.stages import run_scan_stage
 
     scan = _open_scan(ref)
-    result = reconstruct_scan(scan, config, progress=stage_progress(ref, "reconstruct"))
-    _publish(stage_report(ref, "reconstruct", result), lambda: reconstruction_preview(scan, config))
-    return ref
-
-
-@task(name="surrogate", task_run_name="surrogate-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
-def surrogate_stage(ref: ScanRef, config: Any) -> ScanRef:
-    """FESF surrogates of the scan's volume: the only images federated training will see."""
-    from tasks.drivers import surrogate_preview, surrogate_scan
-
-    scan = _open_scan(ref)
-    result = surrogate_scan(scan, config, progress=stage_progress(ref, "surrogate"))
-    _publish(stage_report(ref, "surrogate", result), lambda: surrogate_preview(scan))
-    return ref
+    run = run_scan_stage(scan, stage, config, device=torch.device(device), progress=stage_progress(ref, stage))
+    if run.result is None:
+        run_logger().info("%s %s: not applicable to %s scans", stage, ref, scan.manifest.data_kind.value)
+    else:
+        preview = _previews().get(StageName(stage))
+        _publish(stage_report(ref, stage, run.result), None if preview is None else lambda: preview(scan, config))
+    return StageOutcome(scan=ref, stage=StageName(stage), state=run.state)
 
 
 @task(
@@ -376,9 +382,9 @@ def stage_limit_exists(tag: str = STAGE_TAG) -> bool:
     return True
 
 
-def stage_tasks(*, tagged: bool | None = None) -> tuple[Any, Any, Any]:
-    """(denoise, reconstruct, surrogate) for one flow run, tagged ``fedscan-stage`` only when a limit on that
-    tag exists (``tagged=None``: ask the API once).
+def stage_tasks(*, tagged: bool | None = None) -> dict[StageName, Any]:
+    """The stage task of every stage of the registry, for one flow run: named after its stage in the UI, and
+    tagged ``fedscan-stage`` only when a limit on that tag exists (``tagged=None``: ask the API once).
 
     Prefect asks the API for a slot on every run of a tagged task, whether or not a limit exists: one round trip
     per stage per scan (0.1 to 2 s each on a loaded server here, the largest part of the orchestration overhead
@@ -388,8 +394,5 @@ def stage_tasks(*, tagged: bool | None = None) -> tuple[Any, Any, Any]:
     """
     if tagged is None:
         tagged = stage_limit_exists(STAGE_TAG)
-    stages = (denoise_stage, reconstruct_stage, surrogate_stage)
-    if not tagged:
-        return stages
-    d, r, s = (t.with_options(tags={STAGE_TAG}) for t in stages)
-    return d, r, s
+    tags = {STAGE_TAG} if tagged else set()
+    return {spec.name: scan_stage.with_options(name=spec.name.value, tags=tags) for spec in PIPELINE}

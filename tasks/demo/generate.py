@@ -200,25 +200,35 @@ def iter_scan_blocks(
     p = plan.profile
     for start in range(0, plan.n_slices, block_slices):
         stop = min(start + block_slices, plan.n_slices)
-        mu, masks = render_truth(plan, start, stop)
-        clean = project(mu, plan.geometry)  # (slices, views, cols)
-        rows = []
-        counts = []
-        for i in range(stop - start):
+        # Every slice goes through the same calls, one slice at a time: a batched projection's sparse product
+        # rounds a column differently by its position in the batch on some CPUs (seen on an AVX-512 Xeon), so
+        # only a per-slice computation keeps the bytes independent of ``block_slices`` on every machine.
+        mus, masks, rows, counts = [], [], [], []
+        for k in range(start, stop):
+            mu_k, mask_k = render_truth(plan, k, k + 1)
             li, c = simulate_line_integrals(
-                clean[i],
+                project(mu_k, plan.geometry)[0],  # (views, cols)
                 i0_photons=p.i0_photons,
-                rng=plan.noise_rng(start + i) if noise else None,
+                rng=plan.noise_rng(k) if noise else None,
                 electronic_noise_counts=p.electronic_noise_counts,
                 crosstalk_fraction=p.detector_crosstalk_fraction,
                 counts_floor=p.counts_floor,
             )
+            mus.append(mu_k)
+            masks.append(mask_k)
             rows.append(li)
             if c is not None:
                 counts.append(c)
         projections = np.ascontiguousarray(np.stack(rows, axis=1))
         kept = np.ascontiguousarray(np.stack(counts, axis=1)) if keep_counts and counts else None
-        yield ScanBlock(start=start, stop=stop, volume_truth=mu, masks=masks, projections=projections, counts=kept)
+        yield ScanBlock(
+            start=start,
+            stop=stop,
+            volume_truth=np.concatenate(mus),
+            masks=np.concatenate(masks),
+            projections=projections,
+            counts=kept,
+        )
 
 
 def generate_scan(

@@ -19,6 +19,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from schemas.denoise import DenoiseConfig, DenoiseRecord
 from schemas.geometry import Geometry
@@ -85,6 +86,7 @@ def denoise_dask(
     geometry: Geometry | None = None,
     i0_photons: float | None = None,
     noise_sigma: float | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[da.Array, DenoiseRecord]:
     """Lazy denoised projections, equal to the whole-array kernel for any chunking.
 
@@ -102,6 +104,8 @@ def denoise_dask(
     noise_sigma : float, optional
         Noise σ in the domain's units; estimated from a fixed sample of views if None (this computes that
         small sample now — everything else stays lazy).
+    device : torch.device or str
+        Where each block is computed (a run setting, not part of the config).
 
     Returns
     -------
@@ -146,6 +150,7 @@ def denoise_dask(
             periodic=periodic,
             i0_photons=i0,
             noise_sigma=noise_sigma,
+            device=device,
         )
         return out, record
     x = x.rechunk({0: chunks, 1: -1, 2: -1})
@@ -163,6 +168,7 @@ def denoise_dask(
         config=config,
         i0_photons=i0,
         noise_sigma=noise_sigma,
+        device=device,
     )
     return out, record
 
@@ -174,9 +180,10 @@ def _whole_block(
     periodic: bool,
     i0_photons: float | None,
     noise_sigma: float,
+    device: torch.device | str,
 ) -> npt.NDArray[np.float32]:
     return denoise_projections(
-        block, config=config, periodic=periodic, i0_photons=i0_photons, noise_sigma=noise_sigma, device=config.device
+        block, config=config, periodic=periodic, i0_photons=i0_photons, noise_sigma=noise_sigma, device=device
     )
 
 
@@ -188,6 +195,7 @@ def _window_block(
     config: DenoiseConfig,
     i0_photons: float | None,
     noise_sigma: float,
+    device: torch.device | str,
     block_info: dict[Any, Any] | None = None,
 ) -> npt.NDArray[np.float32]:
     assert block_info is not None
@@ -199,5 +207,5 @@ def _window_block(
         config=config,
         noise_sigma=noise_sigma,
         i0_photons=i0_photons,
-        device=config.device,
+        device=device,
     )

@@ -9,15 +9,17 @@ kernel's working memory, bounded per chunk of views), so memory is set by ``slic
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import dask.array as da
 import numpy as np
 import torch
 
 from schemas.geometry import Geometry
-from schemas.reconstruct import ReconstructConfig
-from tasks.device import resolve_device, to_numpy
+from schemas.reconstruct import ReconstructConfig, ReconstructMethod
+from tasks.device import to_numpy
 from tasks.errors import InvalidInputError
 from tasks.reconstruct.kernels import (
     FilterName,
@@ -27,6 +29,23 @@ from tasks.reconstruct.kernels import (
     sart,
     sirt,
 )
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One reconstruction algorithm: its kernel and the keyword options it takes from the driver's settings."""
+
+    kernel: Callable[..., np.ndarray | torch.Tensor]
+    options: tuple[str, ...]
+
+
+#: Reconstruction algorithms by the name ``ReconstructConfig.method`` takes (a test keeps the two in step).
+ALGORITHMS: dict[str, Algorithm] = {
+    "fbp": Algorithm(fbp, ("filter_name", "frequency_cutoff")),
+    "sart": Algorithm(sart, ("iterations", "relaxation", "nonnegative")),
+    "sirt": Algorithm(sirt, ("iterations", "relaxation", "nonnegative")),
+}
+assert set(ALGORITHMS) == set(get_args(ReconstructMethod)), "ALGORITHMS and ReconstructMethod disagree"
 
 
 def _reconstruct_block(
@@ -43,13 +62,7 @@ def _reconstruct_block(
     first = int(block_info[0]["array-location"][0][0]) if block_info else 0
     sinograms = np.ascontiguousarray(block, dtype=np.float32)  # (slices, views, cols)
     check_finite_sinograms(sinograms, first_slice=first)
-    data = torch.from_numpy(sinograms)
-    if method == "fbp":
-        result = fbp(data, geometry, device=device, **options)
-    elif method == "sart":
-        result = sart(data, geometry, device=device, **options)
-    else:
-        result = sirt(data, geometry, device=device, **options)
+    result = ALGORITHMS[method].kernel(torch.from_numpy(sinograms), geometry, device=device, **options)
     images = result if isinstance(result, torch.Tensor) else torch.from_numpy(result)  # tensor in, tensor out
     if output_unit == "hu":
         images = attenuation_to_hu(images, water_attenuation_per_mm=water_attenuation_per_mm)
@@ -60,7 +73,7 @@ def reconstruct_volume(
     projections: da.Array,
     geometry: Geometry,
     *,
-    method: Literal["fbp", "sart", "sirt"] = "fbp",
+    method: ReconstructMethod = "fbp",
     filter_name: FilterName = "hann",
     frequency_cutoff: float = 1.0,
     iterations: int = 20,
@@ -109,15 +122,18 @@ def reconstruct_volume(
         )
     if isinstance(slice_block, bool) or not isinstance(slice_block, int) or slice_block < 1:
         raise InvalidInputError(f"slice_block must be a positive integer, got {slice_block!r}")
-    if method not in ("fbp", "sart", "sirt"):
-        raise InvalidInputError(f"method must be 'fbp', 'sart' or 'sirt', got {method!r}")
+    if method not in ALGORITHMS:
+        raise InvalidInputError(f"method must be one of {sorted(ALGORITHMS)}, got {method!r}")
     if output_unit not in ("hu", "attenuation"):
         raise InvalidInputError(f"output_unit must be 'hu' or 'attenuation', got {output_unit!r}")
-    options: dict[str, Any]
-    if method == "fbp":
-        options = {"filter_name": filter_name, "frequency_cutoff": frequency_cutoff}
-    else:
-        options = {"iterations": iterations, "relaxation": relaxation, "nonnegative": nonnegative}
+    given = {
+        "filter_name": filter_name,
+        "frequency_cutoff": frequency_cutoff,
+        "iterations": iterations,
+        "relaxation": relaxation,
+        "nonnegative": nonnegative,
+    }
+    options = {name: given[name] for name in ALGORITHMS[method].options}
     grid = geometry.grid
     # All views of a block of rows per task; the transpose is lazy (done per block, in memory).
     blocks = projections.astype(np.float32).rechunk({0: -1, 1: slice_block, 2: -1}).transpose(1, 0, 2)
@@ -142,8 +158,9 @@ def reconstruct_with_config(
     config: ReconstructConfig,
     *,
     water_attenuation_per_mm: float | None = None,
+    device: torch.device | None = None,
 ) -> da.Array:
-    """:func:`reconstruct_volume` with every option taken from ``config`` (its device resolved here).
+    """:func:`reconstruct_volume` with every option taken from ``config``; ``device`` is a run setting.
 
     ``water_attenuation_per_mm`` overrides the config's value (the stage driver passes the scan manifest's).
     """
@@ -161,5 +178,5 @@ def reconstruct_with_config(
         water_attenuation_per_mm=(
             config.water_attenuation_per_mm if water_attenuation_per_mm is None else water_attenuation_per_mm
         ),
-        device=resolve_device(config.device),
+        device=device,
     )

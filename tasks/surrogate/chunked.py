@@ -21,7 +21,7 @@ import numpy.typing as npt
 import torch
 
 from schemas.surrogate import HostPolicy, SurrogateConfig
-from tasks.device import resolve_device, to_numpy
+from tasks.device import to_numpy
 from tasks.errors import InvalidInputError
 from tasks.surrogate.hosts import check_labels, hosts_for_slices
 from tasks.surrogate.iqem import Generator, enhance_and_rehide
@@ -51,6 +51,7 @@ def surrogate_slices(
     first_slice: int = 0,
     labels: npt.ArrayLike | None = None,
     generator: Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> FloatArray:
     """Surrogates of consecutive slices ``first_slice, first_slice + 1, …`` of one site's volume (in memory).
 
@@ -67,6 +68,8 @@ def surrogate_slices(
         ``(slices,)`` labels of these slices; needed by the ``per_class`` policy.
     generator : Generator, optional
         The site's trained IQEM generator; required when ``config.iqem.enabled``.
+    device : torch.device or str
+        Where hiding runs, already resolved ("cpu" or "cuda").
 
     Returns
     -------
@@ -97,8 +100,7 @@ def surrogate_slices(
         pool=config.host_pool,
         labels=labels,
     )
-    device = resolve_device(config.device)
-    p = torch.from_numpy(private).to(device)
+    p = torch.from_numpy(private).to(torch.device(device))
     if config.iqem.enabled and generator is not None:
         s = hide(p, hosts, alpha=config.alpha, beta=config.beta)
         s = enhance_and_rehide(p, s, generator, alpha=config.alpha, beta=config.beta)
@@ -114,6 +116,7 @@ def surrogate_volume(
     site_id: str,
     labels: npt.ArrayLike | None = None,
     generator: Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> da.Array:
     """Lazy surrogates of a site's volume: ``map_blocks`` of :func:`surrogate_slices` over blocks of slices.
 
@@ -127,6 +130,8 @@ def surrogate_volume(
         ``(slices,)``; required by ``host_policy="per_class"`` (checked here, sliced per block).
     generator : Generator, optional
         Trained IQEM generator; required when ``config.iqem.enabled``.
+    device : torch.device or str
+        Where hiding runs (a run setting, not part of the config).
 
     Returns
     -------
@@ -156,6 +161,7 @@ def surrogate_volume(
             first_slice=start,
             labels=None if lab is None else lab[start:stop],
             generator=generator,
+            device=device,
         )
 
     return whole.map_blocks(block, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32))

@@ -1,52 +1,81 @@
-"""FEDSCAN_DEVICE reaches the stages whose own config names no device."""
+"""Where a stage runs is a run setting: FEDSCAN_DEVICE or the config's ``device``, resolved once per run, recorded in
+provenance and never part of a stage's config hash."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from flows.pipeline import with_settings_device
+from flows.pipeline import resolve_run
 from schemas.pipeline import PipelineConfig
-from schemas.settings import Device, FedscanSettings
+from schemas.settings import Device, FedscanSettings, get_settings
+from schemas.stages import PIPELINE, StageName, StageState
 from tasks.errors import DeviceUnavailableError
+from tasks.stages import run_scan_stage
 
 
-def test_stages_without_their_own_device_take_the_settings_one() -> None:
-    config = PipelineConfig()
-    on_cpu = with_settings_device(config, Device.CPU)
-    assert (on_cpu.denoise.device, on_cpu.reconstruct.device, on_cpu.surrogate.device) == ("cpu", "cpu", "cpu")
-    # everything else is untouched
-    assert on_cpu.denoise.model_dump(exclude={"device"}) == config.denoise.model_dump(exclude={"device"})
-    assert on_cpu.federation == config.federation
+@pytest.fixture
+def fedscan_device(monkeypatch: pytest.MonkeyPatch):
+    def set_to(value: str) -> None:
+        monkeypatch.setenv("FEDSCAN_DEVICE", value)
+        get_settings.cache_clear()
+
+    yield set_to
+    get_settings.cache_clear()
 
 
-def test_a_stage_that_names_its_device_keeps_it() -> None:
-    config = PipelineConfig.model_validate({"surrogate": {"device": "cuda"}, "reconstruct": {"device": "cuda"}})
-    got = with_settings_device(config, Device.CPU)
-    assert got.surrogate.device == "cuda"  # not overridden by the settings
-    assert got.reconstruct.device == "cuda"
-    assert got.denoise.device == "cpu"
+def test_no_stage_config_carries_a_device() -> None:
+    for spec in PIPELINE:
+        assert "device" not in spec.config_type.model_fields, spec.name
+    with pytest.raises(ValueError, match="device"):  # an old config naming one is refused, not ignored
+        PipelineConfig.model_validate({"denoise": {"device": "cpu"}})
+
+
+def test_the_config_device_wins_over_the_setting(fedscan_device) -> None:
+    fedscan_device("cuda")
+    config, device = resolve_run(PipelineConfig(device=Device.CPU), None)
+    assert device == "cpu"
+    assert config.device is Device.CPU
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
-def test_auto_without_a_gpu_keeps_every_default_config_hash() -> None:
-    assert FedscanSettings.model_fields["device"].default is Device.AUTO  # FEDSCAN_DEVICE unset
-    config = PipelineConfig()
-    got = with_settings_device(config, Device.AUTO)
-    assert got.denoise.config_hash() == config.denoise.config_hash()
-    assert got.reconstruct.config_hash() == config.reconstruct.config_hash()  # stays "auto"
-    assert got.surrogate.config_hash() == config.surrogate.config_hash()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
-def test_cuda_without_a_gpu_is_refused_before_any_scan_unless_no_stage_uses_it() -> None:
+def test_cuda_without_a_gpu_is_refused_before_any_scan(fedscan_device) -> None:
+    fedscan_device("cuda")
     with pytest.raises(DeviceUnavailableError, match="no CUDA device"):
-        with_settings_device(PipelineConfig(), "cuda")
-    pinned = PipelineConfig.model_validate({k: {"device": "cpu"} for k in ("denoise", "reconstruct", "surrogate")})
-    assert with_settings_device(pinned, "cuda") == pinned
+        resolve_run(PipelineConfig(), None)
+    assert FedscanSettings.model_fields["device"].default is Device.AUTO
 
 
-def test_auto_with_a_gpu_puts_every_stage_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_resolves_to_the_gpu_where_torch_sees_one(monkeypatch: pytest.MonkeyPatch, fedscan_device) -> None:
+    fedscan_device("auto")
+    assert resolve_run(PipelineConfig(), None)[1] == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a machine with a GPU answers
-    got = with_settings_device(PipelineConfig(), Device.AUTO)
-    assert (got.denoise.device, got.reconstruct.device, got.surrogate.device) == ("cuda", "auto", "cuda")
+    assert resolve_run(PipelineConfig(), None)[1] == "cuda"
+
+
+def test_work_written_on_the_cpu_is_skipped_not_redone_on_a_gpu_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fedscan_device
+) -> None:
+    from tests.flows.test_pipeline_flows import make_site
+
+    scan = make_site(tmp_path, site_id="D", rows=2, cols=32, views=90).scans()[0]
+    config = PipelineConfig()
+    fedscan_device("cpu")
+    _, cpu = resolve_run(config, None)
+    for spec in PIPELINE:
+        run = run_scan_stage(scan, spec.name, config.stage_config(spec.name), device=torch.device(cpu))
+        assert run.state is StageState.DONE
+        assert run.record is not None and run.record.metrics["device"] == "cpu"
+    before = scan.provenance()
+
+    # A GPU worker (auto resolves to cuda) under a config that asks for auto: same config hashes, nothing to do.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    auto_config, gpu = resolve_run(PipelineConfig(device=Device.AUTO), None)
+    assert gpu == "cuda"
+    for spec in PIPELINE:
+        run = run_scan_stage(scan, spec.name, auto_config.stage_config(spec.name), device=torch.device(gpu))
+        assert run.state is StageState.SKIPPED, spec.name  # a redo would need CUDA, which this machine lacks
+    assert scan.provenance() == before
+    assert before[StageName.SURROGATE].metrics["device"] == "cpu"

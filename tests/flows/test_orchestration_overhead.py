@@ -13,18 +13,21 @@ from tests.flows.test_pipeline_flows import make_site
 
 
 def test_stage_tasks_carry_the_limit_tag_only_when_asked():
-    from tasks.prefect_tasks import STAGE_TAG, denoise_stage, stage_tasks
+    from schemas.stages import PIPELINE
+    from tasks.prefect_tasks import STAGE_TAG, scan_stage, stage_tasks
 
     plain = stage_tasks(tagged=False)
     tagged = stage_tasks(tagged=True)
-    assert [t.name for t in plain] == ["denoise", "reconstruct", "surrogate"]
-    assert [t.name for t in tagged] == ["denoise", "reconstruct", "surrogate"]
-    assert all(STAGE_TAG not in t.tags for t in plain)
-    assert all(STAGE_TAG in t.tags for t in tagged)
-    # the tagged copies keep the retry policy and the run names with the scan id
-    assert tagged[0].retries == denoise_stage.retries == 2
-    assert tagged[0].retry_condition_fn is denoise_stage.retry_condition_fn
-    assert tagged[0].task_run_name == denoise_stage.task_run_name
+    # one task per registry stage, named after it, in the registry's order
+    assert [t.name for t in plain.values()] == [spec.name.value for spec in PIPELINE]
+    assert [t.name for t in tagged.values()] == [spec.name.value for spec in PIPELINE]
+    assert all(STAGE_TAG not in t.tags for t in plain.values())
+    assert all(STAGE_TAG in t.tags for t in tagged.values())
+    # the tagged copies keep the retry policy and the run names with the stage and the scan id
+    for t in tagged.values():
+        assert t.retries == scan_stage.retries == 2
+        assert t.retry_condition_fn is scan_stage.retry_condition_fn
+        assert t.task_run_name == scan_stage.task_run_name
 
 
 @pytest.mark.slow
@@ -34,12 +37,12 @@ def test_stage_limit_is_seen_once_an_operator_creates_it(prefect_harness):
     from tasks.prefect_tasks import STAGE_TAG, stage_limit_exists, stage_tasks
 
     assert stage_limit_exists() is False
-    assert all(STAGE_TAG not in t.tags for t in stage_tasks())
+    assert all(STAGE_TAG not in t.tags for t in stage_tasks().values())
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag=STAGE_TAG, concurrency_limit=2)
     try:
         assert stage_limit_exists() is True
-        assert all(STAGE_TAG in t.tags for t in stage_tasks())
+        assert all(STAGE_TAG in t.tags for t in stage_tasks().values())
     finally:
         with get_client(sync_client=True) as client:
             client.delete_concurrency_limit_by_tag(STAGE_TAG)
@@ -47,12 +50,14 @@ def test_stage_limit_is_seen_once_an_operator_creates_it(prefect_harness):
 
 
 def _reconstructed_scan(root: Path):
+    import torch
+
     from schemas.pipeline import PipelineConfig
-    from tasks.drivers import reconstruct_scan
+    from tasks.stages import run_scan_stage
 
     site = make_site(root, site_id="P", rows=3, cols=32, views=90)
     scan = site.scans()[0]
-    reconstruct_scan(scan, PipelineConfig().reconstruct)
+    run_scan_stage(scan, "reconstruct", PipelineConfig().reconstruct, device=torch.device("cpu"))
     return scan
 
 
@@ -122,18 +127,19 @@ def test_nightly_runs_two_scans_at_once_with_no_worker_waiting_on_an_upstream(tm
     could not start and the barrier would break."""
     import threading
 
-    import tasks.drivers as drivers
+    import tasks.stages as stages
     from flows.pipeline import NightlyRequest, nightly
+    from schemas.stages import StageName
 
     make_site(tmp_path, site_id="A", n_scans=2)
     barrier = threading.Barrier(2, timeout=120)  # a deadlock guard, not a measured time
-    real = drivers.denoise_scan
+    real = stages.STAGES[StageName.DENOISE]
 
     def denoise_together(scan, config, **kwargs):
         barrier.wait()
-        return real(scan, config, **kwargs)
+        return real.driver(scan, config, **kwargs)
 
-    monkeypatch.setattr(drivers, "denoise_scan", denoise_together)
+    monkeypatch.setitem(stages.STAGES, StageName.DENOISE, stages.Stage(real.spec, denoise_together))
     report = nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
     assert [o.ok for o in report.scans] == [True, True], report.scans
     assert not barrier.broken

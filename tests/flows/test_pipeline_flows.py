@@ -61,8 +61,7 @@ def make_site(
 
 @pytest.fixture
 def device_setting_cpu(monkeypatch):
-    """``FEDSCAN_DEVICE=cpu`` for this test: reconstruction's own default is ``auto``, so its stored config shows
-    whether the flow applied the setting."""
+    """``FEDSCAN_DEVICE=cpu`` for this test: each stage's provenance records where it ran."""
     from schemas.settings import get_settings
 
     monkeypatch.setenv("FEDSCAN_DEVICE", "cpu")
@@ -91,7 +90,18 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
     assert "Failed scans" in html and "B-1" in html and "data:image/png;base64," in html
     first = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
     for scan in SiteStore.open(tmp_path / "A.zarr").scans():  # FEDSCAN_DEVICE reached every stage
-        assert [scan.stage_record(st).config["device"] for st in ("denoise", "reconstruct", "surrogate")] == ["cpu"] * 3
+        assert [scan.stage_record(st).metrics["device"] for st in ("denoise", "reconstruct", "surrogate")] == [
+            "cpu"
+        ] * 3
+        assert all("device" not in scan.stage_record(st).config for st in ("denoise", "reconstruct", "surrogate"))
+    assert {o.scan: o.stages for o in report.scans}["B/B-1"] == {
+        "denoise": "failed",
+        "reconstruct": "not-run",
+        "surrogate": "not-run",
+    }
+    assert {o.scan: o.stages for o in report.scans}["A/A-0"] == dict.fromkeys(
+        ("denoise", "reconstruct", "surrogate"), "done"
+    )
     # a rerun skips every finished stage: records unchanged
     nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
     again = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
@@ -141,7 +151,7 @@ def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry,
     report = state.result()
     assert [o.ok for o in report.scans] == [True]
     (scan,) = SiteStore.open(tmp_path / "data" / "S.zarr").scans()
-    assert scan.stage_record("reconstruct").config["device"] == "cpu"  # FEDSCAN_DEVICE, not the stage's "auto"
+    assert scan.stage_record("reconstruct").metrics["device"] == "cpu"  # FEDSCAN_DEVICE, recorded where it ran
     run_id = state.state_details.flow_run_id
 
     async def runs() -> tuple[list, list]:

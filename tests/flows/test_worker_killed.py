@@ -11,13 +11,14 @@ import time
 import dask
 import numpy as np
 import pytest
+import torch
 from distributed import Client, LocalCluster
 from prefect import flow
 
 from schemas.denoise import DenoiseConfig
 from schemas.refs import ScanRef
-from tasks.drivers import denoise_scan
-from tasks.prefect_tasks import denoise_stage
+from tasks.prefect_tasks import scan_stage
+from tasks.stages import run_scan_stage
 from tasks.storage import SiteStore, missing_chunks
 from tests.flows.test_pipeline_flows import make_site
 
@@ -28,7 +29,7 @@ CONFIG = DenoiseConfig(second_pass=True, view_stride=2)
 
 @flow(name="denoise-one")
 def denoise_one(ref: ScanRef) -> str:
-    denoise_stage(ref, CONFIG)
+    scan_stage(ref, "denoise", CONFIG, "cpu")
     return "ok"
 
 
@@ -37,7 +38,7 @@ def test_killed_dask_worker_mid_denoise_is_retried_and_result_is_identical(tmp_p
     disturbed_site = make_site(tmp_path / "run", views=720, rows=8, cols=96)
     ref_scan = reference_site.scans()[0]
     with dask.config.set(scheduler="threads"):
-        denoise_scan(ref_scan, CONFIG)
+        run_scan_stage(ref_scan, "denoise", CONFIG, device=torch.device("cpu"))
     expected = ref_scan.array("projections_denoised")[...]
 
     scan = disturbed_site.scans()[0]

@@ -70,7 +70,7 @@ def test_chunked_sirt_in_hu_equals_the_whole_array(block: int) -> None:
 def test_building_the_graph_computes_nothing_and_the_config_path_matches() -> None:
     calls: list[int] = []  # sizes of the blocks read (dask probes with tiny arrays for meta)
     proj = da.from_array(projections(), chunks=(24, ROWS, 24)).map_blocks(lambda b: calls.append(b.size) or b)
-    config = ReconstructConfig(method="fbp", filter_name="hann", slice_block=3, output_unit="attenuation", device="cpu")
+    config = ReconstructConfig(method="fbp", filter_name="hann", slice_block=3, output_unit="attenuation")
     volume = reconstruct_with_config(proj, GEOMETRY, config)
     assert not [size for size in calls if size > 1]
     assert volume.shape == (ROWS, 16, 16)

@@ -29,7 +29,7 @@ def test_defaults_and_hash():
         {"host_pool": ()},
         {"host_pool": ("camera", "camera")},
         {"window_hu": (100.0, -100.0)},
-        {"device": "tpu"},
+        {"device": "cpu"},  # a run setting, not part of the config
         {"unknown_field": 1},
         {"iqem": {"steps": 0}},
     ],

@@ -1,0 +1,136 @@
+"""The stage registry: each stage of :data:`schemas.stages.PIPELINE` bound to its driver, and the one place that
+decides whether a stage of a scan runs, is skipped (done) or does not apply.
+
+A driver builds its Dask graph and writes through :meth:`~tasks.storage.ScanStore.run_stage`; it never asks
+whether it is done: :func:`run_scan_stage` asks the store once, before any graph is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from schemas.base import StageConfig
+from schemas.manifest import ProvenanceRecord
+from schemas.stages import PIPELINE, StageName, StageSpec, StageState, chain_for
+from tasks.errors import InvalidInputError, StageIncompleteError
+from tasks.storage import ScanStore, StageResult
+
+__all__ = ["STAGES", "Stage", "StageRun", "pending_stages", "run_scan_stage", "source_of"]
+
+ProgressFn = Callable[[float], None]
+
+
+#: ``driver(scan, config, *, source, inputs, device, progress) -> StageResult``: build the stage's graph over
+#: the ``source`` array and write it with :meth:`~tasks.storage.ScanStore.run_stage`, recording ``inputs`` (the
+#: upstream stage's config hash) and the ``device`` it ran on. ``config`` is the stage's own config type.
+Driver = Callable[..., StageResult]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage spec with the code that runs it."""
+
+    spec: StageSpec
+    driver: Driver
+
+    @property
+    def name(self) -> StageName:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What :func:`run_scan_stage` did with one stage of one scan."""
+
+    stage: StageName
+    state: StageState
+    result: StageResult | None = None  # None when not applicable
+
+    @property
+    def record(self) -> ProvenanceRecord | None:
+        return None if self.result is None else self.result.record
+
+
+def _registry() -> dict[StageName, Stage]:
+    from tasks import drivers
+
+    bound: dict[StageName, Driver] = {
+        StageName.DENOISE: drivers.denoise_scan,
+        StageName.RECONSTRUCT: drivers.reconstruct_scan,
+        StageName.SURROGATE: drivers.surrogate_scan,
+    }
+    missing = [spec.name.value for spec in PIPELINE if spec.name not in bound]
+    if missing:  # a spec without a driver is a programming error, caught by the first import in any test
+        raise RuntimeError(f"stages without a driver: {missing}")
+    return {spec.name: Stage(spec, bound[spec.name]) for spec in PIPELINE}
+
+
+#: Every pipeline stage with its driver, in pipeline order.
+STAGES: dict[StageName, Stage] = _registry()
+
+
+def source_of(scan: ScanStore, spec: StageSpec) -> tuple[str, ProvenanceRecord]:
+    """The array the stage reads (the first of ``spec.reads`` that a completed stage wrote) and that stage's
+    record (its config hash is the stage's input)."""
+    records = scan.provenance()
+    names = set(scan.array_names())
+    for array in spec.reads:
+        for rec in records.values():
+            if array in rec.outputs and array in names:
+                return array, rec
+    raise StageIncompleteError(
+        f"scan {scan.scan_id!r} of site {scan.site.site_id!r}: stage {spec.name.value!r} reads one of "
+        f"{list(spec.reads)}, and no completed stage wrote any of them"
+    )
+
+
+def run_scan_stage(
+    scan: ScanStore,
+    stage: StageName | str,
+    config: StageConfig,
+    *,
+    device: torch.device,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> StageRun:
+    """Run one stage of one scan: not applicable to its data kind, skipped when done with this config and these
+    inputs (asked of the store once, before any graph is built), else computed (resuming written chunks)."""
+    entry = STAGES[StageName(stage)]
+    spec = entry.spec
+    if not isinstance(config, spec.config_type):
+        raise InvalidInputError(
+            f"stage {spec.name.value!r} takes a {spec.config_type.__name__}, got {type(config).__name__}"
+        )
+    if not spec.applies_to(scan.manifest.data_kind):
+        return StageRun(spec.name, StageState.NOT_APPLICABLE)
+    source, upstream = source_of(scan, spec)
+    inputs = {upstream.stage: upstream.config_hash}
+    if not force and scan.is_done(spec.name, config.config_hash(), inputs):
+        rec = scan.stage_record(spec.name)
+        assert rec is not None
+        skipped = StageResult(rec, skipped=True, chunks_written=0, chunks_present=0)
+        return StageRun(spec.name, StageState.SKIPPED, skipped)
+    result = entry.driver(scan, config, source=source, inputs=inputs, device=device, progress=progress)
+    return StageRun(spec.name, StageState.DONE, result)
+
+
+def pending_stages(scan: ScanStore, configs: Mapping[StageName, StageConfig]) -> list[StageName]:
+    """The stages of the scan's chain that are not done with these configs (a cheap read of its records: no
+    graph, no array). A stage whose upstream is itself pending counts as pending."""
+    pending: list[StageName] = []
+    for spec in chain_for(scan.manifest.data_kind):
+        if pending:
+            pending.append(spec.name)
+            continue
+        try:
+            source, upstream = source_of(scan, spec)
+        except StageIncompleteError:
+            pending.append(spec.name)
+            continue
+        del source
+        if not scan.is_done(spec.name, configs[spec.name].config_hash(), {upstream.stage: upstream.config_hash}):
+            pending.append(spec.name)
+    return pending
