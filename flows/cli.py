@@ -20,6 +20,7 @@ from rich.table import Table
 from schemas.geometry import BeamKind, DetectorShape
 from schemas.ingest import GeometrySpec, IngestSidecar
 from schemas.manifest import DataKind
+from schemas.pipeline import ConfigFileError, PipelineConfig
 from schemas.settings import get_settings
 from tasks.errors import AlreadyIngestedError, FedscanError
 
@@ -59,7 +60,7 @@ def friendly_errors(func: F) -> F:
             if _state["debug"]:
                 raise
             raise fail(str(exc), EXIT_ALREADY) from None
-        except (FedscanError, ValidationError, OSError) as exc:
+        except (FedscanError, ConfigFileError, ValidationError, OSError) as exc:
             if _state["debug"]:
                 raise
             msg = str(exc).splitlines()[0] if isinstance(exc, ValidationError) else str(exc)
@@ -144,6 +145,18 @@ def ingest(
 
 
 # ------------------------------------------------------------------------------------------------
+def _chain_line(scan: Any, prov: dict[str, Any]) -> str:
+    """Each registry stage's state for this scan: done, pending or not applicable to its data kind."""
+    from schemas.stages import PIPELINE
+
+    kind = scan.manifest.data_kind
+    parts = []
+    for spec in PIPELINE:
+        state = "not-applicable" if not spec.applies_to(kind) else ("done" if spec.name in prov else "pending")
+        parts.append(f"{spec.name.value} {state}")
+    return ", ".join(parts)
+
+
 def _format_shape(shape: tuple[int, ...]) -> str:
     return "×".join(str(s) for s in shape)
 
@@ -198,6 +211,7 @@ def inspect(
                 )
             console.print(table)
             prov = scan.provenance()
+            console.print(f"    chain: {_chain_line(scan, prov)}", highlight=False)
             if not prov:
                 console.print("    stages done: none")
             for stage, rec in prov.items():
@@ -264,6 +278,45 @@ def demo(
     if report.failed:
         raise fail(f"{len(report.failed)} scans failed; see {report.report_path or 'the flow logs'}", 1)
     console.print(f"demo complete: {len(report.scans)} scans of {sites} sites under {out}")
+
+
+@app.command("run")
+@friendly_errors
+def run_pipeline(
+    data_root: Annotated[str, typer.Argument(help="Folder or fsspec URL holding one <site>.zarr store per site.")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Pipeline config file (format: configs/pipeline.yaml); default: built-in."),
+    ] = None,
+    site: Annotated[list[str] | None, typer.Option("--site", help="Only this site (repeatable).")] = None,
+    federated: Annotated[
+        bool, typer.Option("--federated/--no-federated", help="Run a federated round after the scans.")
+    ] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html beside the stores.")] = True,
+) -> None:
+    """Run the nightly chain once, here: every pending stage of every scan (the registry's stages that apply to
+    each scan's data kind), then a federated round. Embedded Prefect unless PREFECT_API_URL is set; a Dask
+    LocalCluster unless FEDSCAN_DASK__ADDRESS is set."""
+    if config is not None:
+        PipelineConfig.from_yaml(config)  # a bad file is refused here, before Prefect or Dask start
+    from flows.pipeline import NightlyRequest, nightly
+
+    request = NightlyRequest(
+        data_root=data_root,
+        sites=tuple(site) if site else None,
+        config_path=str(config) if config is not None else None,
+        federated=federated,
+        report=report,
+    )
+    result = nightly(request)
+    for outcome in result.scans:
+        states = ", ".join(f"{name} {state.value}" for name, state in outcome.stages.items())
+        console.print(f"{outcome.scan}: {'ok' if outcome.ok else 'FAILED'} ({states})", highlight=False)
+    if result.failed:
+        raise fail(
+            f"{len(result.failed)} of {len(result.scans)} scans failed; see {result.report_path or 'the logs'}", 1
+        )
+    console.print(f"{len(result.scans)} scans done under {data_root}")
 
 
 @app.command()

@@ -1,0 +1,78 @@
+"""The flows walk the stage registry: each scan's chain is the registry filtered by its data kind, in order;
+`fedscan run --config FILE` runs it from the pipeline's config file and refuses an unknown key by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from schemas.stages import PIPELINE, StageName
+from tasks import stages
+from tasks.storage import SiteStore
+from tests.flows.test_pipeline_flows import make_site
+from tests.tasks.test_stages import add_image_scan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cpu_device(monkeypatch):
+    from schemas.settings import get_settings
+
+    monkeypatch.setenv("FEDSCAN_DEVICE", "cpu")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_run_refuses_an_unknown_config_key_by_name(tmp_path: Path) -> None:
+    bad = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    bad["denoise"]["views_per_grup"] = 8
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = CliRunner().invoke(app, ["run", "--config", str(path), str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "unknown key 'denoise.views_per_grup'" in result.output
+    assert str(path) in result.output
+    assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
+    path.write_text("denoise: [1, 2]\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(path), str(tmp_path)])
+    assert result.exit_code == 2 and "denoise" in result.output
+
+
+@pytest.mark.slow
+def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, cpu_device, monkeypatch) -> None:
+    site = make_site(tmp_path, site_id="K", n_scans=1)
+    add_image_scan(site, "img-1")
+    calls: list[tuple[str, StageName]] = []
+    for spec in PIPELINE:
+        real = stages.STAGES[spec.name]
+
+        def recording(scan, config, _real=real, **kwargs):
+            calls.append((scan.scan_id, _real.name))
+            return _real.driver(scan, config, **kwargs)
+
+        monkeypatch.setitem(stages.STAGES, spec.name, stages.Stage(spec, recording))
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text((ROOT / "configs" / "pipeline.yaml").read_text())
+    args = ["run", "--config", str(config), "--no-federated", "--no-report", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    order = [spec.name for spec in PIPELINE]
+    assert [name for scan, name in calls if scan == "K-0"] == order  # the registry's order
+    assert [name for scan, name in calls if scan == "img-1"] == [StageName.SURROGATE]
+    assert "K/img-1: ok (denoise not-applicable, reconstruct not-applicable, surrogate done)" in result.output
+    assert "K/K-0: ok (denoise done, reconstruct done, surrogate done)" in result.output
+    img = SiteStore.open(tmp_path / "K.zarr").scan("img-1")
+    assert set(img.provenance()) == {"ingest", "surrogate"}
+
+    calls.clear()  # a second run: every stage skipped by the store's records, no driver called
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == []
+    assert "K/K-0: ok (denoise skipped, reconstruct skipped, surrogate skipped)" in result.output
