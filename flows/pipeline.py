@@ -185,14 +185,18 @@ def process_scan(request: ProcessScanRequest) -> PipelineReport:
     flow_run_name="scan-arrived-{site_id}",
     task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=1)),
 )
-def on_scan_arrived(path: str, site_id: str, data_root: str | None = None) -> PipelineReport:
+def on_scan_arrived(
+    path: str, site_id: str, data_root: str | None = None, config_path: str | None = None
+) -> PipelineReport:
     """Started by the ``fedscan.scan.arrived`` event: process the one scan that landed.
 
     The stage tasks run in this flow's own run, not in a ``process-scan`` subflow: each flow run costs the API
     calls of its creation and states, and Prefect's teardown waits up to a second for the run's heartbeat
     thread (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, on by default since Prefect 3.7), per run and per scan.
     """
-    return _process_one(ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root))
+    return _process_one(
+        ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root, config_path=config_path)
+    )
 
 
 @flow(name="nightly", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=NIGHTLY_SCANS_IN_FLIGHT)))

@@ -32,10 +32,21 @@ def test_readme_quickstart_has_two_commands_and_ci_runs_the_second():
     assert commands[1] in (ROOT / ".ci/run").read_text()
 
 
-def test_shipped_pipeline_config_parses_and_unknown_keys_are_refused(tmp_path):
-    from pydantic import ValidationError
-
+def test_deployments_name_the_shipped_pipeline_config():
     from schemas.pipeline import PipelineConfig
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    paths = [
+        deployments["nightly"]["parameters"]["request"]["config_path"],
+        deployments["on-scan-arrived"]["triggers"][0]["parameters"]["config_path"],
+    ]
+    for path in paths:
+        assert PipelineConfig.from_yaml(ROOT / path) == PipelineConfig.from_yaml(ROOT / "configs" / "pipeline.yaml")
+
+
+def test_shipped_pipeline_config_parses_and_unknown_keys_are_refused(tmp_path):
+    from schemas.pipeline import ConfigFileError, PipelineConfig
 
     cfg = PipelineConfig.from_yaml(ROOT / "configs" / "pipeline.yaml")
     assert cfg.reconstruct.output_unit == "hu"
@@ -44,5 +55,5 @@ def test_shipped_pipeline_config_parses_and_unknown_keys_are_refused(tmp_path):
     bad.write_text("denoise:\n  views_per_grup: 8\n")
     import pytest
 
-    with pytest.raises(ValidationError, match="views_per_grup"):
+    with pytest.raises(ConfigFileError, match="unknown key 'denoise.views_per_grup'"):
         PipelineConfig.from_yaml(bad)
