@@ -299,7 +299,7 @@ def run_pipeline(
     LocalCluster unless FEDSCAN_DASK__ADDRESS is set."""
     if config is not None:
         PipelineConfig.from_yaml(config)  # a bad file is refused here, before Prefect or Dask start
-    from flows.pipeline import NightlyRequest, nightly
+    from flows.pipeline import NightlyRequest, PipelineFailedError, PipelineReport, nightly
 
     request = NightlyRequest(
         data_root=data_root,
@@ -308,15 +308,22 @@ def run_pipeline(
         federated=federated,
         report=report,
     )
-    result = nightly(request)
-    for outcome in result.scans:
+    failure: PipelineFailedError | None = None
+    try:
+        result: PipelineReport | None = nightly(request)
+    except PipelineFailedError as exc:
+        failure, result = exc, exc.report
+    for outcome in result.scans if result is not None else ():
         states = ", ".join(f"{name} {state.value}" for name, state in outcome.stages.items())
         console.print(f"{outcome.scan}: {'ok' if outcome.ok else 'FAILED'} ({states})", highlight=False)
-    if result.failed:
-        raise fail(
-            f"{len(result.failed)} of {len(result.scans)} scans failed; see {result.report_path or 'the logs'}", 1
-        )
-    console.print(f"{len(result.scans)} scans done under {data_root}")
+    if failure is not None:
+        where = result.report_path if result is not None and result.report_path else "the flow logs"
+        raise fail(f"{failure}; see {where}", 1)
+    assert result is not None
+    if not result.scans:
+        console.print(f"nothing to do under {data_root}: every scan's stages are done with this config")
+    else:
+        console.print(f"{len(result.scans)} scans done under {data_root}")
 
 
 @app.command()

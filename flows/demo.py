@@ -69,7 +69,7 @@ def run_demo(
     console: Console | None = None,
 ) -> PipelineReport:
     """Demo sites → the ``nightly`` flow (denoise, reconstruct, surrogates, federated round) → report.html."""
-    from flows.pipeline import NightlyRequest, nightly
+    from flows.pipeline import NightlyRequest, PipelineFailedError, nightly
     from tasks.demo.build import build_demo_sites
 
     console = console or Console()
@@ -84,7 +84,12 @@ def run_demo(
         keep_counts=True,
     )
     console.print(f"[bold]2/2[/] nightly flow over {len(stores)} sites (Prefect, Dask LocalCluster, Flower simulation)")
-    report = nightly(NightlyRequest(data_root=str(out), federated=federated))
+    try:
+        report = nightly(NightlyRequest(data_root=str(out), federated=federated))
+    except PipelineFailedError as exc:  # shown below; the CLI turns report.failed into its exit code
+        if exc.report is None:
+            raise
+        report = exc.report
     table = Table(title="scans")
     for col in ("scan", "ok", "failed stage", "error"):
         table.add_column(col)

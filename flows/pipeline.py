@@ -75,12 +75,73 @@ class NightlyRequest(FrozenModel):
     report: bool = Field(default=True, description="Write report.html next to the stores.")
 
 
+class PipelineFailedError(RuntimeError):
+    """A run that finished with failed scans or a failed federated run: the flow run ends Failed (red in the UI)
+    and the report of everything it did travels with the error."""
+
+    def __init__(self, message: str, report: PipelineReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self) -> tuple[type[PipelineFailedError], tuple[str, PipelineReport | None]]:
+        return (type(self), (str(self), self.report))
+
+
 @task(name="discover-scans", task_run_name="discover-scans")
-def discover_scans(data_root: str, sites: tuple[str, ...] | None) -> list[ScanRef]:
-    """Every ingested scan of the chosen sites (stages that are already done skip themselves)."""
+def discover_scans(data_root: str, sites: tuple[str, ...] | None, config: PipelineConfig) -> list[ScanRef]:
+    """The ingested scans of the chosen sites with a stage of their chain still to do under this config (a read
+    of each scan's provenance records; a night with nothing new starts no stage task)."""
     from tasks.pipeline_support import find_scans
 
-    return find_scans(data_root, sites)
+    configs = {spec.name: config.stage_config(spec.name) for spec in PIPELINE}
+    return find_scans(data_root, sites, pending_for=configs)
+
+
+def _failure_message(report: PipelineReport) -> str | None:
+    """One line naming what failed, or None when nothing did."""
+    parts = [f"{o.scan} in {o.failed_stage}" for o in report.failed]
+    if report.federated_failed:
+        parts.append(f"federated run: {(report.federated or {}).get('error', 'failed')}")
+    if not parts:
+        return None
+    return f"{len(report.failed)} of {len(report.scans)} scans failed: " + "; ".join(parts)
+
+
+def _publish_summary(report: PipelineReport, flow_name: str) -> None:
+    """The run's outcome as a Prefect table artifact (each run adds a version; none is overwritten)."""
+    from prefect.artifacts import create_table_artifact
+
+    from tasks.artifacts import in_prefect_run
+
+    if not in_prefect_run():
+        return
+    rows: list[dict[str, object]] = [
+        {
+            "scan": o.scan,
+            "ok": o.ok,
+            **{name: state.value for name, state in o.stages.items()},
+            "failed_stage": o.failed_stage or "",
+            "error": o.error or "",
+        }
+        for o in report.scans
+    ]
+    failed = len(report.failed)
+    create_table_artifact(
+        table=rows or [{"scan": "(no scan had a stage left to do)"}],
+        key=f"{flow_name}-outcomes",
+        description=f"{flow_name}: {len(report.scans) - failed} scans ok, {failed} failed"
+        + (f"; federated: {(report.federated or {}).get('status')}" if report.federated else ""),
+    )
+
+
+def _finish(report: PipelineReport, flow_name: str) -> PipelineReport:
+    """Publish the summary; a run with any failure raises, so that its flow run ends Failed."""
+    _publish_summary(report, flow_name)
+    message = _failure_message(report)
+    if message is not None:
+        get_run_logger().error("%s: %s; see %s", flow_name, message, report.report_path or "the task logs")
+        raise PipelineFailedError(message, report)
+    return report
 
 
 #: Scans in flight in a nightly run: the thread pool's size (one stage task per scan runs at a time).
@@ -169,9 +230,10 @@ def _process_one(request: ProcessScanRequest) -> PipelineReport:
         else:
             raise ValueError("process-scan needs a scan or a source")
         (outcome,) = _run_chains([ref], config, device, in_flight=1)
+    report = PipelineReport(scans=(outcome,))
     if not outcome.ok:
-        raise RuntimeError(f"scan {outcome.scan} failed in {outcome.failed_stage}: {outcome.error}")
-    return PipelineReport(scans=(outcome,))
+        raise PipelineFailedError(f"scan {outcome.scan} failed in {outcome.failed_stage}: {outcome.error}", report)
+    return report
 
 
 @flow(name="process-scan", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=1)))
@@ -201,15 +263,15 @@ def on_scan_arrived(
 
 @flow(name="nightly", task_runner=cast(Any, ThreadPoolTaskRunner(max_workers=NIGHTLY_SCANS_IN_FLIGHT)))
 def nightly(request: NightlyRequest) -> PipelineReport:
-    """Every unprocessed scan of every site, in parallel (bounded), then a federated round; failures are
-    recorded in the report and the other scans go on."""
+    """Every scan with a stage left to do, in parallel (bounded), then a federated round. A failed scan stops
+    only itself; the run then ends Failed, naming the failures, with the whole report attached."""
     from tasks.pipeline_support import publish_run_report
 
     settings = get_settings()
     root = request.data_root or settings.data_root
     config, device = resolve_run(request.config, request.config_path)  # refused before a cluster starts
     with dask_client(settings.dask), _artifacts_flushed():
-        refs = discover_scans(root, request.sites)
+        refs = discover_scans(root, request.sites, config)
         outcomes = _run_chains(refs, config, device, in_flight=NIGHTLY_SCANS_IN_FLIGHT)
     federated = None
     if request.federated and any(o.ok for o in outcomes):
@@ -223,12 +285,4 @@ def nightly(request: NightlyRequest) -> PipelineReport:
         except Exception as exc:  # recorded in the report; the scans' results stand
             federated = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500], "rounds": []}
     report_path = publish_run_report(root, outcomes, federated) if request.report else None
-    report = PipelineReport(scans=outcomes, report_path=report_path, federated=federated)
-    if report.failed or (federated and federated.get("status") == "failed"):
-        get_run_logger().error(
-            "nightly finished with %d failed scans%s; see %s",
-            len(report.failed),
-            " and a failed federated run" if federated and federated.get("status") == "failed" else "",
-            report_path or "the task logs",
-        )
-    return report
+    return _finish(PipelineReport(scans=outcomes, report_path=report_path, federated=federated), "nightly")

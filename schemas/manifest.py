@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -110,7 +112,8 @@ class ProvenanceRecord(FrozenModel):
     config: dict[str, Any] = Field(description="The stage config as JSON.")
     config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
     inputs: dict[str, str] = Field(
-        default_factory=dict, description="Upstream stage -> its config hash at the time of this run."
+        default_factory=dict,
+        description="Upstream stage -> its lineage (ProvenanceRecord.lineage) at the time of this run.",
     )
     outputs: tuple[str, ...] = Field(default=(), description="Arrays this stage wrote.")
     code_version: str
@@ -121,3 +124,9 @@ class ProvenanceRecord(FrozenModel):
     @property
     def seconds(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
+
+    def lineage(self) -> str:
+        """16 hex digits that change when this stage's config or anything upstream of it changes (its own config
+        hash and its inputs' lineages): what a downstream stage records as its input."""
+        canonical = json.dumps([self.stage, self.config_hash, sorted(self.inputs.items())], separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

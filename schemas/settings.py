@@ -37,6 +37,15 @@ class DaskSettings(BaseModel):
     n_workers: int = Field(default=1, ge=1, le=1024, description="LocalCluster workers.")
     threads_per_worker: int | None = Field(default=None, ge=1, le=1024, description="None: all cores.")
     memory_limit: str = Field(default="auto", description="Per-worker memory limit of a LocalCluster.")
+    connect_attempts: int = Field(
+        default=4, ge=1, le=100, description="Tries to reach the scheduler at ``address`` before a run gives up."
+    )
+    connect_backoff_s: float = Field(
+        default=15.0,
+        ge=0,
+        le=3600,
+        description="Wait before the second try, seconds; doubled before each later one.",
+    )
     tune_worker_allocator: bool = Field(
         default=True,
         description=(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import dask
@@ -17,6 +18,35 @@ from tasks.errors import TransientError
 logger = logging.getLogger("fedscan.cluster")
 
 
+def connect_scheduler(
+    settings: DaskSettings, *, timeout_s: float = 30.0, sleep: Callable[[float], None] = time.sleep
+) -> Client:
+    """A client of the scheduler at ``settings.address``, tried ``connect_attempts`` times with a doubling wait
+    (an unreachable scheduler at 02:00 should not lose the night); each failed try is logged at WARNING."""
+    address = settings.address
+    assert address is not None
+    wait = settings.connect_backoff_s
+    for attempt in range(1, settings.connect_attempts + 1):
+        try:
+            return Client(address, timeout=timeout_s)
+        except OSError as exc:
+            if attempt == settings.connect_attempts:
+                raise TransientError(
+                    f"cannot reach the Dask scheduler at {address} after {attempt} tries: {exc}"
+                ) from exc
+            logger.warning(
+                "Dask scheduler %s unreachable (try %d of %d: %s); trying again in %.0f s",
+                address,
+                attempt,
+                settings.connect_attempts,
+                exc,
+                wait,
+            )
+            sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def dask_client(settings: DaskSettings, *, timeout_s: float = 30.0) -> Iterator[Client]:
     """Connect to the configured scheduler, or start a LocalCluster for the duration of the block.
@@ -25,10 +55,7 @@ def dask_client(settings: DaskSettings, *, timeout_s: float = 30.0) -> Iterator[
     stage drivers, which never start a cluster themselves, run on it.
     """
     if settings.address:
-        try:
-            client = Client(settings.address, timeout=timeout_s)
-        except OSError as exc:  # unreachable scheduler: worth a retry of the flow
-            raise TransientError(f"cannot reach the Dask scheduler at {settings.address}: {exc}") from exc
+        client = connect_scheduler(settings, timeout_s=timeout_s)
         logger.info("using Dask scheduler %s", settings.address)
         try:
             yield client

@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from schemas.base import StageConfig
 from schemas.refs import ScanRef
+from schemas.stages import StageName
 from tasks.errors import InvalidInputError, NotAFedscanStoreError, StoreNotFoundError
 from tasks.report import write_report
 from tasks.storage import SiteStore, find_site_stores, site_store_uri
@@ -20,14 +22,25 @@ def site_uris(data_root: str, sites: Sequence[str] | None = None) -> list[str]:
     return [str(p) for p in find_site_stores(data_root)]
 
 
-def find_scans(data_root: str, sites: Sequence[str] | None = None) -> list[ScanRef]:
-    """Every scan whose ingest is complete, in the chosen sites' stores under ``data_root``."""
+def find_scans(
+    data_root: str,
+    sites: Sequence[str] | None = None,
+    *,
+    pending_for: Mapping[StageName, StageConfig] | None = None,
+) -> list[ScanRef]:
+    """Every scan whose ingest is complete, in the chosen sites' stores under ``data_root``; with
+    ``pending_for`` (each stage's config), only the scans with a stage of their chain left to do under it."""
+    from tasks.stages import pending_stages
+
     refs = []
     for uri in site_uris(data_root, sites):
         site = SiteStore.open(uri, mode="r")
         for scan in site.scans():
-            if scan.is_done("ingest"):
-                refs.append(ScanRef(store_uri=uri, site_id=site.site_id, scan_id=scan.scan_id))
+            if not scan.is_done(StageName.INGEST):
+                continue
+            if pending_for is not None and not pending_stages(scan, pending_for):
+                continue
+            refs.append(ScanRef(store_uri=uri, site_id=site.site_id, scan_id=scan.scan_id))
     return refs
 
 

@@ -74,7 +74,7 @@ STAGES: dict[StageName, Stage] = _registry()
 
 def source_of(scan: ScanStore, spec: StageSpec) -> tuple[str, ProvenanceRecord]:
     """The array the stage reads (the first of ``spec.reads`` that a completed stage wrote) and that stage's
-    record (its config hash is the stage's input)."""
+    record (its lineage is the stage's input: a changed config anywhere upstream makes the stage pending)."""
     records = scan.provenance()
     names = set(scan.array_names())
     for array in spec.reads:
@@ -107,7 +107,7 @@ def run_scan_stage(
     if not spec.applies_to(scan.manifest.data_kind):
         return StageRun(spec.name, StageState.NOT_APPLICABLE)
     source, upstream = source_of(scan, spec)
-    inputs = {upstream.stage: upstream.config_hash}
+    inputs = {upstream.stage: upstream.lineage()}
     if not force and scan.is_done(spec.name, config.config_hash(), inputs):
         rec = scan.stage_record(spec.name)
         assert rec is not None
@@ -131,6 +131,6 @@ def pending_stages(scan: ScanStore, configs: Mapping[StageName, StageConfig]) ->
             pending.append(spec.name)
             continue
         del source
-        if not scan.is_done(spec.name, configs[spec.name].config_hash(), {upstream.stage: upstream.config_hash}):
+        if not scan.is_done(spec.name, configs[spec.name].config_hash(), {upstream.stage: upstream.lineage()}):
             pending.append(spec.name)
     return pending

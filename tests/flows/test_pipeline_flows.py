@@ -72,11 +72,16 @@ def device_setting_cpu(monkeypatch):
 
 @pytest.mark.slow
 def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path, prefect_harness, device_setting_cpu):
-    from flows.pipeline import NightlyRequest, nightly
+    from flows.pipeline import NightlyRequest, PipelineFailedError, nightly
 
     make_site(tmp_path, site_id="A", n_scans=2)
     make_site(tmp_path, site_id="B", n_scans=2, seed=1, nan_in=1)  # B-1 holds a NaN: denoise refuses it
-    report = nightly(NightlyRequest(data_root=str(tmp_path), federated=False))
+    state = nightly(NightlyRequest(data_root=str(tmp_path), federated=False), return_state=True)
+    assert state.is_failed()  # red in the UI, naming the failed scan
+    assert "1 of 4 scans failed: B/B-1 in denoise" in (state.message or "")
+    with pytest.raises(PipelineFailedError) as raised:
+        state.result()
+    report = raised.value.report
     outcomes = {o.scan: o for o in report.scans}
     assert set(outcomes) == {"A/A-0", "A/A-1", "B/B-0", "B/B-1"}
     assert [o.scan for o in report.failed] == ["B/B-1"]
@@ -102,8 +107,10 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
     assert {o.scan: o.stages for o in report.scans}["A/A-0"] == dict.fromkeys(
         ("denoise", "reconstruct", "surrogate"), "done"
     )
-    # a rerun skips every finished stage: records unchanged
-    nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
+    # a rerun touches only what is left (B-1, which fails again); finished stages keep their records
+    with pytest.raises(PipelineFailedError) as again_raised:
+        nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
+    assert [o.scan for o in again_raised.value.report.scans] == ["B/B-1"]
     again = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
     assert again == first
 

@@ -71,8 +71,18 @@ def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, c
     img = SiteStore.open(tmp_path / "K.zarr").scan("img-1")
     assert set(img.provenance()) == {"ingest", "surrogate"}
 
-    calls.clear()  # a second run: every stage skipped by the store's records, no driver called
+    calls.clear()  # a second run: discovery finds no scan with a stage left, no driver called
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert calls == []
-    assert "K/K-0: ok (denoise skipped, reconstruct skipped, surrogate skipped)" in result.output
+    assert "nothing to do" in result.output
+
+    # under another denoise config only the projection scan has work again; its stages downstream follow
+    changed = yaml.safe_load(config.read_text())
+    changed["denoise"]["threshold_value"] = 2.0
+    config.write_text(yaml.safe_dump(changed))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [name for _scan, name in calls] == order
+    assert "K/K-0: ok (denoise done, reconstruct done, surrogate done)" in result.output
+    assert "img-1" not in result.output

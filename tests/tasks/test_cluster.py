@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import dask
+import pytest
 import torch
 
 from schemas.settings import WORKER_ALLOCATOR_ENVIRON, DaskSettings
@@ -62,3 +63,24 @@ def test_worker_processes_start_with_the_allocator_settings_unless_switched_off(
         "MALLOC_TRIM_THRESHOLD_": str(dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]),
         "MALLOC_MMAP_THRESHOLD_": None,
     }
+
+
+def test_an_unreachable_scheduler_is_tried_again_with_backoff_then_named(caplog):
+    import socket
+
+    from schemas.settings import DaskSettings
+    from tasks.cluster import connect_scheduler
+    from tasks.errors import TransientError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    settings = DaskSettings(address=address, connect_attempts=3, connect_backoff_s=2.0)
+    waits: list[float] = []
+    with caplog.at_level("WARNING", logger="fedscan.cluster"), pytest.raises(TransientError) as raised:
+        connect_scheduler(settings, timeout_s=1.0, sleep=waits.append)
+    assert waits == [2.0, 4.0]  # doubling, and no wait after the last try
+    assert f"cannot reach the Dask scheduler at {address} after 3 tries" in str(raised.value)
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and all(address in r.getMessage() for r in warned)

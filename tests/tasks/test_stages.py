@@ -73,7 +73,7 @@ def test_an_image_only_scan_runs_surrogate_only(tmp_path: Path) -> None:
     assert runs[StageName.RECONSTRUCT].state is StageState.NOT_APPLICABLE
     assert runs[StageName.SURROGATE].state is StageState.DONE
     assert set(scan.provenance()) == {"ingest", "surrogate"}  # nothing recorded for the stages that do not apply
-    assert scan.stage_record("surrogate").inputs == {"ingest": scan.stage_record("ingest").config_hash}
+    assert scan.stage_record("surrogate").inputs == {"ingest": scan.stage_record("ingest").lineage()}
     assert scan.array("surrogate").shape == (3, 32, 32)
     assert np.isfinite(scan.array("surrogate")[...]).all()
     assert "projections_denoised" not in scan.array_names()
@@ -113,7 +113,7 @@ def test_reconstruct_reads_the_denoised_projections_once_they_exist(tmp_path: Pa
     assert (source, upstream.stage) == ("projections_denoised", "denoise")
     run = stages.run_scan_stage(scan, "reconstruct", config.reconstruct, device=CPU)
     assert run.record is not None and run.record.metrics["source"] == "projections_denoised"
-    assert run.record.inputs == {"denoise": config.denoise.config_hash()}
+    assert run.record.inputs == {"denoise": scan.stage_record("denoise").lineage()}
     assert stages.pending_stages(scan, {s.name: config.stage_config(s.name) for s in PIPELINE}) == [StageName.SURROGATE]
 
 
