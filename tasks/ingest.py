@@ -1,13 +1,20 @@
 """Ingest scanner output into a site store: validate, describe (ScanManifest), write Zarr; never modify the source.
 
-Readers:
+Readers (:data:`READERS`, one table keyed by file suffix; the watcher and ``fedscan ingest --help`` list what it
+accepts):
 
 * ``npy`` / ``npz`` — a projection stack ``(views, rows, cols)`` or one sinogram ``(views, cols)``;
   NPY is memory-mapped and streamed; an NPZ member is read whole (zip members cannot be mapped).
-* ``tiff`` — one multi-page TIFF, one page per view; ``tiff-series`` — a folder of TIFFs, one per view.
-* ``dicom-series`` — a folder of single-frame DICOM images (sites that only keep reconstructed images):
-  written as ``volume`` in HU via RescaleSlope/RescaleIntercept. Header values other than geometry are
-  never read into the manifest: no patient data enters the store.
+* ``tiff`` — one multi-page TIFF, one page per view; a folder of TIFFs is a ``tiff-series``, one file per view.
+* ``dicom`` — single-frame DICOM images (``.dcm``, ``.dicom``, Siemens ``.ima``, or no suffix with the DICOM
+  preamble); a folder of them is a ``dicom-series``, one file is a one-slice series. Written as ``volume`` in HU
+  via RescaleSlope/RescaleIntercept. Only geometry is read from headers (Rows, Columns, PixelSpacing,
+  SliceThickness, InstanceNumber, ImagePositionPatient, rescale): no patient, study or institution attribute
+  enters the store.
+
+Identity: scan ids never come from file names, source files are recorded by position and checksum, and the names
+go to the site's id map only (:mod:`tasks.identity`); labels must be in the site's allow-list and must not look
+like identity.
 
 Every source is checked in one streaming pass before anything is written (structure, NaN/inf, negative
 counts, geometry agreement), so bad input leaves the store as it was. The write itself is resumable.
@@ -22,6 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import dask
@@ -32,14 +40,14 @@ import yaml
 from pydantic import ValidationError
 
 from schemas.geometry import Geometry, ReconGrid
+from schemas.ids import check_chosen_scan_id
 from schemas.ingest import GeometrySpec, IngestConfig, IngestSidecar
 from schemas.manifest import DataKind, ScanManifest, SourceFile
 from tasks.errors import AlreadyIngestedError, InvalidInputError
+from tasks.identity import SiteIdentity
 from tasks.physics import counts_to_line_integrals
 from tasks.storage import SiteStore, StageOutput, StageResult, projection_chunks, volume_chunks
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima", "")
 SIDECAR_NAMES = ("fedscan.yaml", "fedscan.yml")
 
 
@@ -294,37 +302,99 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+# ------------------------------------------------------------------------------------------------
+# The reader registry
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reader:
+    """One source format: how to open one file of it and, where it has one, a folder of such files."""
+
+    name: str
+    description: str
+    open_file: Callable[[Path, str | None], SourceStack]
+    open_folder: Callable[[Path, list[Path]], SourceStack] | None = None
+    needs_sidecar: bool = True  # False: the files describe their own geometry (DICOM)
+
+
+_NPY = Reader("npy", "NumPy array", lambda p, _key: _open_npy(p))
+_NPZ = Reader("npz", "NumPy archive ('projections' member or npz_key)", _open_npz)
+_TIFF = Reader(
+    "tiff", "TIFF: multi-page stack, or a folder of one view per file", lambda p, _k: _open_tiff(p), _open_tiff_series
+)
+_DICOM = Reader(
+    "dicom",
+    "single-frame DICOM image(s): a folder is one series",
+    lambda p, _key: _open_dicom_series(p.parent, [p]),
+    _open_dicom_series,
+    needs_sidecar=False,
+)
+
+#: Every accepted file suffix and its reader. A file without a suffix is DICOM when it has the DICOM preamble.
+READERS: Mapping[str, Reader] = MappingProxyType(
+    {
+        ".npy": _NPY,
+        ".npz": _NPZ,
+        ".tif": _TIFF,
+        ".tiff": _TIFF,
+        ".dcm": _DICOM,
+        ".dicom": _DICOM,
+        ".ima": _DICOM,  # Siemens: DICOM Part 10 under another suffix
+    }
+)
+
+
+def accepted_suffixes() -> tuple[str, ...]:
+    """The file suffixes fedscan ingests (from :data:`READERS`)."""
+    return tuple(READERS)
+
+
+def describe_readers() -> str:
+    """One line per reader, e.g. for help text: ``.npy: NumPy array; …``."""
+    by_reader: dict[str, list[str]] = {}
+    for suffix, reader in READERS.items():
+        by_reader.setdefault(reader.description, []).append(suffix)
+    return "; ".join(f"{'/'.join(sfx)}: {desc}" for desc, sfx in by_reader.items())
+
+
+def reader_for(path: Path) -> Reader | None:
+    """The reader of one file: by suffix, else DICOM when the file starts like DICOM."""
+    if path.name.upper() == "DICOMDIR":
+        return None
+    reader = READERS.get(path.suffix.lower())
+    if reader is None and _looks_like_dicom(path):
+        return _DICOM
+    return reader
+
+
 def open_source(path: str | Path, *, npz_key: str | None = None) -> SourceStack:
     """Recognise and open a source (file or folder), checking its structure but not yet its values."""
     p = Path(path)
     if not p.exists():
         raise InvalidInputError(f"{p}: no such file or folder")
     if p.is_file():
-        suffix = p.suffix.lower()
-        if suffix == ".npy":
-            return _open_npy(p)
-        if suffix == ".npz":
-            return _open_npz(p, npz_key)
-        if suffix in TIFF_SUFFIXES:
-            return _open_tiff(p)
-        if suffix in (".dcm", ".dicom") or _looks_like_dicom(p):
-            return _open_dicom_series(p.parent, [p])
-        raise InvalidInputError(f"{p}: unknown file type {suffix!r} (expected .npy, .npz, .tif/.tiff or DICOM)")
+        reader = reader_for(p)
+        if reader is None:
+            raise InvalidInputError(
+                f"{p}: unknown file type {p.suffix.lower()!r} (expected {', '.join(accepted_suffixes())} or DICOM)"
+            )
+        return reader.open_file(p, npz_key)
     files = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")), key=_natural_key)
-    files = [f for f in files if f.name not in SIDECAR_NAMES and f.suffix.lower() not in (".yaml", ".yml")]
-    tiffs = [f for f in files if f.suffix.lower() in TIFF_SUFFIXES]
-    dicoms = [
-        f
-        for f in files
-        if f.name.upper() != "DICOMDIR" and (f.suffix.lower() in (".dcm", ".dicom") or _looks_like_dicom(f))
-    ]
-    if tiffs and dicoms:
-        raise InvalidInputError(f"{p}: folder mixes TIFF and DICOM files; ingest one kind per folder")
-    if tiffs:
-        return _open_tiff_series(p, tiffs)
-    if dicoms:
-        return _open_dicom_series(p, dicoms)
-    raise InvalidInputError(f"{p}: folder holds no TIFF or DICOM files")
+    groups: dict[str, tuple[Reader, list[Path]]] = {}
+    for f in files:
+        if f.name in SIDECAR_NAMES or f.suffix.lower() in (".yaml", ".yml"):
+            continue
+        reader = reader_for(f)
+        if reader is not None and reader.open_folder is not None:
+            groups.setdefault(reader.name, (reader, []))[1].append(f)
+    if len(groups) > 1:
+        kinds = " and ".join(name.upper() for name in groups)
+        raise InvalidInputError(f"{p}: folder mixes {kinds} files; ingest one kind per folder")
+    if not groups:
+        kinds = " or ".join(r.name.upper() for r in dict.fromkeys(READERS.values()) if r.open_folder is not None)
+        raise InvalidInputError(f"{p}: folder holds no {kinds} files")
+    ((reader, members),) = groups.values()
+    assert reader.open_folder is not None
+    return reader.open_folder(p, members)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,17 +436,24 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def checksum_sources(stack: SourceStack) -> tuple[tuple[SourceFile, ...], str]:
-    """Per-file sha256 plus one digest over (name, digest) of all files: the idempotency key."""
+def checksum_sources(stack: SourceStack) -> tuple[tuple[SourceFile, ...], str, tuple[str, ...]]:
+    """Per-file sha256 and size, one digest over (name, digest) of all files (the idempotency key), and the
+    files' own names.
+
+    The records name each file by its position and format suffix (``file-00000.npy``): a file's own name may
+    carry identity, so it is returned separately, for the site's id map only.
+    """
     base = stack.path if stack.path.is_dir() else stack.path.parent
-    records = []
+    records, names = [], []
     combined = hashlib.sha256()
-    for f in stack.files:
+    for i, f in enumerate(stack.files):
         digest = _sha256_file(f)
         name = str(f.relative_to(base)) if f.is_relative_to(base) else f.name
-        records.append(SourceFile(name=name, sha256=digest, size_bytes=f.stat().st_size))
+        suffix = f.suffix.lower() if f.suffix.lower() in READERS else ""
+        records.append(SourceFile(name=f"file-{i:05d}{suffix}", sha256=digest, size_bytes=f.stat().st_size))
+        names.append(name)
         combined.update(f"{name}\0{digest}\n".encode())
-    return tuple(records), combined.hexdigest()
+    return tuple(records), combined.hexdigest(), tuple(names)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,11 +549,17 @@ def ingest(
     (by checksum) is already a complete scan of this store.
     """
     src = Path(path)
+    if scan_id is not None:
+        check_chosen_scan_id(scan_id, error=InvalidInputError)
     if sidecar is None:
         found = Path(sidecar_path) if sidecar_path is not None else find_sidecar(src)
         sidecar = load_sidecar(found) if found is not None else IngestSidecar()
+    if sidecar.scan_id is not None:
+        check_chosen_scan_id(sidecar.scan_id, error=InvalidInputError)
+    identity = SiteIdentity(site)
+    identity.check_labels(sidecar.labels, where=str(src))
     stack = open_source(src, npz_key=sidecar.npz_key)
-    files, source_sha = checksum_sources(stack)
+    files, source_sha, names = checksum_sources(stack)
     existing = site.find_source(source_sha)
     if existing is not None:
         raise AlreadyIngestedError(
@@ -493,11 +576,7 @@ def ingest(
     if not is_images:
         geometry = resolve_geometry(sidecar.geometry or GeometrySpec(), stack.shape, where=str(src))
     stats = validate_values(stack, data_kind)
-    sid = (
-        scan_id
-        or sidecar.scan_id
-        or f"{re.sub(r'[^A-Za-z0-9._-]', '-', src.stem)[:40].strip('-.') or 'scan'}-{source_sha[:10]}"
-    )
+    sid = scan_id or sidecar.scan_id or identity.keyed_scan_id(source_sha)  # never from the file name
     try:
         manifest = ScanManifest(
             scan_id=sid,
@@ -516,6 +595,7 @@ def ingest(
     except ValidationError as exc:
         raise InvalidInputError(f"{src}: {_first_error(exc)}") from exc
     scan = site.create_scan(manifest)
+    identity.record_source(sid, source=str(src), names=names)
     config = IngestConfig(source_sha256=source_sha, reader=stack.reader, data_kind=data_kind)
     if is_images:
         chunks = volume_chunks(stack.shape)
