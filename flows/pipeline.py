@@ -21,7 +21,7 @@ from schemas.settings import Device, get_settings
 from tasks.cluster import dask_client
 from tasks.device import resolve_device
 from tasks.errors import InvalidInputError
-from tasks.prefect_tasks import flush_artifacts, ingest_scan, stage_tasks
+from tasks.prefect_tasks import flush_artifacts, ingest_scan, run_logger, stage_tasks
 from tasks.watch import check_arrival
 
 
@@ -201,7 +201,7 @@ def on_scan_arrived(path: str, site_id: str, data_root: str | None = None) -> Pi
     try:
         source = check_arrival(path, site_id, incoming=settings.incoming, data_root=data_root or settings.data_root)
     except InvalidInputError as exc:
-        get_run_logger().error("%s", exc)
+        run_logger().error("%s", exc)
         raise
     return _process_one(ProcessScanRequest(source=source, site_id=site_id, data_root=data_root))
 

@@ -109,12 +109,12 @@ def validate_id(kind: IdKind | str, value: object, *, error: type[Exception] = V
 def check_chosen_scan_id(value: str, *, error: type[Exception] = ValueError) -> str:
     """A scan id chosen by a site (sidecar, ``--scan-id``): safe (:func:`validate_id`) and not identity-like.
 
-    Refused: anything :func:`~schemas.identity.identity_kind` flags once ``-``, ``_`` and ``.`` read as spaces
+    Refused: anything :func:`~schemas.identity.identity_kind` flags, as written or with ``-``, ``_``, ``.`` as spaces
     (``DOE_JANE``, ``Jane-Doe``, ``ct-19700101``, ``mrn-123456``, ``scan-12345``); so a chosen id holds at most
     four digits in a row and no date.
     """
     validate_id(IdKind.SCAN, value, error=error)
-    kind = identity_kind(re.sub(r"[-_.]", " ", value))
+    kind = identity_kind(value) or identity_kind(re.sub(r"[-_.]", " ", value))
     if kind is not None:
         raise error(f"scan id looks like identity ({kind}); leave it out and fedscan assigns a keyed one")
     return value
