@@ -97,3 +97,16 @@ def test_on_scan_arrived_refuses_and_logs_a_payload_outside_incoming(tmp_path, s
     (record,) = keep.records
     assert "x.npy" not in record.getMessage()
     assert not data.exists() and _tree(tmp_path) == before
+
+
+def test_flow_requests_refuse_unsafe_site_ids():
+    from pydantic import ValidationError
+
+    from flows.ingest import IngestRequest
+    from flows.pipeline import ProcessScanRequest
+
+    with pytest.raises(ValidationError, match="site id is not a safe id"):
+        IngestRequest(site_id="../../escaped", sources=("a.npy",), data_root="d")
+    with pytest.raises(ValidationError, match="site id is not a safe id"):
+        ProcessScanRequest(source="a.npy", site_id="a/../../b")
+    assert ProcessScanRequest(source="a.npy", site_id="A").site_id == "A"
