@@ -61,7 +61,8 @@ class SiteIdentity:
         return self.site.root.require_group(IDENTITY_GROUP)
 
     def _meta(self) -> dict[str, Any]:
-        meta = self._group().attrs.get(_ATTR)
+        group = self.site.root.get(IDENTITY_GROUP)  # reading creates nothing: a refused ingest leaves no trace
+        meta = group.attrs.get(_ATTR) if group is not None else None
         return dict(meta) if isinstance(meta, Mapping) else {}
 
     def _update(self, **fields: Any) -> None:
@@ -89,10 +90,8 @@ class SiteIdentity:
     def source_of(self, scan_id: str) -> dict[str, Any] | None:
         """What the id map holds for ``scan_id`` (``source`` path and file ``names``), or None."""
         validate_id(IdKind.SCAN, scan_id, error=InvalidInputError)
-        scans = self._group().require_group("scans")
-        if scan_id not in scans:
-            return None
-        meta = scans[scan_id].attrs.get(_ATTR)
+        node = self.site.root.get(f"{IDENTITY_GROUP}/scans/{scan_id}")
+        meta = node.attrs.get(_ATTR) if node is not None else None
         return dict(meta) if isinstance(meta, Mapping) else None
 
     # ---- labels ----------------------------------------------------------------------------------

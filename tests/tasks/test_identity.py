@@ -107,6 +107,7 @@ def test_labels_outside_the_allow_list_or_identifying_are_refused(tmp_path, site
     with pytest.raises(InvalidInputError, match=r"\['grade'\] are not in the site's allow-list"):
         ingest(src, site=site, sidecar=IngestSidecar(labels={"grade": "2"}, **PARALLEL))
     assert SiteStore.open(site.uri).scan_ids() == []
+    assert not (Path(site.uri) / IDENTITY_GROUP).exists()  # refused input leaves the store as it was
     # a site adds its own keys (never identifying ones), and they persist in its store
     with pytest.raises(InvalidInputError, match="could identify a patient"):
         SiteIdentity(site).allow_label_keys(["patient_age"])
