@@ -1,7 +1,7 @@
 """Watch a folder for complete scans and announce each one as a ``fedscan.scan.arrived`` Prefect event.
 
 Layout: ``DIR/<site_id>/<scan>`` (or ``DIR/<scan>`` with a fixed ``site_id``), where ``<scan>`` is a file of any
-suffix in :data:`tasks.ingest.READERS` (NPY, NPZ, TIFF with its YAML sidecar; a lone DICOM file, ``.dcm``,
+suffix in :data:`tasks.sources.READERS` (NPY, NPZ, TIFF with its YAML sidecar; a lone DICOM file, ``.dcm``,
 ``.dicom`` or ``.ima``, needs none: it describes itself), or a folder of TIFF views / DICOM slices holding
 ``fedscan.yaml`` (the sidecar marks the series as complete: a folder is never announced half-copied).
 

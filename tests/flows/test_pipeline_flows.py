@@ -103,11 +103,10 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
 def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry, device_setting_cpu, monkeypatch):
     import asyncio
 
-    from schemas.settings import get_settings
-
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import ProcessScanRequest, on_scan_arrived, process_scan
+    from schemas.settings import get_settings
     from tasks.scanner_output import ScannerFormat, write_scanner_output
 
     cols = 40
