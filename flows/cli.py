@@ -18,11 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.geometry import BeamKind, DetectorShape
+from schemas.ids import IdKind, validate_id
 from schemas.ingest import GeometrySpec, IngestSidecar
 from schemas.manifest import DataKind
 from schemas.pipeline import ConfigFileError, PipelineConfig
 from schemas.settings import get_settings
-from tasks.errors import AlreadyIngestedError, FedscanError
+from tasks.errors import AlreadyIngestedError, FedscanError, InvalidInputError
+from tasks.sources import describe_readers
 
 app = typer.Typer(
     name="fedscan",
@@ -81,7 +83,7 @@ def main(
 @app.command()
 @friendly_errors
 def ingest(
-    path: Annotated[Path, typer.Argument(help="NPY/NPZ/TIFF file, or a folder of TIFF views or DICOM slices.")],
+    path: Annotated[Path, typer.Argument(help=f"A scanner file or a folder of views/slices. {describe_readers()}.")],
     site: Annotated[str, typer.Option("--site", help="Site id (the store is <store>/<site>.zarr).")],
     store: Annotated[
         str | None, typer.Option("--store", help="Data root holding the site stores; default FEDSCAN_DATA_ROOT.")
@@ -89,7 +91,10 @@ def ingest(
     geometry_file: Annotated[
         Path | None, typer.Option("--geometry", help="YAML sidecar (default: <source>.yaml or fedscan.yaml).")
     ] = None,
-    scan_id: Annotated[str | None, typer.Option("--scan-id", help="Scan id (default: name + checksum).")] = None,
+    scan_id: Annotated[
+        str | None,
+        typer.Option("--scan-id", help="Scan id; must not look like identity (default: keyed, never the file name)."),
+    ] = None,
     beam: Annotated[BeamKind | None, typer.Option(help="parallel | fan (overrides the sidecar).")] = None,
     detector_shape: Annotated[DetectorShape | None, typer.Option(help="flat | curved.")] = None,
     angular_range_deg: Annotated[float | None, typer.Option(help="Angular span of the views, degrees.")] = None,
@@ -103,6 +108,7 @@ def ingest(
     ] = False,
 ) -> None:
     """Validate a scan and write it into its site's Zarr store (the source is never modified)."""
+    validate_id(IdKind.SITE, site, error=InvalidInputError)  # before anything forms a path from it
     from tasks.ingest import find_sidecar, load_sidecar
     from tasks.ingest import ingest as run_ingest
     from tasks.storage import SiteStore, site_store_uri
@@ -330,7 +336,11 @@ def run_pipeline(
 @friendly_errors
 def watch(
     folder: Annotated[
-        Path, typer.Argument(help="Folder to watch: <folder>/<site>/<scan> (or <folder>/<scan> with --site).")
+        Path,
+        typer.Argument(
+            help="Folder to watch: <folder>/<site>/<scan> (or <folder>/<scan> with --site); a scan is a file "
+            f"or a folder with fedscan.yaml. {describe_readers()}."
+        ),
     ],
     site: Annotated[str | None, typer.Option("--site", help="All scans belong to this site.")] = None,
     settle_seconds: Annotated[float, typer.Option(help="A scan must be unchanged this long, seconds.")] = 2.0,

@@ -8,6 +8,7 @@ from prefect import flow
 from pydantic import Field
 
 from schemas.base import FrozenModel
+from schemas.ids import SiteId
 from schemas.refs import ScanRef
 from tasks.prefect_tasks import ingest_scan
 
@@ -15,7 +16,7 @@ from tasks.prefect_tasks import ingest_scan
 class IngestRequest(FrozenModel):
     """Which sources to ingest, for which site, into which data root."""
 
-    site_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    site_id: SiteId
     sources: tuple[Path, ...] = Field(min_length=1)
     data_root: str
 

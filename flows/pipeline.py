@@ -14,13 +14,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from schemas.base import FrozenModel
+from schemas.ids import SiteId
 from schemas.pipeline import PipelineConfig
 from schemas.refs import ScanRef
 from schemas.settings import get_settings
 from schemas.stages import PIPELINE, StageState
 from tasks.cluster import dask_client
 from tasks.device import resolve_device
-from tasks.prefect_tasks import StageOutcome, flush_artifacts, ingest_scan, stage_tasks
+from tasks.errors import InvalidInputError
+from tasks.prefect_tasks import StageOutcome, flush_artifacts, ingest_scan, run_logger, stage_tasks
+from tasks.watch import check_arrival
 
 
 class ScanOutcome(FrozenModel):
@@ -56,7 +59,7 @@ class ProcessScanRequest(FrozenModel):
 
     scan: ScanRef | None = None
     source: Path | None = None
-    site_id: str | None = Field(default=None, description="Site of ``source``.")
+    site_id: SiteId | None = Field(default=None, description="Site of ``source``.")
     data_root: str | None = Field(default=None, description="Where the site stores live; default from settings.")
     config: PipelineConfig = Field(default_factory=PipelineConfig)
     config_path: str | None = Field(default=None, description="A pipeline config file; replaces ``config``.")
@@ -252,12 +255,21 @@ def on_scan_arrived(
 ) -> PipelineReport:
     """Started by the ``fedscan.scan.arrived`` event: process the one scan that landed.
 
+    The payload is checked first (:func:`~tasks.watch.check_arrival`): a safe site id, a path inside the incoming
+    folder (``FEDSCAN_INCOMING``); a refused payload is logged and fails the run before anything is created.
+
     The stage tasks run in this flow's own run, not in a ``process-scan`` subflow: each flow run costs the API
     calls of its creation and states, and Prefect's teardown waits up to a second for the run's heartbeat
     thread (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, on by default since Prefect 3.7), per run and per scan.
     """
+    settings = get_settings()
+    try:
+        source = check_arrival(path, site_id, incoming=settings.incoming, data_root=data_root or settings.data_root)
+    except InvalidInputError as exc:
+        run_logger().error("%s", exc)
+        raise
     return _process_one(
-        ProcessScanRequest(source=Path(path), site_id=site_id, data_root=data_root, config_path=config_path)
+        ProcessScanRequest(source=source, site_id=site_id, data_root=data_root, config_path=config_path)
     )
 
 

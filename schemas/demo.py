@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 
 from schemas.base import FrozenModel, StageConfig
 from schemas.geometry import BeamKind, DetectorShape, Geometry, ReconGrid
-from schemas.manifest import WATER_ATTENUATION_PER_MM, Identifier
+from schemas.ids import SiteId
+from schemas.manifest import WATER_ATTENUATION_PER_MM
 
 #: Grid edge (pixels) at which a profile's ``n_views_at_full_size`` applies.
 FULL_SIZE_PIXELS = 512
@@ -62,7 +63,7 @@ def _check_range(name: str, bounds: tuple[float, float]) -> None:
 class SiteProfile(FrozenModel):
     """How one simulated site acquires and whom it scans."""
 
-    site_id: Identifier
+    site_id: SiteId
     description: str = Field(default="", max_length=200, description="One line for tables and reports.")
 
     # ---- acquisition protocol ----------------------------------------------------------------

@@ -8,7 +8,8 @@ from pydantic import Field
 
 from schemas.base import FrozenModel, StageConfig
 from schemas.geometry import BeamKind, DetectorShape, ReconGrid
-from schemas.manifest import WATER_ATTENUATION_PER_MM, DataKind, Identifier, LabelValue
+from schemas.ids import ScanId
+from schemas.manifest import WATER_ATTENUATION_PER_MM, DataKind, Labels
 
 
 class GeometrySpec(FrozenModel):
@@ -38,13 +39,16 @@ class GeometrySpec(FrozenModel):
 class IngestSidecar(FrozenModel):
     """The YAML sidecar next to a source (``<source>.yaml`` or ``fedscan.yaml`` in its folder)."""
 
-    scan_id: Identifier | None = None
+    scan_id: ScanId | None = Field(
+        default=None,
+        description="The site's own scan id; must not look like identity. Default: a keyed id (never the file name).",
+    )
     data_kind: DataKind = DataKind.LINE_INTEGRALS
     i0_photons: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     water_attenuation_per_mm: float = Field(default=WATER_ATTENUATION_PER_MM, gt=0, lt=1)
     geometry: GeometrySpec | None = None
     acquisition_time: datetime | None = None
-    labels: dict[str, LabelValue] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
     npz_key: str | None = Field(default=None, description="Array inside an NPZ file; default 'projections'.")
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pydantic import Field
 
 from schemas.base import FrozenModel
-from schemas.manifest import Identifier
+from schemas.ids import ScanId, SiteId
 
 
 class ScanRef(FrozenModel):
     """Where one scan lives: a site store (path or fsspec URL) and the scan id inside it."""
 
     store_uri: str = Field(min_length=1, description="The site's Zarr store (local path or fsspec URL).")
-    site_id: Identifier
-    scan_id: Identifier
+    site_id: SiteId
+    scan_id: ScanId
 
     def __str__(self) -> str:
         return f"{self.site_id}/{self.scan_id}"

@@ -102,6 +102,11 @@ class FedscanSettings(BaseSettings):
     data_root: str = Field(
         default="./fedscan-data", description="Folder or fsspec URL that holds one <site>.zarr store per site."
     )
+    incoming: str | None = Field(
+        default=None,
+        description="Local folder where scanner output lands (the one `fedscan watch` watches); a scan-arrived "
+        "event's path must lie inside it. Unset: such events are refused.",
+    )
     device: Device = Field(default=Device.AUTO, description="auto | cpu | cuda for torch kernels.")
     dask: DaskSettings = Field(default_factory=DaskSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)

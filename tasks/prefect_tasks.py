@@ -22,11 +22,12 @@ from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from schemas.base import FrozenModel, StageConfig
+from schemas.ids import IdKind, validate_id
 from schemas.ingest import IngestSidecar
 from schemas.reconstruct import ReconstructConfig
 from schemas.refs import ScanRef, StageReport
 from schemas.stages import PIPELINE, StageName, StageState
-from tasks.errors import AlreadyIngestedError, TransientError
+from tasks.errors import AlreadyIngestedError, InvalidInputError, TransientError
 from tasks.storage import ScanStore, SiteStore, StageResult, site_store_uri
 
 
@@ -72,7 +73,7 @@ def stage_report(scan: ScanRef, stage: str, result: StageResult) -> StageReport:
 
 @task(
     name="ingest",
-    task_run_name="ingest-{site_id}-{source.name}",
+    task_run_name="ingest-{site_id}",  # never the file name: names at scanner consoles can identify
     retries=2,
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_only_transient,
@@ -82,6 +83,7 @@ def ingest_scan(source: Path, *, site_id: str, data_root: str, sidecar: IngestSi
     from tasks.ingest import ingest
 
     logger = run_logger()
+    validate_id(IdKind.SITE, site_id, error=InvalidInputError)
     site = SiteStore.open_or_create(site_store_uri(data_root, site_id), site_id=site_id)
     try:
         res = ingest(source, site=site, sidecar=sidecar)

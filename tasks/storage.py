@@ -44,6 +44,7 @@ from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from schemas.base import StageConfig
+from schemas.ids import IdKind, validate_id
 from schemas.manifest import ProvenanceRecord, ScanManifest
 from tasks.errors import (
     InvalidInputError,
@@ -645,6 +646,7 @@ def _has_group(store: StoreLike) -> bool:
 
 def site_store_uri(data_root: str | Path, site_id: str) -> str:
     """Where a site's store lives under a data root (local folder or fsspec URL)."""
+    validate_id(IdKind.SITE, site_id, error=InvalidInputError)  # before the id becomes part of a path
     return f"{str(data_root).rstrip('/')}/{site_id}.zarr"
 
 

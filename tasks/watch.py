@@ -1,17 +1,24 @@
 """Watch a folder for complete scans and announce each one as a ``fedscan.scan.arrived`` Prefect event.
 
-Layout: ``DIR/<site_id>/<scan>`` (or ``DIR/<scan>`` with a fixed ``site_id``), where ``<scan>`` is an NPY, NPZ or
-TIFF file with its YAML sidecar, or a folder of TIFF views / DICOM slices holding ``fedscan.yaml``.
+Layout: ``DIR/<site_id>/<scan>`` (or ``DIR/<scan>`` with a fixed ``site_id``), where ``<scan>`` is a file of any
+suffix in :data:`tasks.sources.READERS` (NPY, NPZ, TIFF with its YAML sidecar; a lone DICOM file, ``.dcm``,
+``.dicom`` or ``.ima``, needs none: it describes itself), or a folder of TIFF views / DICOM slices holding
+``fedscan.yaml`` (the sidecar marks the series as complete: a folder is never announced half-copied).
 
-A scan is complete when (1) its sidecar exists, (2) the size and modification time of all its files stayed the
-same for ``settle_seconds`` across polls, and (3) it opens as a whole (``open_source``: a truncated NPY, a
-half-written TIFF or a missing DICOM slice does not). Emitted scans are remembered (by path and file
-signature) in ``DIR/.fedscan-watch.json``, so a restarted watcher does not announce them again, while a scan
-replaced by new content is announced anew.
+A scan is complete when (1) its sidecar exists where its reader needs one, (2) the size and modification time of
+all its files stayed the same for ``settle_seconds`` across polls, and (3) it opens as a whole and its last view
+reads (``open_source``: a truncated NPY, a half-written TIFF, a cut DICOM or a missing slice does not). Emitted
+scans are remembered (by path and file signature) in ``DIR/.fedscan-watch.json``, so a restarted watcher does not
+announce them again, while a scan replaced by new content is announced anew.
+
+Identity: a scan's event names its resource by a digest of its path, not by the file name (names at scanner
+consoles often hold the patient's); the payload carries the path, which the ``on-scan-arrived`` flow checks lies
+inside the incoming folder (:func:`check_arrival`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -19,12 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.ids import IdKind, validate_id
 from tasks.errors import InvalidInputError
-from tasks.ingest import SIDECAR_NAMES, TIFF_SUFFIXES, find_sidecar, open_source
+from tasks.sources import SIDECAR_NAMES, accepted_suffixes, find_sidecar, open_source, reader_for
 
 EVENT_NAME = "fedscan.scan.arrived"
 STATE_FILE = ".fedscan-watch.json"
-DATA_SUFFIXES = (".npy", ".npz", *TIFF_SUFFIXES)
+#: The file suffixes a scan may have (from the ingest readers' registry); folders need ``fedscan.yaml``.
+DATA_SUFFIXES = accepted_suffixes()
 
 logger = logging.getLogger("fedscan.watch")
 
@@ -40,6 +49,11 @@ class ScanArrival:
     def payload(self) -> dict[str, str]:
         return {"site_id": self.site_id, "path": str(self.path), "signature": self.signature}
 
+    @property
+    def resource_key(self) -> str:
+        """A stable, name-free key of the scan's path (the event's resource id; the file name may identify)."""
+        return hashlib.sha256(str(self.path).encode()).hexdigest()[:16]
+
 
 Emitter = Callable[[ScanArrival], None]
 
@@ -51,8 +65,8 @@ def emit_prefect_event(arrival: ScanArrival) -> None:
     emit_event(
         event=EVENT_NAME,
         resource={
-            "prefect.resource.id": f"fedscan.scan.{arrival.site_id}.{arrival.path.name}",
-            "prefect.resource.name": arrival.path.name,
+            "prefect.resource.id": f"fedscan.scan.{arrival.site_id}.{arrival.resource_key}",
+            "prefect.resource.name": arrival.resource_key,
             "fedscan.site-id": arrival.site_id,
         },
         payload=arrival.payload(),
@@ -87,8 +101,8 @@ class ScanWatcher:
     ) -> None:
         if not root.is_dir():
             raise InvalidInputError(f"{root}: not a folder to watch")
-        self.root = root
-        self.site_id = site_id
+        self.root = root.absolute()  # the payload's path must mean the same to a worker in another folder
+        self.site_id = None if site_id is None else validate_id(IdKind.SITE, site_id, error=InvalidInputError)
         self.settle_seconds = settle_seconds
         self.emit = emit
         self.clock = clock
@@ -111,22 +125,37 @@ class ScanWatcher:
 
     def candidates(self) -> list[tuple[str, Path]]:
         """(site, scan path) of everything that looks like a scan, complete or not."""
-        sites = (
-            [(self.site_id, self.root)]
-            if self.site_id
-            else [(d.name, d) for d in sorted(self.root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-        )
+        if self.site_id:
+            sites = [(self.site_id, self.root)]
+        else:
+            sites = []
+            for d in sorted(self.root.iterdir()):
+                if not d.is_dir() or d.name.startswith("."):
+                    continue
+                try:
+                    sites.append((validate_id(IdKind.SITE, d.name, error=InvalidInputError), d))
+                except InvalidInputError as exc:
+                    self._warn_once(d, "", f"{d}: folder name is not a site id, skipped: {exc}")
         found = []
         for site, folder in sites:
-            assert site is not None
             for item in sorted(folder.iterdir()):
                 if item.name.startswith("."):
                     continue
-                if (item.is_file() and item.suffix.lower() in DATA_SUFFIXES) or (
+                if (item.is_file() and reader_for(item) is not None) or (
                     item.is_dir() and any((item / n).is_file() for n in SIDECAR_NAMES)
                 ):
                     found.append((site, item))
         return found
+
+    def _warn_once(self, item: Path, sig: str, message: str) -> None:
+        if (item, sig) not in self._broken:
+            self._broken.add((item, sig))
+            logger.warning("%s", message)
+
+    @staticmethod
+    def _needs_sidecar(item: Path) -> bool:
+        reader = reader_for(item) if item.is_file() else None
+        return reader is None or reader.needs_sidecar
 
     def poll(self) -> list[ScanArrival]:
         """One pass over the folder: announce the scans that became complete."""
@@ -147,14 +176,13 @@ class ScanWatcher:
                 continue
             if now - prev[1] < self.settle_seconds:
                 continue
-            if find_sidecar(item) is None:
+            if self._needs_sidecar(item) and find_sidecar(item) is None:
                 continue
             try:
-                open_source(item)
+                stack = open_source(item)
+                stack.read(stack.shape[0] - 1, stack.shape[0])  # the last view: a cut file fails here
             except InvalidInputError as exc:
-                if (item, sig) not in self._broken:
-                    self._broken.add((item, sig))
-                    logger.warning("%s is stable but does not open as a scan yet: %s", item, exc)
+                self._warn_once(item, sig, f"{item} is stable but does not open as a scan yet: {exc}")
                 continue
             arrival = ScanArrival(site_id=site, path=item, signature=sig)
             self.emit(arrival)
@@ -173,3 +201,34 @@ class ScanWatcher:
             count += len(self.poll())
             time.sleep(interval_seconds)
         return count
+
+
+def check_arrival(path: str | Path, site_id: str, *, incoming: str | Path | None, data_root: str | Path) -> Path:
+    """The scan path of a ``fedscan.scan.arrived`` payload, once the payload is known to be safe to act on.
+
+    Refused (:class:`InvalidInputError`, naming the rule, never the path: its name may identify a patient): a site
+    id that is not a safe id; no incoming folder configured; a relative path; a path that, with symlinks
+    followed, lies outside the incoming folder, inside a site store (``*.zarr``) or inside the data root (unless
+    the incoming folder itself lies there). Nothing is created either way.
+    """
+    validate_id(IdKind.SITE, site_id, error=InvalidInputError)
+    if incoming is None:
+        raise InvalidInputError(
+            "scan-arrived payload refused: no incoming folder is configured (FEDSCAN_INCOMING, the folder "
+            "`fedscan watch` watches), so its path cannot be checked"
+        )
+    base = Path(incoming).resolve()
+    given = Path(path)
+    if not given.is_absolute():
+        raise InvalidInputError(f"scan-arrived payload refused: its path is not absolute (incoming folder {base})")
+    real = given.resolve()
+    if real == base or not real.is_relative_to(base):
+        raise InvalidInputError(f"scan-arrived payload refused: its path lies outside the incoming folder {base}")
+    if any(part.lower().endswith(".zarr") for part in real.relative_to(base).parts):
+        raise InvalidInputError(f"scan-arrived payload refused: its path lies inside a site store under {base}")
+    root = str(data_root)
+    if "://" not in root or root.startswith("file://"):
+        local_root = Path(root.removeprefix("file://")).resolve()
+        if real.is_relative_to(local_root) and not base.is_relative_to(local_root):
+            raise InvalidInputError(f"scan-arrived payload refused: its path lies inside the data root {local_root}")
+    return real

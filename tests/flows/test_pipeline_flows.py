@@ -117,12 +117,13 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", ["process_scan", "on_scan_arrived"])
-def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry, device_setting_cpu):
+def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry, device_setting_cpu, monkeypatch):
     import asyncio
 
     from prefect.client.orchestration import get_client
 
     from flows.pipeline import ProcessScanRequest, on_scan_arrived, process_scan
+    from schemas.settings import get_settings
     from tasks.scanner_output import ScannerFormat, write_scanner_output
 
     cols = 40
@@ -154,6 +155,8 @@ def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry,
             ProcessScanRequest(source=src, site_id="S", data_root=str(tmp_path / "data")), return_state=True
         )
     else:
+        monkeypatch.setenv("FEDSCAN_INCOMING", str(tmp_path / "in"))  # event payload paths must lie inside it
+        get_settings.cache_clear()
         state = on_scan_arrived(str(src), "S", str(tmp_path / "data"), return_state=True)
     report = state.result()
     assert [o.ok for o in report.scans] == [True]

@@ -165,6 +165,7 @@ def test_deployed_topology_on_loopback(tmp_path):
         try:
             svc.env.update(
                 FEDSCAN_DATA_ROOT=str(data_root),
+                FEDSCAN_INCOMING=str(incoming),  # on-scan-arrived refuses payload paths outside it
                 FEDSCAN_DASK__ADDRESS=address,
                 FEDSCAN_FLOWER__SUPERLINK_ADDRESS=link.address,
                 FEDSCAN_FLOWER__INSECURE="true",

@@ -153,7 +153,7 @@ def test_second_ingest_of_same_source_is_refused_and_writes_nothing(tmp_path, si
     np.save(src, rng.random((10, 1, 8)).astype("f4"))
     first = ingest(src, site=site, sidecar=IngestSidecar(**PARALLEL))
     with pytest.raises(AlreadyIngestedError, match=f"already ingested as scan '{first.scan_id}'") as info:
-        ingest(src, site=site, sidecar=IngestSidecar(**PARALLEL), scan_id="other-name")
+        ingest(src, site=site, sidecar=IngestSidecar(**PARALLEL), scan_id="other-scan")
     assert info.value.scan_id == first.scan_id
     assert scan_groups(site) == [first.scan_id]
 

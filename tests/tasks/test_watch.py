@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -97,3 +99,111 @@ def test_series_folder_is_one_scan(setup, rng):
 def test_watching_a_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(InvalidInputError, match="not a folder to watch"):
         ScanWatcher(tmp_path / "nope")
+
+
+# ---- formats from the readers' registry, lone DICOM files -------------------------------------------------
+def _dicom_bytes() -> bytes:
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("CT_small.dcm")).read_bytes()
+
+
+@pytest.mark.parametrize("name", ["slice.dcm", "slice.IMA", "slice.dicom"])
+def test_a_lone_dicom_file_is_announced_without_a_sidecar(setup, name):
+    _root, site, got, clock, watcher = setup
+    whole = _dicom_bytes()
+    target = site / name
+    target.write_bytes(whole[: len(whole) - 5000])  # cut inside the pixel data: headers read, pixels do not
+    watcher.poll()
+    assert _poll_after(watcher, clock, 3) == []
+    assert _poll_after(watcher, clock, 3) == []
+    target.write_bytes(whole)
+    watcher.poll()
+    (arrival,) = _poll_after(watcher, clock, 3)
+    assert arrival.path == target and got == [arrival]
+
+
+def test_the_watched_suffixes_are_the_readers():
+    from tasks.sources import READERS
+    from tasks.watch import DATA_SUFFIXES
+
+    assert set(DATA_SUFFIXES) == set(READERS) and {".dcm", ".ima", ".npy", ".tif"} <= set(DATA_SUFFIXES)
+
+
+def test_events_do_not_carry_the_file_name(setup, rng, monkeypatch):
+    import prefect.events
+
+    from tasks.watch import emit_prefect_event
+
+    _root, site, _got, clock, watcher = setup
+    src = site / "DOE_JANE_19700101.npy"
+    np.save(src, rng.random((6, 1, 4)).astype("f4"))
+    (site / "DOE_JANE_19700101.npy.yaml").write_text(yaml.safe_dump({"geometry": {"beam": "parallel"}}))
+    watcher.poll()
+    (arrival,) = _poll_after(watcher, clock, 3)
+    sent = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(kw))
+    emit_prefect_event(arrival)
+    (event,) = sent
+    for value in event["resource"].values():
+        assert "DOE" not in value and "19700101" not in value
+    assert event["resource"]["prefect.resource.id"] == f"fedscan.scan.site-a.{arrival.resource_key}"
+
+
+def test_site_folders_that_are_not_site_ids_are_skipped(tmp_path, rng):
+    bad = tmp_path / "Site A"
+    bad.mkdir()
+    np.save(bad / "ct.npy", rng.random((6, 1, 4)).astype("f4"))
+    (bad / "ct.npy.yaml").write_text(yaml.safe_dump({"geometry": {"beam": "parallel"}}))
+    watcher = ScanWatcher(tmp_path, settle_seconds=0, emit=lambda a: None)
+    assert watcher.candidates() == []
+    with pytest.raises(InvalidInputError, match="site id is not a safe id"):
+        ScanWatcher(tmp_path, site_id="../x")
+
+
+# ---- event payloads -------------------------------------------------------------------------------------
+def test_arrival_payloads_inside_the_incoming_folder_pass(tmp_path):
+    from tasks.watch import check_arrival
+
+    incoming = tmp_path / "incoming"
+    (incoming / "site-a").mkdir(parents=True)
+    scan = incoming / "site-a" / "ct.npy"
+    assert check_arrival(str(scan), "site-a", incoming=incoming, data_root=tmp_path / "data") == scan.resolve()
+
+
+@pytest.mark.parametrize(
+    ("make_path", "site_id", "match"),
+    [
+        (lambda t, inc: t / "elsewhere" / "DOE_JANE.npy", "site-a", "outside the incoming folder"),
+        (lambda t, inc: inc / ".." / "DOE_JANE.npy", "site-a", "outside the incoming folder"),
+        (lambda t, inc: inc / "link" / "DOE_JANE.npy", "site-a", "outside the incoming folder"),  # symlink out
+        (lambda t, inc: inc, "site-a", "outside the incoming folder"),
+        (lambda t, inc: Path("incoming/DOE_JANE.npy"), "site-a", "not absolute"),
+        (lambda t, inc: inc / "s.zarr" / "scans" / "DOE_JANE", "site-a", "inside a site store"),
+        (lambda t, inc: inc / "site-a" / "DOE_JANE.npy", "../../escaped", "site id is not a safe id"),
+    ],
+)
+def test_arrival_payloads_outside_are_refused_without_naming_the_path(tmp_path, make_path, site_id, match):
+    from tasks.watch import check_arrival
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (incoming / "link").symlink_to(tmp_path / "elsewhere")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(InvalidInputError, match=match) as info:
+        check_arrival(str(make_path(tmp_path, incoming)), site_id, incoming=incoming, data_root=tmp_path / "data")
+    assert "DOE_JANE" not in str(info.value)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created
+
+
+def test_arrival_payloads_need_a_configured_incoming_folder_and_stay_out_of_the_data_root(tmp_path):
+    from tasks.watch import check_arrival
+
+    with pytest.raises(InvalidInputError, match="FEDSCAN_INCOMING"):
+        check_arrival(str(tmp_path / "x.npy"), "a", incoming=None, data_root=tmp_path)
+    data = tmp_path / "data"
+    with pytest.raises(InvalidInputError, match="inside the data root"):
+        check_arrival(str(data / "a" / "x.npy"), "a", incoming=tmp_path, data_root=data)
+    # an incoming folder inside the data root is allowed (the data root then holds both)
+    assert check_arrival(str(data / "in" / "x.npy"), "a", incoming=data / "in", data_root=data).name == "x.npy"

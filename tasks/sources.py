@@ -1,0 +1,399 @@
+"""Scanner output as sources: one reader per format in one registry (:data:`READERS`), opened and checked
+for structure, read in blocks of views.
+
+Readers (keyed by file suffix; the watcher and ``fedscan ingest --help`` list what the table accepts):
+
+* ``npy`` / ``npz`` — a projection stack ``(views, rows, cols)`` or one sinogram ``(views, cols)``;
+  NPY is memory-mapped and streamed; an NPZ member is read whole (zip members cannot be mapped).
+* ``tiff`` — one multi-page TIFF, one page per view; a folder of TIFFs is a ``tiff-series``, one file per view.
+* ``dicom`` — single-frame DICOM images (``.dcm``, ``.dicom``, Siemens ``.ima``, or no suffix with the DICOM
+  preamble); a folder of them is a ``dicom-series``, one file a one-slice series. Only geometry is read from
+  headers (Rows, Columns, PixelSpacing, SliceThickness, InstanceNumber, ImagePositionPatient, rescale slope and
+  intercept): no patient, study or institution attribute is read.
+
+Adding a format is one ``open`` function and one line per suffix in :data:`READERS`. This module imports no
+Dask or Zarr, so the CLI and the watcher can list the formats cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from schemas.geometry import ReconGrid
+from tasks.errors import InvalidInputError
+
+__all__ = [
+    "READERS",
+    "SIDECAR_NAMES",
+    "Reader",
+    "SourceStack",
+    "accepted_suffixes",
+    "describe_readers",
+    "find_sidecar",
+    "open_source",
+    "reader_for",
+]
+
+SIDECAR_NAMES = ("fedscan.yaml", "fedscan.yml")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceStack:
+    """A validated view of one source: shape ``(n, rows, cols)`` along its first axis, read in blocks."""
+
+    path: Path
+    reader: str
+    shape: tuple[int, int, int]
+    dtype: np.dtype[Any]
+    files: tuple[Path, ...]
+    read: Callable[[int, int], npt.NDArray[Any]]
+    where: Callable[[int], str]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def _check_shape(path: Path, shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
+    if len(shape) == 2:
+        shape = (shape[0], 1, shape[1])
+    if len(shape) != 3:
+        raise InvalidInputError(
+            f"{path}: expected a {what} of 2 (views, cols) or 3 (views, rows, cols) dimensions, got shape {shape}"
+        )
+    if 0 in shape:
+        raise InvalidInputError(f"{path}: {what} has a zero-size axis (shape {shape})")
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def _check_dtype(path: Path, dtype: np.dtype[Any]) -> None:
+    if dtype.kind not in "iuf":
+        raise InvalidInputError(f"{path}: unsupported data type {dtype} (need integers or floats)")
+
+
+def _open_npy(path: Path) -> SourceStack:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidInputError(f"{path}: truncated or corrupt NPY file ({exc})") from exc
+    _check_dtype(path, arr.dtype)
+    shape = _check_shape(path, arr.shape, "projection stack")
+
+    def read(a: int, b: int) -> npt.NDArray[Any]:
+        block = np.load(path, mmap_mode="r", allow_pickle=False)[a:b]
+        return np.asarray(block).reshape((b - a, *shape[1:]))
+
+    return SourceStack(path, "npy", shape, arr.dtype, (path,), read, lambda i: f"{path.name} view {i}")
+
+
+def _open_npz(path: Path, key: str | None) -> SourceStack:
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+            if key is None:
+                key = "projections" if "projections" in names else (names[0] if len(names) == 1 else None)
+            if key is None or key not in names:
+                raise InvalidInputError(
+                    f"{path}: cannot tell which array holds the projections (members: {names}); "
+                    "name it 'projections' or set npz_key in the sidecar"
+                )
+            arr = np.asarray(npz[key])
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise InvalidInputError(f"{path}: truncated or corrupt NPZ file ({exc})") from exc
+    _check_dtype(path, arr.dtype)
+    shape = _check_shape(path, arr.shape, "projection stack")
+    arr = arr.reshape(shape)
+    return SourceStack(
+        path, "npz", shape, arr.dtype, (path,), lambda a, b: arr[a:b], lambda i: f"{path.name}[{key}] view {i}"
+    )
+
+
+def _tiff_error(path: Path, exc: Exception) -> InvalidInputError:
+    return InvalidInputError(f"{path}: truncated or corrupt TIFF ({type(exc).__name__}: {exc})")
+
+
+def _open_tiff(path: Path) -> SourceStack:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            n_pages = len(tif.pages)
+            first = tif.pages.first
+            page_shape = tuple(int(s) for s in first.shape)
+            dtype = np.dtype(first.dtype)
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise _tiff_error(path, exc) from exc
+    _check_dtype(path, dtype)
+    if n_pages == 1:
+        # One 2-D page is one sinogram (views, cols); a 3-D page is a whole stack.
+        shape = _check_shape(path, page_shape, "TIFF image")
+        single = True
+    else:
+        if len(page_shape) != 2:
+            raise InvalidInputError(f"{path}: each page must be a 2-D projection (rows, cols), got {page_shape}")
+        shape = _check_shape(path, (n_pages, *page_shape), "TIFF stack")
+        single = False
+
+    def read(a: int, b: int) -> npt.NDArray[Any]:
+        try:
+            if single:
+                data = tifffile.imread(path)
+                return np.asarray(data).reshape(shape)[a:b]
+            data = tifffile.imread(path, key=range(a, b))
+        except Exception as exc:
+            raise _tiff_error(path, exc) from exc
+        return np.asarray(data).reshape((b - a, *shape[1:]))
+
+    return SourceStack(path, "tiff", shape, dtype, (path,), read, lambda i: f"{path.name} page {i}")
+
+
+def _open_tiff_series(folder: Path, files: list[Path]) -> SourceStack:
+    import tifffile
+
+    shapes: dict[tuple[int, ...], list[str]] = {}
+    dtypes = set()
+    for f in files:
+        try:
+            with tifffile.TiffFile(f) as tif:
+                page = tif.pages.first
+                shapes.setdefault(tuple(int(s) for s in page.shape), []).append(f.name)
+                dtypes.add(np.dtype(page.dtype))
+        except Exception as exc:
+            raise _tiff_error(f, exc) from exc
+    if len(shapes) > 1:
+        summary = "; ".join(f"{s}: {', '.join(n[:3])}{'…' if len(n) > 3 else ''}" for s, n in shapes.items())
+        raise InvalidInputError(f"{folder}: TIFF views have different sizes ({summary})")
+    if len(dtypes) > 1:
+        raise InvalidInputError(f"{folder}: TIFF views have different data types {sorted(map(str, dtypes))}")
+    (page_shape,) = shapes
+    dtype = dtypes.pop()
+    _check_dtype(folder, dtype)
+    if len(page_shape) == 1:
+        page_shape = (1, page_shape[0])
+    if len(page_shape) != 2:
+        raise InvalidInputError(f"{folder}: each TIFF must be one 2-D view (rows, cols), got {page_shape}")
+    shape = _check_shape(folder, (len(files), *page_shape), "TIFF series")
+
+    def read(a: int, b: int) -> npt.NDArray[Any]:
+        out = np.empty((b - a, *shape[1:]), dtype=dtype)
+        for i in range(a, b):
+            try:
+                out[i - a] = np.asarray(tifffile.imread(files[i])).reshape(shape[1:])
+            except Exception as exc:
+                raise _tiff_error(files[i], exc) from exc
+        return out
+
+    return SourceStack(folder, "tiff-series", shape, dtype, tuple(files), read, lambda i: files[i].name)
+
+
+def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    headers = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise InvalidInputError(f"{f}: not a readable DICOM file ({exc})") from exc
+        if "Rows" not in ds or "Columns" not in ds:
+            raise InvalidInputError(f"{f}: DICOM file holds no image (no Rows/Columns)")
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            raise InvalidInputError(f"{f}: multi-frame DICOM is not supported; export single-frame slices")
+        headers.append((f, ds))
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for f, ds in headers:
+        sizes.setdefault((int(ds.Rows), int(ds.Columns)), []).append(f.name)
+    if len(sizes) > 1:
+        summary = "; ".join(f"{r}x{c}: {', '.join(n[:3])}{'…' if len(n) > 3 else ''}" for (r, c), n in sizes.items())
+        raise InvalidInputError(f"{folder}: DICOM series mixes image sizes ({summary})")
+    numbers: dict[int, str] = {}
+    for f, ds in headers:
+        if "InstanceNumber" not in ds or ds.InstanceNumber in (None, ""):
+            raise InvalidInputError(f"{f}: DICOM slice has no InstanceNumber; cannot order the series")
+        n = int(ds.InstanceNumber)
+        if n in numbers:
+            raise InvalidInputError(f"{folder}: duplicated InstanceNumber {n} ({numbers[n]} and {f.name})")
+        numbers[n] = f.name
+    ordered = sorted(headers, key=lambda h: int(h[1].InstanceNumber))
+    inst = [int(ds.InstanceNumber) for _, ds in ordered]
+    gaps = sorted(set(range(inst[0], inst[-1] + 1)) - set(inst))
+    if gaps:
+        shown = ", ".join(map(str, gaps[:10])) + ("…" if len(gaps) > 10 else "")
+        raise InvalidInputError(f"{folder}: DICOM series is missing slices (InstanceNumber {shown})")
+    positions = [float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else math.nan for _, ds in ordered]
+    if len(positions) > 2 and not any(math.isnan(p) for p in positions):
+        steps = np.abs(np.diff(positions))
+        median = float(np.median(steps))
+        if median == 0 or np.any(steps > 1.5 * median) or np.any(steps < 0.5 * median):
+            i = int(np.argmax(np.abs(steps - median)))
+            raise InvalidInputError(
+                f"{folder}: irregular slice positions (step {steps[i]:.3g} mm between "
+                f"{ordered[i][0].name} and {ordered[i + 1][0].name}, typical {median:.3g} mm): missing slices?"
+            )
+    ds0 = ordered[0][1]
+    rows, cols = int(ds0.Rows), int(ds0.Columns)
+    spacing = [float(v) for v in getattr(ds0, "PixelSpacing", [1.0, 1.0])]
+    if not math.isclose(spacing[0], spacing[1], rel_tol=0.01):
+        raise InvalidInputError(f"{ordered[0][0]}: non-square pixels {spacing} mm are not supported")
+    thickness = float(getattr(ds0, "SliceThickness", 0) or 0) or None
+    ordered_files = [f for f, _ in ordered]
+    scales = [
+        (float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
+        for _, ds in ordered
+    ]
+
+    def read(a: int, b: int) -> npt.NDArray[Any]:
+        out = np.empty((b - a, rows, cols), dtype=np.float32)
+        for i in range(a, b):
+            try:
+                pixels = pydicom.dcmread(ordered_files[i]).pixel_array
+            except Exception as exc:  # pydicom/pixel handlers raise many types on damaged data
+                raise InvalidInputError(
+                    f"{ordered_files[i]}: cannot decode DICOM pixel data ({type(exc).__name__}: {exc})"
+                ) from exc
+            if pixels.shape != (rows, cols):
+                raise InvalidInputError(
+                    f"{ordered_files[i]}: pixel data of shape {pixels.shape}, header says {rows}x{cols}"
+                )
+            slope, intercept = scales[i]
+            out[i - a] = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        return out
+
+    grid = ReconGrid(nx_pixels=cols, ny_pixels=rows, pixel_size_mm=spacing[0])
+    return SourceStack(
+        folder,
+        "dicom-series",
+        (len(ordered_files), rows, cols),
+        np.dtype(np.float32),
+        tuple(ordered_files),
+        read,
+        lambda i: ordered_files[i].name,
+        extra={"grid": grid, "slice_thickness_mm": thickness},
+    )
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+# ------------------------------------------------------------------------------------------------
+# The reader registry
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reader:
+    """One source format: how to open one file of it and, where it has one, a folder of such files."""
+
+    name: str
+    description: str
+    open_file: Callable[[Path, str | None], SourceStack]
+    open_folder: Callable[[Path, list[Path]], SourceStack] | None = None
+    needs_sidecar: bool = True  # False: the files describe their own geometry (DICOM)
+
+
+_NPY = Reader("npy", "NumPy array (views, rows, cols) or (views, cols)", lambda p, _key: _open_npy(p))
+_NPZ = Reader("npz", "NumPy archive, member 'projections' or npz_key", _open_npz)
+_TIFF = Reader(
+    "tiff", "multi-page TIFF, or a folder of one TIFF per view", lambda p, _k: _open_tiff(p), _open_tiff_series
+)
+_DICOM = Reader(
+    "dicom",
+    "single-frame DICOM, or a folder of them as one series",
+    lambda p, _key: _open_dicom_series(p.parent, [p]),
+    _open_dicom_series,
+    needs_sidecar=False,
+)
+
+#: Every accepted file suffix and its reader. A file without a suffix is DICOM when it has the DICOM preamble.
+READERS: Mapping[str, Reader] = MappingProxyType(
+    {
+        ".npy": _NPY,
+        ".npz": _NPZ,
+        ".tif": _TIFF,
+        ".tiff": _TIFF,
+        ".dcm": _DICOM,
+        ".dicom": _DICOM,
+        ".ima": _DICOM,  # Siemens: DICOM Part 10 under another suffix
+    }
+)
+
+
+def accepted_suffixes() -> tuple[str, ...]:
+    """The file suffixes fedscan ingests (from :data:`READERS`)."""
+    return tuple(READERS)
+
+
+def describe_readers() -> str:
+    """One line per reader, e.g. for help text: ``.npy: NumPy array; …``."""
+    by_reader: dict[str, list[str]] = {}
+    for suffix, reader in READERS.items():
+        by_reader.setdefault(reader.description, []).append(suffix)
+    return "; ".join(f"{'/'.join(sfx)}: {desc}" for desc, sfx in by_reader.items())
+
+
+def reader_for(path: Path) -> Reader | None:
+    """The reader of one file: by suffix, else DICOM when the file starts like DICOM."""
+    if path.name.upper() == "DICOMDIR":
+        return None
+    reader = READERS.get(path.suffix.lower())
+    if reader is None and _looks_like_dicom(path):
+        return _DICOM
+    return reader
+
+
+def open_source(path: str | Path, *, npz_key: str | None = None) -> SourceStack:
+    """Recognise and open a source (file or folder), checking its structure but not yet its values."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidInputError(f"{p}: no such file or folder")
+    if p.is_file():
+        reader = reader_for(p)
+        if reader is None:
+            raise InvalidInputError(
+                f"{p}: unknown file type {p.suffix.lower()!r} (expected {', '.join(accepted_suffixes())} or DICOM)"
+            )
+        return reader.open_file(p, npz_key)
+    files = sorted((f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")), key=_natural_key)
+    groups: dict[str, tuple[Reader, list[Path]]] = {}
+    for f in files:
+        if f.name in SIDECAR_NAMES or f.suffix.lower() in (".yaml", ".yml"):
+            continue
+        reader = reader_for(f)
+        if reader is not None and reader.open_folder is not None:
+            groups.setdefault(reader.name, (reader, []))[1].append(f)
+    if len(groups) > 1:
+        kinds = " and ".join(name.upper() for name in groups)
+        raise InvalidInputError(f"{p}: folder mixes {kinds} files; ingest one kind per folder")
+    if not groups:
+        kinds = " or ".join(r.name.upper() for r in dict.fromkeys(READERS.values()) if r.open_folder is not None)
+        raise InvalidInputError(f"{p}: folder holds no {kinds} files")
+    ((reader, members),) = groups.values()
+    assert reader.open_folder is not None
+    return reader.open_folder(p, members)
+
+
+def find_sidecar(path: Path) -> Path | None:
+    """``<source>.yaml`` beside a file, or ``fedscan.yaml`` inside a folder / beside a file."""
+    candidates = [path.with_name(path.name + ".yaml"), path.with_suffix(".yaml")]
+    candidates += [path / n for n in SIDECAR_NAMES] if path.is_dir() else [path.parent / n for n in SIDECAR_NAMES]
+    return next((c for c in candidates if c.is_file()), None)
