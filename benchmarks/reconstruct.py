@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import best_time, on_threads, parse_args, print_table, sgemm_flops_per_s, write_json
 from schemas.geometry import Geometry, ReconGrid
 from tasks import phantoms
-from tasks.reconstruct.kernels import fbp, forward_project, sart
+from tasks.reconstruct.kernels import FilterName, fbp, forward_project, sart
 
 try:
     import astra
@@ -51,6 +51,8 @@ def astra_geometry(g: Geometry) -> tuple[Any, Any]:
             "parallel", g.detector_pitch_mm / g.grid.pixel_size_mm, g.n_detector_cols, angles
         )
     pix = g.grid.pixel_size_mm  # ASTRA works in pixel units
+    assert g.source_to_isocenter_mm is not None  # fan beam
+    assert g.source_to_detector_mm is not None
     sid, sdd = g.source_to_isocenter_mm / pix, g.source_to_detector_mm / pix
     return vol, astra.create_proj_geom("fanflat", g.detector_pitch_mm / pix, g.n_detector_cols, angles, sid, sdd - sid)
 
@@ -146,7 +148,8 @@ def main() -> None:
                 rel = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
                 rows.append({"case": case, "method": f"forward_project vs astra {projector}", "rel_l2": rel})
                 ratios[f"projection_rel_l2_vs_astra_{projector}"] = rel
-        for filter_name, astra_filter in (("ram-lak", "ram-lak"), ("hann", "hann")):
+        filters: tuple[tuple[FilterName, str], ...] = (("ram-lak", "ram-lak"), ("hann", "hann"))
+        for filter_name, astra_filter in filters:
             fbp(stack[:1], g, filter_name=filter_name)  # warm-up
             seconds, recon = best_time(lambda: fbp(stack, g, filter_name=filter_name), repeat=2)  # noqa: B023
             per_slice = seconds / block
@@ -156,7 +159,7 @@ def main() -> None:
             n_pad = max(64, 1 << math.ceil(math.log2(2 * cols)))
             fft_flops = views * 2 * 5 * n_pad * math.log2(n_pad)
             flops = bp_flops + fft_flops
-            row = {
+            row: dict[str, Any] = {
                 "case": case,
                 "method": f"fedscan fbp {filter_name}",
                 "seconds_per_slice": per_slice,
@@ -175,7 +178,7 @@ def main() -> None:
                     lambda: astra_reconstruct(sino, g, "FBP", filter_type=astra_filter),  # noqa: B023
                     repeat=2,
                 )
-                arow = {
+                arow: dict[str, Any] = {
                     "case": case,
                     "method": f"astra FBP_CPU {astra_filter}",
                     "seconds_per_slice": seconds,
@@ -221,7 +224,7 @@ def main() -> None:
         sart_block = block
         seconds, recon = best_time(lambda: sart(stack[:sart_block], g, iterations=1, relaxation=0.9))  # noqa: B023
         one_core, _ = best_time(on_threads(1, lambda: sart(stack[:sart_block], g, iterations=1, relaxation=0.9)))  # noqa: B023
-        sart_row = {
+        sart_row: dict[str, Any] = {
             "case": case,
             "method": "fedscan sart (1 sweep)",
             "seconds_per_slice_iteration": seconds / sart_block,

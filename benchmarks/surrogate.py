@@ -666,9 +666,9 @@ def main() -> None:
         p["attack_sweep"] = TrainSettings(**{**p["attack_sweep"].__dict__, "steps": own.sweep_attack_steps})
     batches = [int(v) for v in (own.speed_batch or ("8" if quick else "8,16,32")).split(",")]
     if own.only == "speed":
-        speed, speed_keys = speed_rows(own, batches=batches, repeat=own.speed_repeat, cuda=device == "cuda")
-        print_table(speed, speed_keys)
-        write_json(args.json, speed, speed_keys, settings={"only": "speed", "threads": own.threads})
+        speed, only_keys = speed_rows(own, batches=batches, repeat=own.speed_repeat, cuda=device == "cuda")
+        print_table(speed, only_keys)
+        write_json(args.json, speed, only_keys, settings={"only": "speed", "threads": own.threads})
         return
     rng = np.random.default_rng(0)
     rows: list[dict[str, object]] = []

@@ -31,10 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import parse_args, print_table, write_json
-
+from benchmarks._common import parse_args, print_table, write_json
 from schemas.stages import PIPELINE
 
 STAGES = tuple(spec.name.value for spec in PIPELINE)

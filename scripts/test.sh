@@ -3,7 +3,7 @@
 source "$(dirname "$0")/_env.sh"
 source "$(dirname "$0")/_system_deps.sh"
 echo "== ruff" && ruff check .
-echo "== mypy" && mypy schemas tasks flows
+echo "== mypy" && mypy schemas tasks flows benchmarks
 echo "== import contracts" && lint-imports
 echo "== pytest"
 set +e
