@@ -42,3 +42,23 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=None):
         yield
+
+
+@pytest.fixture
+def fedscan_env(monkeypatch: pytest.MonkeyPatch):
+    """Set ``FEDSCAN_…`` variables for one test: ``fedscan_env(DEVICE="cpu")``; the cached settings are rebuilt."""
+    from schemas.settings import get_settings
+
+    def set_env(**values: str) -> None:
+        for key, value in values.items():
+            monkeypatch.setenv(f"FEDSCAN_{key}", value)
+        get_settings.cache_clear()
+
+    yield set_env
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def device_setting_cpu(fedscan_env):
+    """``FEDSCAN_DEVICE=cpu`` for this test: each stage's provenance records where it ran."""
+    fedscan_env(DEVICE="cpu")

@@ -10,20 +10,15 @@ import torch
 
 from flows.pipeline import resolve_run
 from schemas.pipeline import PipelineConfig
-from schemas.settings import Device, FedscanSettings, get_settings
+from schemas.settings import Device, FedscanSettings
 from schemas.stages import PIPELINE, StageName, StageState
 from tasks.errors import DeviceUnavailableError
 from tasks.stages import run_scan_stage
 
 
 @pytest.fixture
-def fedscan_device(monkeypatch: pytest.MonkeyPatch):
-    def set_to(value: str) -> None:
-        monkeypatch.setenv("FEDSCAN_DEVICE", value)
-        get_settings.cache_clear()
-
-    yield set_to
-    get_settings.cache_clear()
+def fedscan_device(fedscan_env):
+    return lambda value: fedscan_env(DEVICE=value)
 
 
 def test_no_stage_config_carries_a_device() -> None:

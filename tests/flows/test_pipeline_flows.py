@@ -59,17 +59,6 @@ def make_site(
     return site
 
 
-@pytest.fixture
-def device_setting_cpu(monkeypatch):
-    """``FEDSCAN_DEVICE=cpu`` for this test: each stage's provenance records where it ran."""
-    from schemas.settings import get_settings
-
-    monkeypatch.setenv("FEDSCAN_DEVICE", "cpu")
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
 @pytest.mark.slow
 def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path, prefect_harness, device_setting_cpu):
     from flows.pipeline import NightlyRequest, PipelineFailedError, nightly

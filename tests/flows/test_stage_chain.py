@@ -19,16 +19,6 @@ from tests.tasks.test_stages import add_image_scan
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def cpu_device(monkeypatch):
-    from schemas.settings import get_settings
-
-    monkeypatch.setenv("FEDSCAN_DEVICE", "cpu")
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
 def test_run_refuses_an_unknown_config_key_by_name(tmp_path: Path) -> None:
     bad = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
     bad["denoise"]["views_per_grup"] = 8
@@ -45,7 +35,7 @@ def test_run_refuses_an_unknown_config_key_by_name(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, cpu_device, monkeypatch) -> None:
+def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, device_setting_cpu, monkeypatch) -> None:
     site = make_site(tmp_path, site_id="K", n_scans=1)
     add_image_scan(site, "img-1")
     calls: list[tuple[str, StageName]] = []
