@@ -23,6 +23,7 @@ from tasks.cluster import dask_client
 from tasks.device import resolve_device
 from tasks.errors import InvalidInputError
 from tasks.prefect_tasks import StageOutcome, flush_artifacts, ingest_scan, run_logger, stage_tasks
+from tasks.stages import disabled_stages
 from tasks.watch import check_arrival
 
 
@@ -180,6 +181,7 @@ def _run_chains(refs: list[ScanRef], config: PipelineConfig, device: str, *, in_
     """
     tasks = stage_tasks()
     order = [spec.name for spec in PIPELINE]
+    disabled = tuple(sorted(disabled_stages({name: config.stage_config(name) for name in order})))
     finished: queue.SimpleQueue[PrefectFuture[StageOutcome]] = queue.SimpleQueue()
     running: dict[PrefectFuture[StageOutcome], tuple[ScanRef, int]] = {}
     states: dict[str, dict[str, StageState]] = {str(ref): {} for ref in refs}
@@ -189,7 +191,12 @@ def _run_chains(refs: list[ScanRef], config: PipelineConfig, device: str, *, in_
     def submit(ref: ScanRef, k: int, upstream: PrefectFuture[StageOutcome] | None) -> None:
         name = order[k]
         fut = tasks[name].submit(
-            ref, name, config.stage_config(name), device, wait_for=[upstream] if upstream is not None else None
+            ref,
+            name,
+            config.stage_config(name),
+            device,
+            disabled,
+            wait_for=[upstream] if upstream is not None else None,
         )
         running[fut] = (ref, k)
         fut.add_done_callback(finished.put)

@@ -38,6 +38,7 @@ class StageState(StrEnum):
     DONE = "done"  # computed (or resumed) and recorded
     SKIPPED = "skipped"  # already done with the same config and inputs
     NOT_APPLICABLE = "not-applicable"  # the scan's data kind has nothing for this stage (never a failure)
+    DISABLED = "disabled"  # the stage's config turns it off (an optional stage)
     FAILED = "failed"
     NOT_RUN = "not-run"  # an earlier stage of the same scan failed
 

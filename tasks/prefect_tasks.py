@@ -284,17 +284,21 @@ def _previews() -> dict[StageName, Callable[[ScanStore, StageConfig], str | None
 
 
 @task(name="stage", task_run_name="{stage}-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
-def scan_stage(ref: ScanRef, stage: StageName, config: StageConfig, device: str) -> StageOutcome:
+def scan_stage(
+    ref: ScanRef, stage: StageName, config: StageConfig, device: str, disabled: tuple[str, ...] = ()
+) -> StageOutcome:
     """One stage of one scan (the registry's driver), skipped when done, recorded not-applicable when the scan's
-    data kind has nothing for it."""
+    data kind has nothing for it, disabled when its config turns it off."""
     import torch
 
     from tasks.stages import run_scan_stage
 
     scan = _open_scan(ref)
-    run = run_scan_stage(scan, stage, config, device=torch.device(device), progress=stage_progress(ref, stage))
+    run = run_scan_stage(
+        scan, stage, config, device=torch.device(device), progress=stage_progress(ref, stage), disabled=disabled
+    )
     if run.result is None:
-        run_logger().info("%s %s: not applicable to %s scans", stage, ref, scan.manifest.data_kind.value)
+        run_logger().info("%s %s: %s (%s scan)", stage, ref, run.state.value, scan.manifest.data_kind.value)
     else:
         preview = _previews().get(StageName(stage))
         _publish(stage_report(ref, stage, run.result), None if preview is None else lambda: preview(scan, config))

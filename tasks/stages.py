@@ -7,7 +7,7 @@ whether it is done: :func:`run_scan_stage` asks the store once, before any graph
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,7 @@ from schemas.stages import PIPELINE, StageName, StageSpec, StageState, chain_for
 from tasks.errors import InvalidInputError, StageIncompleteError
 from tasks.storage import ScanStore, StageResult
 
-__all__ = ["STAGES", "Stage", "StageRun", "pending_stages", "run_scan_stage", "source_of"]
+__all__ = ["STAGES", "Stage", "StageRun", "disabled_stages", "pending_stages", "run_scan_stage", "source_of"]
 
 ProgressFn = Callable[[float], None]
 
@@ -72,14 +72,15 @@ def _registry() -> dict[StageName, Stage]:
 STAGES: dict[StageName, Stage] = _registry()
 
 
-def source_of(scan: ScanStore, spec: StageSpec) -> tuple[str, ProvenanceRecord]:
-    """The array the stage reads (the first of ``spec.reads`` that a completed stage wrote) and that stage's
-    record (its lineage is the stage's input: a changed config anywhere upstream makes the stage pending)."""
+def source_of(scan: ScanStore, spec: StageSpec, *, ignore: Collection[str] = ()) -> tuple[str, ProvenanceRecord]:
+    """The array the stage reads (the first of ``spec.reads`` that a completed stage wrote, leaving out what the
+    stages named in ``ignore`` wrote: the disabled ones) and that stage's record (its lineage is the stage's
+    input: a changed config anywhere upstream makes the stage pending)."""
     records = scan.provenance()
     names = set(scan.array_names())
     for array in spec.reads:
         for rec in records.values():
-            if array in rec.outputs and array in names:
+            if array in rec.outputs and array in names and rec.stage not in ignore:
                 return array, rec
     raise StageIncompleteError(
         f"scan {scan.scan_id!r} of site {scan.site.site_id!r}: stage {spec.name.value!r} reads one of "
@@ -95,9 +96,11 @@ def run_scan_stage(
     device: torch.device,
     force: bool = False,
     progress: ProgressFn | None = None,
+    disabled: Collection[str] = (),
 ) -> StageRun:
     """Run one stage of one scan: not applicable to its data kind, skipped when done with this config and these
-    inputs (asked of the store once, before any graph is built), else computed (resuming written chunks)."""
+    inputs (asked of the store once, before any graph is built), else computed (resuming written chunks).
+    ``disabled``: the stages this run's config turns off; their earlier outputs are not read."""
     entry = STAGES[StageName(stage)]
     spec = entry.spec
     if not isinstance(config, spec.config_type):
@@ -106,7 +109,9 @@ def run_scan_stage(
         )
     if not spec.applies_to(scan.manifest.data_kind):
         return StageRun(spec.name, StageState.NOT_APPLICABLE)
-    source, upstream = source_of(scan, spec)
+    if not config.enabled:
+        return StageRun(spec.name, StageState.DISABLED)
+    source, upstream = source_of(scan, spec, ignore=disabled)
     inputs = {upstream.stage: upstream.lineage()}
     if not force and scan.is_done(spec.name, config.config_hash(), inputs):
         rec = scan.stage_record(spec.name)
@@ -117,16 +122,24 @@ def run_scan_stage(
     return StageRun(spec.name, StageState.DONE, result)
 
 
+def disabled_stages(configs: Mapping[StageName, StageConfig]) -> frozenset[str]:
+    """The stages these configs turn off."""
+    return frozenset(name.value for name, config in configs.items() if not config.enabled)
+
+
 def pending_stages(scan: ScanStore, configs: Mapping[StageName, StageConfig]) -> list[StageName]:
     """The stages of the scan's chain that are not done with these configs (a cheap read of its records: no
     graph, no array). A stage whose upstream is itself pending counts as pending."""
     pending: list[StageName] = []
+    disabled = disabled_stages(configs)
     for spec in chain_for(scan.manifest.data_kind):
+        if spec.name in disabled:
+            continue
         if pending:
             pending.append(spec.name)
             continue
         try:
-            source, upstream = source_of(scan, spec)
+            source, upstream = source_of(scan, spec, ignore=disabled)
         except StageIncompleteError:
             pending.append(spec.name)
             continue

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from schemas.denoise import DenoiseConfig
 from schemas.geometry import ReconGrid
 from schemas.ingest import IngestConfig
 from schemas.manifest import DataKind, ScanManifest
@@ -129,3 +130,26 @@ def test_a_stage_without_its_input_or_with_a_wrong_config_is_refused(tmp_path: P
     )
     with pytest.raises(StageIncompleteError, match="reads one of"):
         stages.run_scan_stage(bare, "surrogate", PipelineConfig().surrogate, device=CPU)
+
+
+class _DenoiseOff(DenoiseConfig):
+    """A config that turns its (optional) stage off, as an optional stage's config does."""
+
+    @property
+    def enabled(self) -> bool:
+        return False
+
+
+def test_a_disabled_stage_is_reported_and_its_old_output_not_read(tmp_path: Path) -> None:
+    scan = make_site(tmp_path, site_id="S", rows=2, cols=32, views=90).scans()[0]
+    config = PipelineConfig()
+    stages.run_scan_stage(scan, "denoise", config.denoise, device=CPU)  # an earlier run wrote projections_denoised
+    off = _DenoiseOff()
+    assert stages.run_scan_stage(scan, "denoise", off, device=CPU).state is StageState.DISABLED
+    configs = {s.name: config.stage_config(s.name) for s in PIPELINE} | {StageName.DENOISE: off}
+    disabled = stages.disabled_stages(configs)
+    assert disabled == {"denoise"}
+    assert stages.pending_stages(scan, configs) == [StageName.RECONSTRUCT, StageName.SURROGATE]
+    run = stages.run_scan_stage(scan, "reconstruct", config.reconstruct, device=CPU, disabled=disabled)
+    assert run.record is not None and run.record.metrics["source"] == "projections"  # not the stale denoised one
+    assert run.record.inputs == {"ingest": scan.stage_record("ingest").lineage()}
