@@ -15,17 +15,38 @@ fill value, so a chunk's key exists exactly when that chunk was written (zarr wr
 atomically: a killed writer leaves whole chunks or none). A stage counts as done only when its
 provenance record is written, after the last chunk. A rerun with the same config hash and inputs skips
 the stage; a rerun after a fault writes only the missing chunks; a changed config recomputes.
+
+Integrity: every chunk ends in a crc32c checksum (zarr's ``crc32c`` codec after the compressor), so a flipped
+bit or a truncated chunk fails as :class:`~tasks.errors.CorruptChunkError` naming store, scan, array and chunk
+key instead of decoding to wrong numbers; :func:`verify_store` checks every chunk and record and
+:func:`migrate_store` adds checksums to arrays written before they existed. A metadata document that does not
+parse is :class:`~tasks.errors.CorruptMetadataError` naming the document.
+
+One writer per (scan, stage): :meth:`ScanStore.run_stage` (and the ingest path, via :meth:`SiteStore.lease`)
+holds a lease (``tasks.leases``: flock for folders, exclusive-create objects for fsspec URLs, a process lock for
+in-memory stores) while it writes; a second writer is refused with :class:`~tasks.errors.LeaseHeldError`.
+The scan group's attributes are only changed under the scan's ``_meta`` lease and re-read from the store first,
+so concurrent stage records are never lost.
+
+Everything that reads or writes Zarr bytes stays in this one module (the house rule: one module touches
+Zarr), which is why it is longer than ~600 lines; the lease mechanics that need no Zarr live in
+``tasks/leases.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
+import json
 import math
+import os
+import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,15 +62,22 @@ import zarr
 import zarr.errors
 from pydantic import ValidationError
 from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.indexing import BasicIndexer
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from schemas.base import StageConfig
 from schemas.manifest import ProvenanceRecord, ScanManifest
+from tasks import leases
 from tasks.errors import (
+    CorruptChunkError,
+    CorruptMetadataError,
     InvalidInputError,
     NotAFedscanStoreError,
     StageIncompleteError,
     StoreNotFoundError,
+    StoreWriteError,
 )
 
 STORE_KIND = "fedscan-site-store"
@@ -57,19 +85,32 @@ _CREATE_LOCK = threading.Lock()
 FORMAT_VERSION = 1
 SCANS = "scans"
 
+#: The lease under which a scan's attributes (manifest, provenance records) are read-modify-written, and how long
+#: a record write waits for it (record writes take milliseconds; 400 at once from 8 processes took ~2 s here).
+META_LEASE = "_meta"
+META_LEASE_WAIT_S = 120.0
+
 #: Target bytes per chunk: >= 1 MB (field notes) and small enough that a task's working set stays in cache
 #: and memory: a few MB.
 TARGET_CHUNK_BYTES = 8 * 2**20
 
 
-def default_compressors() -> tuple[BloscCodec, ...]:
-    """Compressor for every fedscan array: Blosc-Zstd level 1 with bit shuffle.
+def default_compressors() -> tuple[BloscCodec | Crc32cCodec, ...]:
+    """Bytes-to-bytes codecs of every fedscan array: Blosc-Zstd level 1 with bit shuffle, then a crc32c checksum.
 
-    Chosen by ``benchmarks/storage.py`` (simulated noisy line integrals, uint16 counts, float32 volumes):
-    it compressed 1.30x / 1.71x / 1.44x, read as fast as no compression and wrote at 0.5-0.65x its speed;
-    LZ4 was no faster and compressed less, zstd-5 and gzip cost 2-20x more write time for a few percent.
+    The compressor was chosen by ``benchmarks/storage.py`` (simulated noisy line integrals, uint16 counts, float32
+    volumes): it compressed 1.30x / 1.71x / 1.44x, read as fast as no compression and wrote at 0.5-0.65x its
+    speed; LZ4 was no faster and compressed less, zstd-5 and gzip cost 2-20x more write time for a few percent.
+    The checksum comes last, so it covers the bytes as stored: without it most single-bit flips in a Blosc chunk
+    decode silently to wrong values; with it a flipped bit or a truncated chunk fails to read.
     """
-    return (BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle),)
+    return (BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle), Crc32cCodec())
+
+
+def has_checksums(array: zarr.Array) -> bool:
+    """True when ``array``'s codec chain ends in zarr's ``crc32c`` codec (its chunks carry a checksum)."""
+    codecs = getattr(array.metadata, "codecs", ())
+    return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,10 +209,167 @@ def chunk_regions(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[tuple
         yield tuple(int(i) for i in idx), region
 
 
+# ------------------------------------------------------------------------------------------------
+# Integrity: chunks that do not decode, metadata documents that do not parse
+# ------------------------------------------------------------------------------------------------
+#: What a chunk that fails to decode raises inside zarr: the crc32c codec a ValueError, Blosc a RuntimeError.
+_DECODE_ERRORS = (ValueError, RuntimeError, TypeError)
+
+
+def _array_name(array: zarr.Array) -> str:
+    return array.path.rsplit("/", 1)[-1] if array.path else "<root>"
+
+
+def chunk_fault(array: zarr.Array, coords: tuple[int, ...]) -> str | None:
+    """Why the chunk at ``coords`` does not decode (``"checksum mismatch"``, or the decoder's message), or None
+    when it decodes (an absent chunk decodes to the fill value)."""
+    region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(coords, array.chunks, array.shape, strict=True))
+    try:
+        zarr.Array.get_basic_selection(array, region)
+    except _DECODE_ERRORS as exc:
+        text = str(exc)
+        if "checksum do not match" in text:
+            return "checksum mismatch"
+        return f"does not decode ({type(exc).__name__}: {text.splitlines()[0] if text else 'no message'})"
+    return None
+
+
+@dataclass(frozen=False)
+class CheckedArray(zarr.Array):  # type: ignore[type-arg]
+    """A zarr array whose reads turn a chunk that does not decode into :class:`CorruptChunkError`.
+
+    Reads are plain zarr reads; only when one fails does the array decode the chunks it touched one by one to
+    name the bad one (so the happy path costs nothing). Dask reads through ``__getitem__`` and gets the same.
+    """
+
+    _where: str = ""
+    _scan_id: str | None = None
+
+    def _corrupt(self, exc: Exception, candidates: Iterator[tuple[int, ...]] | None) -> CorruptChunkError | None:
+        coords = candidates if candidates is not None else (idx for idx, _ in chunk_regions(self.shape, self.chunks))
+        for idx in coords:
+            fault = chunk_fault(self, idx)
+            if fault is not None:
+                key = self.metadata.encode_chunk_key(idx)
+                name = _array_name(self)
+                return CorruptChunkError(
+                    f"corrupt chunk {key!r} of array {name!r} in {self._where or self.store}: {fault}",
+                    array=name,
+                    chunk_key=key,
+                    scan_id=self._scan_id,
+                )
+        return None
+
+    def _basic_coords(self, selection: Any) -> Iterator[tuple[int, ...]] | None:
+        try:
+            indexer = BasicIndexer(selection, self.shape, self.metadata.chunk_grid)
+        except (IndexError, TypeError, ValueError):
+            return None
+        return (tuple(p.chunk_coords) for p in indexer)
+
+    def get_basic_selection(self, selection: Any = Ellipsis, **kwargs: Any) -> Any:
+        try:
+            return super().get_basic_selection(selection, **kwargs)
+        except _DECODE_ERRORS as exc:
+            corrupt = self._corrupt(exc, self._basic_coords(selection))
+            if corrupt is None:
+                raise
+            raise corrupt from exc
+
+    def get_orthogonal_selection(self, selection: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_orthogonal_selection(selection, **kwargs)
+        except _DECODE_ERRORS as exc:
+            corrupt = self._corrupt(exc, None)
+            if corrupt is None:
+                raise
+            raise corrupt from exc
+
+    def get_coordinate_selection(self, selection: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_coordinate_selection(selection, **kwargs)
+        except _DECODE_ERRORS as exc:
+            corrupt = self._corrupt(exc, None)
+            if corrupt is None:
+                raise
+            raise corrupt from exc
+
+    def get_mask_selection(self, mask: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_mask_selection(mask, **kwargs)
+        except _DECODE_ERRORS as exc:
+            corrupt = self._corrupt(exc, None)
+            if corrupt is None:
+                raise
+            raise corrupt from exc
+
+    def get_block_selection(self, selection: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_block_selection(selection, **kwargs)
+        except _DECODE_ERRORS as exc:
+            corrupt = self._corrupt(exc, None)
+            if corrupt is None:
+                raise
+            raise corrupt from exc
+
+
+def _checked(array: zarr.Array, *, where: str, scan_id: str | None) -> CheckedArray:
+    return CheckedArray(array._async_array, _where=where, _scan_id=scan_id)
+
+
+def _metadata_error(document: str, exc: Exception) -> CorruptMetadataError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CorruptMetadataError(f"{document}: corrupt metadata document ({text})", document=document)
+
+
+#: What zarr raises on a metadata document that is not JSON (JSONDecodeError is a ValueError) or not valid
+#: Zarr v3 metadata (MetadataValidationError is a ValueError; a wrong type inside is a TypeError/KeyError).
+_METADATA_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def _child_nodes(store: Store, prefix: str, where: str) -> dict[str, str]:
+    """``{name: node_type}`` of the Zarr nodes directly below ``prefix``, read from their ``zarr.json``.
+
+    Names starting with ``.`` (lock files) are not nodes. A document that does not parse raises
+    :class:`CorruptMetadataError` naming it; zarr's own member listing would raise a bare JSONDecodeError.
+    """
+    proto = default_buffer_prototype()
+
+    async def collect() -> dict[str, str]:
+        found: dict[str, str] = {}
+        names = sorted({n async for n in store.list_dir(prefix)})
+        for name in names:
+            if name.startswith(".") or name == "zarr.json":
+                continue
+            key = f"{prefix}/{name}/zarr.json" if prefix else f"{name}/zarr.json"
+            buf = await store.get(key, prototype=proto)
+            if buf is None:
+                continue
+            document = f"{where.rstrip('/')}/{key}"
+            try:
+                doc = json.loads(buf.to_bytes())
+                node_type = doc["node_type"]
+            except (*_METADATA_ERRORS, UnicodeDecodeError) as exc:
+                raise _metadata_error(document, exc) from exc
+            if node_type not in ("array", "group"):
+                raise _metadata_error(document, ValueError(f"node_type {node_type!r}"))
+            found[name] = str(node_type)
+        return found
+
+    nodes: dict[str, str] = _run_sync(collect())
+    return nodes
+
+
 def _write_block(target: zarr.Array, block: np.ndarray, region: tuple[slice, ...]) -> int:
     """Write one chunk. Module level so tests can inject a fault into the write loop."""
     target[region] = block
     return 1
+
+
+def _write_error(exc: OSError, *, where: str, what: str) -> StoreWriteError:
+    """An OSError from the store as a :class:`StoreWriteError` naming the store and what was being written."""
+    reason = str(exc) or type(exc).__name__
+    return StoreWriteError(f"{where}: writing {what} failed: {reason}", errno_=exc.errno)
 
 
 @dataclass(frozen=True)
@@ -227,14 +425,17 @@ def _output_progress(progress: Callable[[float], None], k: int, n_outputs: int, 
     progress((k + done / total) / n_outputs)
 
 
-def write_missing_chunks(target: zarr.Array, source: da.Array, *, progress: ProgressFn | None = None) -> WriteReport:
+def write_missing_chunks(
+    target: zarr.Array, source: da.Array, *, progress: ProgressFn | None = None, where: str | None = None
+) -> WriteReport:
     """Compute and write only the chunks of ``target`` that are not yet in the store.
 
     ``source`` is rechunked to ``target``'s chunk grid, so each task writes whole chunks and no two
     tasks touch the same chunk. Runs on the current dask scheduler (a ``distributed.Client`` when one
     is active). A fault part-way leaves every finished chunk in place; calling again finishes the rest.
     ``progress(done, total)`` is called as chunks land on disk, and once with ``done == total`` at the end
-    (``total`` counts this call's chunks only).
+    (``total`` counts this call's chunks only). An :class:`OSError` from the store (a full disk) is raised as
+    :class:`StoreWriteError` naming ``where`` (default: the store) and the array.
     """
     if tuple(source.shape) != tuple(target.shape):
         raise InvalidInputError(
@@ -253,7 +454,12 @@ def write_missing_chunks(target: zarr.Array, source: da.Array, *, progress: Prog
             continue
         todo.append(dask.delayed(_write_block, pure=False)(writer, blocks[idx], region))
     if todo:
-        _compute_writes(target, todo, progress, present=len(present))
+        try:
+            _compute_writes(target, todo, progress, present=len(present))
+        except StoreWriteError:
+            raise
+        except OSError as exc:
+            raise _write_error(exc, where=where or str(target.store), what=f"array {_array_name(target)!r}") from exc
     return WriteReport(written=len(todo), skipped=skipped)
 
 
@@ -308,13 +514,56 @@ class ScanStore:
     def __repr__(self) -> str:
         return f"ScanStore({self.site.uri!r}, scan_id={self.scan_id!r})"
 
+    @property
+    def where(self) -> str:
+        """``scan 'x' of <store>``, for messages."""
+        return f"scan {self.scan_id!r} of {self.site.uri}"
+
+    def lease(self, stage: str, *, wait_s: float = 0.0, **info: Any) -> contextlib.AbstractContextManager[None]:
+        """Hold this scan's lease for ``stage`` (see :meth:`SiteStore.lease`)."""
+        return self.site.lease(self.scan_id, stage, wait_s=wait_s, **info)
+
     # ---- metadata ---------------------------------------------------------------------------
+    def _document(self) -> str:
+        return f"{self.site.uri.rstrip('/')}/{self.group.path}/zarr.json"
+
+    def _reload(self) -> zarr.Group:
+        """The scan group as it is in the store now (another process may have written a record since)."""
+        mode: Literal["r", "r+"] = "r" if self.group.store.read_only else "r+"
+        try:
+            group = zarr.open_group(store=self.group.store, path=self.group.path, mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreNotFoundError(f"no scan {self.scan_id!r} in {self.site.uri}") from exc
+        except _METADATA_ERRORS as exc:
+            raise _metadata_error(self._document(), exc) from exc
+        self.group = group
+        return group
+
     def _meta(self) -> dict[str, Any]:
-        meta = self.group.attrs.get("fedscan", {})
+        meta = self._reload().attrs.get("fedscan", {})
         return dict(meta) if isinstance(meta, Mapping) else {}
 
+    def _update_meta(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Read-modify-write of the scan's ``fedscan`` attributes under the scan's ``_meta`` lease, re-reading
+        the document inside it, so concurrent writers (other stages, other processes) never lose an update."""
+        with self.lease(META_LEASE, wait_s=META_LEASE_WAIT_S):
+            group = self._reload()
+            raw = group.attrs.get("fedscan", {})
+            meta = dict(raw) if isinstance(raw, Mapping) else {}
+            change(meta)
+            try:
+                group.update_attributes({"fedscan": meta})
+            except OSError as exc:
+                raise _write_error(exc, where=self.where, what="the scan's metadata (zarr.json)") from exc
+
     def _set_meta(self, meta: Mapping[str, Any]) -> None:
-        self.group.update_attributes({"fedscan": dict(meta)})
+        new = dict(meta)
+
+        def replace(current: dict[str, Any]) -> None:
+            current.clear()
+            current.update(new)
+
+        self._update_meta(replace)
 
     @property
     def manifest(self) -> ScanManifest:
@@ -329,9 +578,17 @@ class ScanStore:
             ) from exc
 
     def provenance(self) -> dict[str, ProvenanceRecord]:
-        """Every completed stage's record, by stage name."""
+        """Every completed stage's record, by stage name (read from the store now)."""
         raw = self._meta().get("provenance", {})
-        return {stage: ProvenanceRecord.model_validate(rec) for stage, rec in dict(raw).items()}
+        out = {}
+        for stage, rec in dict(raw).items():
+            try:
+                out[stage] = ProvenanceRecord.model_validate(rec)
+            except ValidationError as exc:
+                raise InvalidInputError(
+                    f"{self.where}: the provenance record of stage {stage!r} is invalid: {exc.errors()[0]['msg']}"
+                ) from exc
+        return out
 
     def stage_record(self, stage: str) -> ProvenanceRecord | None:
         return self.provenance().get(stage)
@@ -348,38 +605,52 @@ class ScanStore:
         return all(name in self.array_names() for name in rec.outputs)
 
     def _write_record(self, record: ProvenanceRecord) -> None:
-        meta = self._meta()
-        prov = dict(meta.get("provenance", {}))
-        prov[record.stage] = record.model_dump(mode="json")
-        meta["provenance"] = prov
-        self._set_meta(meta)
+        dumped = record.model_dump(mode="json")
+
+        def put(meta: dict[str, Any]) -> None:
+            prov = dict(meta.get("provenance", {}))
+            prov[record.stage] = dumped
+            meta["provenance"] = prov
+
+        self._update_meta(put)
 
     def _drop_record(self, stage: str) -> None:
-        meta = self._meta()
-        prov = dict(meta.get("provenance", {}))
-        if stage in prov:
-            del prov[stage]
+        if stage not in self._meta().get("provenance", {}):
+            return
+
+        def drop(meta: dict[str, Any]) -> None:
+            prov = dict(meta.get("provenance", {}))
+            prov.pop(stage, None)
             meta["provenance"] = prov
-            self._set_meta(meta)
+
+        self._update_meta(drop)
 
     # ---- arrays -----------------------------------------------------------------------------
     def array_names(self) -> list[str]:
-        return sorted(name for name, _ in self.group.arrays())
+        nodes = _child_nodes(self.group.store, self.group.path, self.site.uri)
+        return sorted(name for name, kind in nodes.items() if kind == "array")
 
-    def array(self, name: str) -> zarr.Array:
+    def array(self, name: str) -> CheckedArray:
+        """One array of the scan; its reads raise :class:`CorruptChunkError` on a chunk that does not decode."""
+        if name.startswith(".") or "/" in name:
+            raise InvalidInputError(f"{name!r} is not an array name")
         try:
-            node = self.group[name]
-        except KeyError as exc:
+            mode: Literal["r", "r+"] = "r" if self.group.store.read_only else "r+"
+            node = zarr.open_array(store=self.group.store, path=f"{self.group.path}/{name}", mode=mode, zarr_format=3)
+        except (FileNotFoundError, KeyError, zarr.errors.NodeTypeValidationError) as exc:
+            if isinstance(exc, zarr.errors.NodeTypeValidationError) or name in self.array_names():
+                raise StoreNotFoundError(f"{name!r} in scan {self.scan_id!r} is not an array") from exc
             raise StoreNotFoundError(
                 f"scan {self.scan_id!r} in {self.site.uri} has no array {name!r} "
                 f"(it has: {', '.join(self.array_names()) or 'none'})"
             ) from exc
-        if not isinstance(node, zarr.Array):
-            raise StoreNotFoundError(f"{name!r} in scan {self.scan_id!r} is not an array")
-        return node
+        except _METADATA_ERRORS as exc:
+            raise _metadata_error(f"{self.site.uri.rstrip('/')}/{self.group.path}/{name}/zarr.json", exc) from exc
+        return _checked(node, where=self.where, scan_id=self.scan_id)
 
     def read(self, name: str, *, chunks: Any = None) -> da.Array:
-        """A lazy dask view of an array (by default chunked as stored)."""
+        """A lazy dask view of an array (by default chunked as stored); a corrupt chunk raises
+        :class:`CorruptChunkError` when computed."""
         arr = self.array(name)
         return da.from_zarr(arr, chunks=chunks if chunks is not None else arr.chunks)
 
@@ -409,6 +680,7 @@ class ScanStore:
                 and tuple(existing.chunks) == tuple(chunks)
                 and isinstance(marker, Mapping)
                 and marker.get("writing") == dict(writing)
+                and has_checksums(existing)
             )
             if same:
                 return existing
@@ -416,17 +688,21 @@ class ScanStore:
             fill_value = np.nan if np.issubdtype(dtype, np.floating) else 0
         attrs = dict(attributes or {})
         attrs["fedscan"] = {"writing": dict(writing)}
-        return self.group.create_array(
-            name,
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            fill_value=fill_value,
-            compressors=default_compressors(),
-            dimension_names=tuple(dimension_names),
-            attributes=attrs,
-            overwrite=True,
-        )
+        try:
+            created = self.group.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                fill_value=fill_value,
+                compressors=default_compressors(),
+                dimension_names=tuple(dimension_names),
+                attributes=attrs,
+                overwrite=True,
+            )
+        except OSError as exc:
+            raise _write_error(exc, where=self.where, what=f"array {name!r} (zarr.json)") from exc
+        return _checked(created, where=self.where, scan_id=self.scan_id)
 
     # ---- stages -----------------------------------------------------------------------------
     def run_stage(
@@ -439,15 +715,41 @@ class ScanStore:
         metrics: MetricsFn | None = None,
         force: bool = False,
         progress: Callable[[float], None] | None = None,
+        lease_wait_s: float = 0.0,
     ) -> StageResult:
-        """Write a stage's outputs chunk by chunk, then its provenance record.
+        """Write a stage's outputs chunk by chunk, then its provenance record, holding the (scan, stage) lease.
 
         Skips the stage when it is already done with the same config hash and inputs (unless
         ``force``); resumes an interrupted write of the same work; recomputes otherwise.
         ``progress(fraction)`` is called as chunks are written (0 < fraction ≤ 1, over all outputs).
+        Another writer of this stage of this scan (any config, any process) makes this call wait up to
+        ``lease_wait_s`` and then raise :class:`~tasks.errors.LeaseHeldError` without writing anything.
         """
         config_hash = config.config_hash()
-        inputs = dict(inputs or {})
+        with self.lease(stage, wait_s=lease_wait_s, config_hash=config_hash):
+            return self._run_stage_leased(
+                stage=stage,
+                config=config,
+                config_hash=config_hash,
+                outputs=outputs,
+                inputs=dict(inputs or {}),
+                metrics=metrics,
+                force=force,
+                progress=progress,
+            )
+
+    def _run_stage_leased(
+        self,
+        *,
+        stage: str,
+        config: StageConfig,
+        config_hash: str,
+        outputs: Sequence[StageOutput],
+        inputs: dict[str, str],
+        metrics: MetricsFn | None,
+        force: bool,
+        progress: Callable[[float], None] | None,
+    ) -> StageResult:
         if not force and self.is_done(stage, config_hash, inputs):
             rec = self.stage_record(stage)
             assert rec is not None
@@ -471,7 +773,7 @@ class ScanStore:
             )
             part = None if progress is None else functools.partial(_output_progress, progress, k, len(outputs))
 
-            report = write_missing_chunks(target, out.data, progress=part)
+            report = write_missing_chunks(target, out.data, progress=part, where=self.where)
             written += report.written
             present += report.skipped
             left = missing_chunks(target)
@@ -534,27 +836,54 @@ class SiteStore:
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
     def create(cls, store: StoreLike, *, site_id: str) -> SiteStore:
-        """Create a new, empty site store; refuses a path that already holds anything."""
+        """Create a new, empty site store; refuses a path that already holds anything.
+
+        Atomic: a local store is built under a temporary name beside the target and renamed into place, so a
+        failure (a full disk) leaves no half-created store behind; elsewhere the root document, attributes
+        included, is one write and :meth:`open_or_create` repairs a store whose ``scans`` group is missing.
+        """
         local = _is_local_path(store)
-        if local is not None and local.exists() and (local.is_file() or any(local.iterdir())):
-            raise NotAFedscanStoreError(f"{local} already exists and is not empty; refusing to create a store there")
+        if local is not None:
+            return cls._create_local(local, site_id=site_id)
         try:
-            root = _open_group(store, mode="w-")
+            root = _open_group_with(store, mode="w-", attributes=_root_attributes(site_id))
+            root.require_group(SCANS)
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
             raise NotAFedscanStoreError(f"{_describe(store)} already holds Zarr data") from exc
-        root.update_attributes({"fedscan": {"kind": STORE_KIND, "format_version": FORMAT_VERSION, "site_id": site_id}})
-        root.require_group(SCANS)
+        except OSError as exc:
+            raise _write_error(exc, where=_describe(store), what="a new site store") from exc
         return cls(root, _describe(store))
 
     @classmethod
+    def _create_local(cls, local: Path, *, site_id: str) -> SiteStore:
+        if local.exists() and (local.is_file() or any(local.iterdir())):
+            raise NotAFedscanStoreError(f"{local} already exists and is not empty; refusing to create a store there")
+        tmp = local.parent / f".{local.name}.creating-{uuid.uuid4().hex[:12]}"
+        try:
+            root = _open_group_with(tmp, mode="w-", attributes=_root_attributes(site_id))
+            root.require_group(SCANS)
+            os.rename(tmp, local)  # atomic; replaces an empty folder, fails on a non-empty one
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise NotAFedscanStoreError(f"{local} was created by another writer meanwhile") from exc
+            raise _write_error(exc, where=str(local), what="a new site store") from exc
+        return cls(_open_group(local, mode="r+"), str(local))
+
+    @classmethod
     def open(cls, store: StoreLike, *, mode: Literal["r", "r+"] = "r+") -> SiteStore:
-        """Open an existing site store; a missing path or a non-fedscan path is a clear error."""
+        """Open an existing site store; a missing path or a non-fedscan path is a clear error, and a root
+        metadata document that does not parse is :class:`CorruptMetadataError` naming it."""
         local = _is_local_path(store)
         if local is not None and not local.exists():
             raise StoreNotFoundError(f"no store at {local}")
         try:
             root = _open_group(store, mode=mode)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError) as exc:
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError, KeyError) as exc:
+            raise NotAFedscanStoreError(f"{_describe(store)} is not a fedscan site store (no Zarr v3 group)") from exc
+        except (json.JSONDecodeError, zarr.errors.MetadataValidationError, TypeError, UnicodeDecodeError) as exc:
+            raise _metadata_error(f"{_describe(store).rstrip('/')}/zarr.json", exc) from exc
+        except ValueError as exc:
             raise NotAFedscanStoreError(f"{_describe(store)} is not a fedscan site store (no Zarr v3 group)") from exc
         meta = root.attrs.get("fedscan")
         if not isinstance(meta, Mapping) or meta.get("kind") != STORE_KIND:
@@ -569,16 +898,69 @@ class SiteStore:
 
     @classmethod
     def open_or_create(cls, store: StoreLike, *, site_id: str) -> SiteStore:
-        """Open the store when it exists (checking it belongs to ``site_id``), else create it."""
+        """Open the store when it exists (checking it belongs to ``site_id``), else create it.
+
+        Repairs what an interrupted creation can leave: a local folder holding only an empty Zarr group (how
+        fedscan before atomic creation left a store after a full disk) is replaced, and a store whose
+        ``scans`` group is missing gets it.
+        """
         with _CREATE_LOCK:  # concurrent ingest tasks of one site in one process must not race here
             local = _is_local_path(store)
-            exists = local.exists() if local is not None else _has_group(store)
+            if local is not None and _half_created(local):
+                shutil.rmtree(local)
+            exists = local.exists() and any(local.iterdir()) if local is not None else _has_group(store)
             if not exists:
-                return cls.create(store, site_id=site_id)
+                try:
+                    return cls.create(store, site_id=site_id)
+                except NotAFedscanStoreError:
+                    if local is None or not local.exists():
+                        raise
             site = cls.open(store)
+            if site.site_id == site_id and not isinstance(site.root.get(SCANS), zarr.Group):
+                try:
+                    site.root.require_group(SCANS)
+                except OSError as exc:
+                    raise _write_error(exc, where=site.uri, what="the 'scans' group") from exc
         if site.site_id != site_id:
             raise InvalidInputError(f"{site.uri} belongs to site {site.site_id!r}, not {site_id!r}")
         return site
+
+    # ---- leases -----------------------------------------------------------------------------
+    def _lease_backend(self, name: str) -> leases.LeaseBackend:
+        store = self.root.store
+        if isinstance(store, LocalStore):
+            return leases.FileLease(Path(store.root) / leases.LOCKS_DIR / f"{name}.lock")
+        if isinstance(store, FsspecStore):
+            import fsspec
+
+            fs = fsspec.core.url_to_fs(self.uri)[0] if "://" in self.uri else getattr(store.fs, "sync_fs", store.fs)
+            path = f"{store.path.rstrip('/')}/{leases.LOCKS_DIR}/{name}.lease"
+            return leases.ObjectLease(fs, path, url=f"{self.uri.rstrip('/')}/{leases.LOCKS_DIR}/{name}.lease")
+        if isinstance(store, MemoryStore):
+            return leases.ProcessLease(f"{id(store._store_dict)}/{name}", where=f"{self.uri} (in-process lock)")
+        raise InvalidInputError(f"{self.uri}: fedscan has no lease for {type(store).__name__} stores")
+
+    def lease(
+        self, scan_id: str, stage: str, *, wait_s: float = 0.0, **info: Any
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold the lease of (``scan_id``, ``stage``): one writer at a time, across threads and processes.
+
+        A local store locks ``<store>/.locks/<scan>.<stage>.lock`` with ``flock`` (dropped by the kernel when the
+        holder dies); an fsspec URL creates ``<store>/.locks/<scan>.<stage>.lease`` exclusively (S3:
+        ``If-None-Match``; a holder killed with SIGKILL leaves it, and the refusal names it); an in-memory store
+        takes a lock in this process. Another holder makes this wait up to ``wait_s`` seconds, then raise
+        :class:`~tasks.errors.LeaseHeldError` naming scan, stage and the holder. Reentrant in one context.
+        """
+        for what, value in (("scan id", scan_id), ("stage", stage)):
+            if not value or value.startswith(".") or "/" in value or "\\" in value:
+                raise InvalidInputError(f"{value!r} is not a valid {what} for a lease")
+        label = "the scan's metadata" if stage == META_LEASE else f"stage {stage!r}"
+        return leases.hold(
+            self._lease_backend(f"{scan_id}.{stage}"),
+            what=f"{label} of scan {scan_id!r} in {self.uri}",
+            wait_s=wait_s,
+            **info,
+        )
 
     # ---- contents ---------------------------------------------------------------------------
     @property
@@ -594,36 +976,52 @@ class SiteStore:
         return node
 
     def scan_ids(self) -> list[str]:
-        return sorted(name for name, _ in self._scans().groups())
+        """Every scan's id (a scan whose metadata document does not parse raises :class:`CorruptMetadataError`)."""
+        nodes = _child_nodes(self._scans().store, SCANS, self.uri)
+        return sorted(name for name, kind in nodes.items() if kind == "group")
 
     def scan(self, scan_id: str) -> ScanStore:
+        if not scan_id or scan_id.startswith(".") or "/" in scan_id:
+            raise InvalidInputError(f"{scan_id!r} is not a scan id")
+        mode: Literal["r", "r+"] = "r" if self.root.store.read_only else "r+"
         try:
-            node = self._scans()[scan_id]
-        except KeyError as exc:
+            node = zarr.open_group(store=self.root.store, path=f"{SCANS}/{scan_id}", mode=mode, zarr_format=3)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreNotFoundError(f"no scan {scan_id!r} in {self.uri}") from exc
-        if not isinstance(node, zarr.Group):
-            raise StoreNotFoundError(f"{scan_id!r} in {self.uri} is not a scan group")
+        except zarr.errors.ContainsArrayError as exc:
+            raise StoreNotFoundError(f"{scan_id!r} in {self.uri} is not a scan group") from exc
+        except _METADATA_ERRORS as exc:
+            raise _metadata_error(f"{self.uri.rstrip('/')}/{SCANS}/{scan_id}/zarr.json", exc) from exc
         return ScanStore(self, node, scan_id)
 
     def scans(self) -> list[ScanStore]:
         return [self.scan(s) for s in self.scan_ids()]
 
     def create_scan(self, manifest: ScanManifest) -> ScanStore:
-        """Create (or reopen, for a resumed write of the same source) the group of one scan."""
+        """Create (or reopen, for a resumed write of the same source) the group of one scan.
+
+        Check and create happen under the scan's metadata lease, so of two sources ingested under one scan id
+        at once exactly one gets the scan; the other is refused with :class:`InvalidInputError`.
+        """
         if manifest.site_id != self.site_id:
             raise InvalidInputError(f"scan {manifest.scan_id!r} is for site {manifest.site_id!r}, not {self.site_id!r}")
-        if manifest.scan_id in self.scan_ids():
-            scan = self.scan(manifest.scan_id)
-            old = scan.manifest
-            if old.source_sha256 != manifest.source_sha256:
-                raise InvalidInputError(
-                    f"scan id {manifest.scan_id!r} already exists in {self.uri} with other source data"
+        dumped = manifest.model_dump(mode="json")
+        with self.lease(manifest.scan_id, META_LEASE, wait_s=META_LEASE_WAIT_S):
+            if manifest.scan_id in self.scan_ids():
+                scan = self.scan(manifest.scan_id)
+                old = scan.manifest
+                if old.source_sha256 != manifest.source_sha256:
+                    raise InvalidInputError(
+                        f"scan id {manifest.scan_id!r} already exists in {self.uri} with other source data"
+                    )
+                scan._update_meta(lambda meta: meta.update({"manifest": dumped}))
+                return scan
+            try:
+                group = self._scans().create_group(
+                    manifest.scan_id, attributes={"fedscan": {"manifest": dumped, "provenance": {}}}
                 )
-            scan._set_meta({**scan._meta(), "manifest": manifest.model_dump(mode="json")})
-            return scan
-        group = self._scans().create_group(
-            manifest.scan_id, attributes={"fedscan": {"manifest": manifest.model_dump(mode="json"), "provenance": {}}}
-        )
+            except OSError as exc:
+                raise _write_error(exc, where=self.uri, what=f"scan {manifest.scan_id!r} (zarr.json)") from exc
         return ScanStore(self, group, manifest.scan_id)
 
     def find_source(self, source_sha256: str, *, stage: str = "ingest") -> str | None:
@@ -633,6 +1031,36 @@ class SiteStore:
                 if scan.manifest.source_sha256 == source_sha256 and scan.is_done(stage):
                     return scan.scan_id
         return None
+
+
+def _root_attributes(site_id: str) -> dict[str, Any]:
+    return {"fedscan": {"kind": STORE_KIND, "format_version": FORMAT_VERSION, "site_id": site_id}}
+
+
+def _open_group_with(store: StoreLike, *, mode: Literal["w-"], attributes: dict[str, Any]) -> zarr.Group:
+    if isinstance(store, Path):
+        store = str(store)
+    return zarr.open_group(store=store, mode=mode, zarr_format=3, attributes=attributes)
+
+
+def _half_created(local: Path) -> bool:
+    """True for a local folder that an interrupted creation left: an empty root group without fedscan's
+    attributes, perhaps an empty ``scans`` group and ``*.partial`` files, and nothing else."""
+    if not local.is_dir():
+        return False
+    entries = {p.name for p in local.iterdir()}
+    if not entries or not all(e in {"zarr.json", SCANS} or e.endswith(".partial") for e in entries):
+        return False
+    scans = local / SCANS
+    if scans.is_dir() and any(p.name != "zarr.json" for p in scans.iterdir()):
+        return False
+    if not (local / "zarr.json").exists():
+        return True
+    try:
+        doc = json.loads((local / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return False  # a root document that does not parse is reported, never deleted
+    return isinstance(doc, dict) and doc.get("node_type") == "group" and "fedscan" not in doc.get("attributes", {})
 
 
 def _has_group(store: StoreLike) -> bool:
