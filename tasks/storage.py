@@ -40,6 +40,7 @@ import contextvars
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -109,7 +110,7 @@ def default_compressors() -> tuple[BloscCodec | Crc32cCodec, ...]:
 
 def has_checksums(array: zarr.Array) -> bool:
     """True when ``array``'s codec chain ends in zarr's ``crc32c`` codec (its chunks carry a checksum)."""
-    codecs = getattr(array.metadata, "codecs", ())
+    codecs: tuple[Any, ...] = tuple(getattr(array.metadata, "codecs", ()))
     return bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
 
 
@@ -235,7 +236,7 @@ def chunk_fault(array: zarr.Array, coords: tuple[int, ...]) -> str | None:
 
 
 @dataclass(frozen=False)
-class CheckedArray(zarr.Array):  # type: ignore[type-arg]
+class CheckedArray(zarr.Array):
     """A zarr array whose reads turn a chunk that does not decode into :class:`CorruptChunkError`.
 
     Reads are plain zarr reads; only when one fails does the array decode the chunks it touched one by one to
@@ -318,7 +319,10 @@ def _checked(array: zarr.Array, *, where: str, scan_id: str | None) -> CheckedAr
 
 
 def _metadata_error(document: str, exc: Exception) -> CorruptMetadataError:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"no {exc.args[0]!r} key" if exc.args else "a key is missing"
+    else:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return CorruptMetadataError(f"{document}: corrupt metadata document ({text})", document=document)
 
 
@@ -327,11 +331,14 @@ def _metadata_error(document: str, exc: Exception) -> CorruptMetadataError:
 _METADATA_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
 
 
-def _child_nodes(store: Store, prefix: str, where: str) -> dict[str, str]:
+def _child_nodes(
+    store: Store, prefix: str, where: str, *, corrupt: dict[str, CorruptMetadataError] | None = None
+) -> dict[str, str]:
     """``{name: node_type}`` of the Zarr nodes directly below ``prefix``, read from their ``zarr.json``.
 
     Names starting with ``.`` (lock files) are not nodes. A document that does not parse raises
-    :class:`CorruptMetadataError` naming it; zarr's own member listing would raise a bare JSONDecodeError.
+    :class:`CorruptMetadataError` naming it (zarr's own member listing raises a bare JSONDecodeError), or, when
+    ``corrupt`` is given, is put there by child name and the listing goes on.
     """
     proto = default_buffer_prototype()
 
@@ -349,10 +356,14 @@ def _child_nodes(store: Store, prefix: str, where: str) -> dict[str, str]:
             try:
                 doc = json.loads(buf.to_bytes())
                 node_type = doc["node_type"]
+                if node_type not in ("array", "group"):
+                    raise ValueError(f"node_type {node_type!r}")
             except (*_METADATA_ERRORS, UnicodeDecodeError) as exc:
-                raise _metadata_error(document, exc) from exc
-            if node_type not in ("array", "group"):
-                raise _metadata_error(document, ValueError(f"node_type {node_type!r}"))
+                error = _metadata_error(document, exc)
+                if corrupt is None:
+                    raise error from exc
+                corrupt[name] = error
+                continue
             found[name] = str(node_type)
         return found
 
@@ -976,9 +987,11 @@ class SiteStore:
         return node
 
     def scan_ids(self) -> list[str]:
-        """Every scan's id (a scan whose metadata document does not parse raises :class:`CorruptMetadataError`)."""
-        nodes = _child_nodes(self._scans().store, SCANS, self.uri)
-        return sorted(name for name, kind in nodes.items() if kind == "group")
+        """Every scan's id, including a scan whose metadata document does not parse (opening that one with
+        :meth:`scan` raises :class:`CorruptMetadataError`; the others stay readable)."""
+        corrupt: dict[str, CorruptMetadataError] = {}
+        nodes = _child_nodes(self._scans().store, SCANS, self.uri, corrupt=corrupt)
+        return sorted([name for name, kind in nodes.items() if kind == "group"] + list(corrupt))
 
     def scan(self, scan_id: str) -> ScanStore:
         if not scan_id or scan_id.startswith(".") or "/" in scan_id:
@@ -1076,12 +1089,230 @@ def site_store_uri(data_root: str | Path, site_id: str) -> str:
     return f"{str(data_root).rstrip('/')}/{site_id}.zarr"
 
 
-def find_site_stores(folder: str | Path) -> list[Path]:
-    """Every fedscan site store directly inside a local folder."""
+def find_site_stores(folder: str | Path, *, include_corrupt: bool = False) -> list[Path]:
+    """Every fedscan site store directly inside a local folder.
+
+    A store whose root metadata document does not parse is left out with a warning in the log (one bad store
+    must not stop the others' nightly run), or listed when ``include_corrupt`` (for ``fedscan verify``).
+    """
     base = Path(folder)
     found = []
     for child in sorted(base.glob("*.zarr")):
-        with contextlib.suppress(NotAFedscanStoreError, StoreNotFoundError):
+        try:
             SiteStore.open(child, mode="r")
-            found.append(child)
+        except (NotAFedscanStoreError, StoreNotFoundError):
+            continue
+        except CorruptMetadataError as exc:
+            if not include_corrupt:
+                logging.getLogger(__name__).warning("site store skipped: %s", exc)
+                continue
+        found.append(child)
     return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Verify and migrate
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoreProblem:
+    """One thing :func:`verify_store` found wrong: where (site, scan, array, chunk key or document) and why."""
+
+    site: str
+    scan: str | None
+    array: str | None
+    key: str | None
+    reason: str
+
+    def line(self) -> str:
+        parts = [f"site {self.site}"]
+        if self.scan is not None:
+            parts.append(f"scan {self.scan}")
+        if self.array is not None:
+            parts.append(f"array {self.array}")
+        if self.key is not None:
+            parts.append(
+                f"{'chunk' if self.array is not None and not self.key.endswith('zarr.json') else 'at'} {self.key}"
+            )
+        return "  ".join(parts) + f": {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_store` checked and found."""
+
+    uri: str
+    site: str
+    problems: list[StoreProblem] = field(default_factory=list)
+    scans: int = 0
+    arrays: int = 0
+    chunks: int = 0
+    records: int = 0
+    without_checksums: list[str] = field(default_factory=list)  # "scan/array"
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _crc(raw: bytes) -> bytes:
+    import google_crc32c
+
+    return np.array([google_crc32c.value(raw)], dtype=np.uint32).view("B").tobytes()  # as zarr's crc32c codec
+
+
+def verify_store(store: StoreLike) -> VerifyReport:
+    """Decode every chunk of every array of every scan and check every stage record.
+
+    A chunk that fails its crc32c checksum or does not decode, a metadata document that does not parse, an
+    invalid manifest or record, a record whose output array is missing, has missing chunks or was written by
+    another config: each is one :class:`StoreProblem`. Arrays written before checksums existed are listed in
+    ``without_checksums`` (their chunks are still decoded; :func:`migrate_store` adds checksums).
+    A root document that does not parse raises :class:`CorruptMetadataError` (there is no store to walk).
+    """
+    site = SiteStore.open(store, mode="r")
+    report = VerifyReport(uri=site.uri, site=site.site_id)
+    add = report.problems.append
+    bad_scans: dict[str, CorruptMetadataError] = {}
+    scan_ids = sorted(
+        n for n, kind in _child_nodes(site.root.store, SCANS, site.uri, corrupt=bad_scans).items() if kind == "group"
+    )
+    for name, err in sorted(bad_scans.items()):
+        add(StoreProblem(site.site_id, name, None, err.document, "corrupt metadata document"))
+    for scan_id in scan_ids:
+        report.scans += 1
+        try:
+            scan = site.scan(scan_id)
+            scan.manifest  # noqa: B018 - validates the manifest
+        except (CorruptMetadataError, InvalidInputError, StoreNotFoundError) as exc:
+            add(StoreProblem(site.site_id, scan_id, None, getattr(exc, "document", None), str(exc)))
+            continue
+        bad_arrays: dict[str, CorruptMetadataError] = {}
+        nodes = _child_nodes(scan.group.store, scan.group.path, site.uri, corrupt=bad_arrays)
+        for name, err in sorted(bad_arrays.items()):
+            add(StoreProblem(site.site_id, scan_id, name, err.document, "corrupt metadata document"))
+        for name in sorted(n for n, kind in nodes.items() if kind == "array"):
+            _verify_array(scan, name, report)
+        try:
+            records = scan.provenance()
+        except InvalidInputError as exc:
+            add(StoreProblem(site.site_id, scan_id, None, None, str(exc)))
+            continue
+        for stage, rec in records.items():
+            report.records += 1
+            for out in rec.outputs:
+                if out not in bad_arrays:
+                    _verify_record_output(scan, stage, rec, out, exists=out in nodes, report=report)
+    return report
+
+
+def _verify_record_output(
+    scan: ScanStore, stage: str, rec: ProvenanceRecord, out: str, *, exists: bool, report: VerifyReport
+) -> None:
+    def problem(reason: str) -> None:
+        report.problems.append(StoreProblem(report.site, scan.scan_id, out, None, reason))
+
+    if not exists:
+        problem(f"stage {stage!r} is recorded done but the array is missing")
+        return
+    arr = scan.array(out)
+    left = missing_chunks(arr)
+    if left:
+        problem(f"stage {stage!r} is recorded done but {left} chunks are missing")
+    marker = arr.attrs.get("fedscan", {})
+    writing = marker.get("writing") if isinstance(marker, Mapping) else None
+    if isinstance(writing, Mapping) and writing.get("stage") == stage and writing.get("config_hash") != rec.config_hash:
+        problem(f"written by config {writing.get('config_hash')} but stage {stage!r} records {rec.config_hash}")
+
+
+def _verify_array(scan: ScanStore, name: str, report: VerifyReport) -> None:
+    try:
+        arr = scan.array(name)
+    except CorruptMetadataError as exc:
+        report.problems.append(StoreProblem(report.site, scan.scan_id, name, exc.document, "corrupt metadata document"))
+        return
+    report.arrays += 1
+    if not has_checksums(arr):
+        report.without_checksums.append(f"{scan.scan_id}/{name}")
+    present = present_chunk_keys(arr)
+    for idx, _ in chunk_regions(arr.shape, arr.chunks):
+        key = arr.metadata.encode_chunk_key(idx)
+        if key not in present:
+            continue
+        report.chunks += 1
+        fault = chunk_fault(arr, idx)
+        if fault is not None:
+            report.problems.append(StoreProblem(report.site, scan.scan_id, name, key, fault))
+
+
+@dataclass
+class MigrateReport:
+    """What :func:`migrate_store` changed: ``scan/array`` names given checksums, and chunks rewritten."""
+
+    uri: str
+    arrays: list[str] = field(default_factory=list)
+    chunks: int = 0
+
+
+def migrate_store(store: StoreLike) -> MigrateReport:
+    """Give every array without checksums the crc32c codec, in place and resumably.
+
+    zarr's crc32c codec is the last codec: a chunk with it is the chunk without it plus 4 checksum bytes. So each
+    chunk is read raw, checked to decode with the old codecs, and rewritten with its checksum appended; then the
+    array's ``zarr.json`` gets the codec. A chunk that already ends in its own checksum is skipped (an interrupted
+    migration resumes; a chunk whose last 4 bytes match by chance, odds 2**-32, would be skipped wrongly). A chunk
+    that does not decode stops the migration with :class:`CorruptChunkError` (a checksum over damaged bytes would
+    bless them). Holds each array's stage lease, so it refuses to run beside a writer of that stage.
+    """
+    site = SiteStore.open(store, mode="r+")
+    report = MigrateReport(uri=site.uri)
+    for scan in site.scans():
+        for name in scan.array_names():
+            arr = scan.array(name)
+            if has_checksums(arr):
+                continue
+            marker = arr.attrs.get("fedscan", {})
+            writing = marker.get("writing", {}) if isinstance(marker, Mapping) else {}
+            stage = str(writing.get("stage") or META_LEASE) if isinstance(writing, Mapping) else META_LEASE
+            with scan.lease(stage):
+                report.chunks += _migrate_array(scan, arr)
+            report.arrays.append(f"{scan.scan_id}/{name}")
+    return report
+
+
+def _migrate_array(scan: ScanStore, arr: CheckedArray) -> int:
+    store, proto, prefix = arr.store, default_buffer_prototype(), arr.path
+    present = present_chunk_keys(arr)
+    rewritten = 0
+    for idx, _ in chunk_regions(arr.shape, arr.chunks):
+        key = arr.metadata.encode_chunk_key(idx)
+        if key not in present:
+            continue
+        buf = _run_sync(store.get(f"{prefix}/{key}", prototype=proto))
+        if buf is None:
+            continue
+        raw = buf.to_bytes()
+        if len(raw) > 4 and _crc(raw[:-4]) == raw[-4:]:
+            continue  # migrated by an earlier, interrupted run
+        fault = chunk_fault(arr, idx)
+        if fault is not None:
+            raise CorruptChunkError(
+                f"corrupt chunk {key!r} of array {_array_name(arr)!r} in {scan.where}: {fault}; not migrated",
+                array=_array_name(arr),
+                chunk_key=key,
+                scan_id=scan.scan_id,
+            )
+        try:
+            _run_sync(store.set(f"{prefix}/{key}", proto.buffer.from_bytes(raw + _crc(raw))))
+        except OSError as exc:
+            raise _write_error(exc, where=scan.where, what=f"chunk {key!r} of array {_array_name(arr)!r}") from exc
+        rewritten += 1
+    doc_key = f"{prefix}/zarr.json"
+    buf = _run_sync(store.get(doc_key, prototype=proto))
+    assert buf is not None
+    doc = json.loads(buf.to_bytes())
+    doc["codecs"] = [*doc["codecs"], Crc32cCodec().to_dict()]
+    try:
+        _run_sync(store.set(doc_key, proto.buffer.from_bytes(json.dumps(doc, indent=2).encode())))
+    except OSError as exc:
+        raise _write_error(exc, where=scan.where, what=f"array {_array_name(arr)!r} (zarr.json)") from exc
+    return rewritten
