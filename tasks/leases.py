@@ -144,10 +144,10 @@ class ObjectLease:
         try:
             with _OBJECT_CREATE_LOCK:
                 self.fs.pipe_file(self.path, holder, mode="create")
-        except FileExistsError:
+        except FileExistsError:  # memory: the object exists; s3fs: 412 PreconditionFailed on If-None-Match
             return False
         except OSError as exc:
-            if exc.errno in (errno.EEXIST,) or "PreconditionFailed" in str(exc) or "412" in str(exc):
+            if exc.errno == errno.EEXIST:
                 return False
             raise StoreWriteError(f"cannot create lease {self.where}: {exc}", errno_=exc.errno) from exc
         return True

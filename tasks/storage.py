@@ -875,7 +875,7 @@ class SiteStore:
             root.require_group(SCANS)
             os.rename(tmp, local)  # atomic; replaces an empty folder, fails on a non-empty one
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise NotAFedscanStoreError(f"{local} was created by another writer meanwhile") from exc
             raise _write_error(exc, where=str(local), what="a new site store") from exc
@@ -1039,11 +1039,23 @@ class SiteStore:
 
     def find_source(self, source_sha256: str, *, stage: str = "ingest") -> str | None:
         """The scan that completed ``stage`` from this source checksum, if any."""
-        for scan in self.scans():
-            with contextlib.suppress(StoreNotFoundError, InvalidInputError):
+        for scan_id in self.scan_ids():
+            # a scan that cannot be read is not this source's scan; verify reports it, ingests go on
+            with contextlib.suppress(StoreNotFoundError, InvalidInputError, CorruptMetadataError):
+                scan = self.scan(scan_id)
                 if scan.manifest.source_sha256 == source_sha256 and scan.is_done(stage):
                     return scan.scan_id
         return None
+
+
+def _remove_tree(path: Path, *, attempts: int = 50) -> None:
+    """Remove a folder that zarr may still be writing into (its event loop finishes writes already started
+    after the call that failed returned), so retry until it stays gone."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.02)
 
 
 def _root_attributes(site_id: str) -> dict[str, Any]:

@@ -346,3 +346,16 @@ def test_a_half_created_store_left_by_an_older_fedscan_is_repaired(tmp_path):
 def test_metadata_documents_stay_valid_json(store):
     doc = json.loads((store / "scans" / "s1" / "zarr.json").read_text())
     assert set(doc["attributes"]["fedscan"]["provenance"]) == {"ingest"}
+
+
+def test_a_corrupt_scan_document_does_not_block_ingesting_other_sources(store, tmp_path):
+    from tasks.ingest import ingest
+
+    (store / "scans" / "s1" / "zarr.json").write_text("{")
+    src = tmp_path / "new.npy"
+    np.save(src, np.random.default_rng(2).random((24, 2, 16)).astype("f4"))
+    sidecar = IngestSidecar.model_validate(
+        {"scan_id": "new", "geometry": {"beam": "parallel", "angular_range_deg": 180}}
+    )
+    res = ingest(src, site=SiteStore.open(store), sidecar=sidecar)
+    assert res.scan_id == "new" and SiteStore.open(store, mode="r").scan("new").is_done("ingest")
