@@ -77,6 +77,10 @@ class StoreWriteError(FedscanError, OSError):
         self.errno = errno_
 
 
+class StoreWriteInterruptedError(StoreWriteError, TransientError):
+    """A store write lost its connection or timed out (``ConnectionError`` / ``TimeoutError``): retried."""
+
+
 class LeaseHeldError(TransientError):
     """Another writer holds the lease of this (scan, stage); nothing was written.
 

@@ -79,6 +79,7 @@ from tasks.errors import (
     StageIncompleteError,
     StoreNotFoundError,
     StoreWriteError,
+    StoreWriteInterruptedError,
 )
 
 STORE_KIND = "fedscan-site-store"
@@ -378,9 +379,11 @@ def _write_block(target: zarr.Array, block: np.ndarray, region: tuple[slice, ...
 
 
 def _write_error(exc: OSError, *, where: str, what: str) -> StoreWriteError:
-    """An OSError from the store as a :class:`StoreWriteError` naming the store and what was being written."""
+    """An OSError from the store as a :class:`StoreWriteError` naming the store and what was being written;
+    a lost connection or a timeout stays retryable (:class:`StoreWriteInterruptedError` is a TransientError)."""
     reason = str(exc) or type(exc).__name__
-    return StoreWriteError(f"{where}: writing {what} failed: {reason}", errno_=exc.errno)
+    kind = StoreWriteInterruptedError if isinstance(exc, ConnectionError | TimeoutError) else StoreWriteError
+    return kind(f"{where}: writing {what} failed: {reason}", errno_=exc.errno)
 
 
 @dataclass(frozen=True)

@@ -359,3 +359,21 @@ def test_a_corrupt_scan_document_does_not_block_ingesting_other_sources(store, t
     )
     res = ingest(src, site=SiteStore.open(store), sidecar=sidecar)
     assert res.scan_id == "new" and SiteStore.open(store, mode="r").scan("new").is_done("ingest")
+
+
+def test_a_dropped_connection_while_writing_stays_retryable(tmp_path, monkeypatch):
+    from tasks.errors import TransientError
+
+    scan = SiteStore.create(tmp_path / "site-a.zarr", site_id="site-a").create_scan(manifest())
+    real = zarr.storage.LocalStore.set
+
+    async def reset(self, key, value):
+        if "/c/" in key:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        return await real(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", reset)
+    out = StageOutput("p", da.from_array(DATA, chunks=(4, 3, 8)), ("view", "row", "col"), (4, 3, 8))
+    with pytest.raises(StoreWriteError, match=r"writing array 'p' failed.*Connection reset") as err:
+        scan.run_stage(stage="ingest", config=Cfg(), outputs=[out])
+    assert isinstance(err.value, TransientError)  # Prefect retries it, as it retried the bare ConnectionError
