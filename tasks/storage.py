@@ -35,6 +35,7 @@ Zarr), which is why it is longer than ~600 lines; the lease mechanics that need 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import errno
@@ -344,23 +345,22 @@ def _child_nodes(
     proto = default_buffer_prototype()
 
     async def collect() -> dict[str, str]:
+        names = sorted(
+            n for n in {n async for n in store.list_dir(prefix)} if not n.startswith(".") and n != "zarr.json"
+        )
+        keys = [f"{prefix}/{name}/zarr.json" if prefix else f"{name}/zarr.json" for name in names]
+        bufs = await asyncio.gather(*(store.get(key, prototype=proto) for key in keys))  # as zarr's own listing
         found: dict[str, str] = {}
-        names = sorted({n async for n in store.list_dir(prefix)})
-        for name in names:
-            if name.startswith(".") or name == "zarr.json":
-                continue
-            key = f"{prefix}/{name}/zarr.json" if prefix else f"{name}/zarr.json"
-            buf = await store.get(key, prototype=proto)
+        for name, key, buf in zip(names, keys, bufs, strict=True):
             if buf is None:
                 continue
-            document = f"{where.rstrip('/')}/{key}"
             try:
                 doc = json.loads(buf.to_bytes())
                 node_type = doc["node_type"]
                 if node_type not in ("array", "group"):
                     raise ValueError(f"node_type {node_type!r}")
             except (*_METADATA_ERRORS, UnicodeDecodeError) as exc:
-                error = _metadata_error(document, exc)
+                error = _metadata_error(f"{where.rstrip('/')}/{key}", exc)
                 if corrupt is None:
                     raise error from exc
                 corrupt[name] = error
