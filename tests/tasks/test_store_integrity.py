@@ -377,3 +377,21 @@ def test_a_dropped_connection_while_writing_stays_retryable(tmp_path, monkeypatc
     with pytest.raises(StoreWriteError, match=r"writing array 'p' failed.*Connection reset") as err:
         scan.run_stage(stage="ingest", config=Cfg(), outputs=[out])
     assert isinstance(err.value, TransientError)  # Prefect retries it, as it retried the bare ConnectionError
+
+
+def test_verify_and_a_read_find_a_flipped_bit_in_an_fsspec_url_store():
+    import uuid
+
+    import fsspec
+
+    url = f"memory://fedscan-verify-{uuid.uuid4().hex}/site-a.zarr"
+    write_stage(SiteStore.create(url, site_id="site-a"))
+    assert verify_store(url).ok and verify_store(url).chunks == 4
+    fs, root = fsspec.core.url_to_fs(url)
+    key = f"{root}/scans/s1/p/c/2/0/0"
+    raw = bytearray(fs.cat_file(key))
+    raw[len(raw) // 2] ^= 0x10
+    fs.pipe_file(key, bytes(raw))
+    assert [(p.scan, p.array, p.key) for p in verify_store(url).problems] == [("s1", "p", "c/2/0/0")]
+    with pytest.raises(CorruptChunkError, match=rf"'c/2/0/0' of array 'p' in scan 's1' of {url}: checksum mismatch"):
+        SiteStore.open(url, mode="r").scan("s1").read("p").compute()
