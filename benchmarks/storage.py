@@ -195,13 +195,13 @@ def main() -> None:
     args = ap.parse_args()
     views, rows, cols = (96, 16, 256) if args.quick else (360, 64, 512)
     arrays = simulate(views, rows, cols, seed=0)
-    rows_out = []
+    rows_out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for kind, data in arrays.items():
             chunks = (32, data.shape[1], data.shape[2]) if kind != "volume_f32" else (8, *data.shape[1:])
             for name, codec in CANDIDATES.items():
-                best = None
+                best: dict[str, float] | None = None
                 for _ in range(args.repeats):
                     m = measure(data, codec, root, chunks)
                     best = (
@@ -213,6 +213,7 @@ def main() -> None:
                             "read_mb_s": max(best["read_mb_s"], m["read_mb_s"]),
                         }
                     )
+                assert best is not None  # repeats >= 1
                 rows_out.append({"case": kind, "method": name, **best})
         integrity = checksum_overheads(arrays, root, args.integrity_repeats)
         integrity.update(lease_overhead(root, args.integrity_repeats))

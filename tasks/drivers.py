@@ -45,6 +45,7 @@ def denoise_scan(
     source: str = "projections",
     inputs: Mapping[str, str],
     device: torch.device,
+    force: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``projections`` → ``projections_denoised`` (same chunks), resumable."""
@@ -81,7 +82,7 @@ def denoise_scan(
             )
         ],
         metrics=metrics,
-        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
+        force=force,
         progress=progress,
     )
 
@@ -98,6 +99,7 @@ def reconstruct_scan(
     source: str,
     inputs: Mapping[str, str],
     device: torch.device,
+    force: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``projections_denoised`` (or ``projections`` when the scan was not denoised) → ``volume``."""
@@ -131,7 +133,7 @@ def reconstruct_scan(
         inputs=inputs,
         outputs=[StageOutput("volume", volume, ("slice", "y", "x"), None, {"units": unit})],
         metrics=metrics,
-        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
+        force=force,
         progress=progress,
     )
 
@@ -215,6 +217,7 @@ def surrogate_scan(
     source: str = "volume",
     inputs: Mapping[str, str],
     device: torch.device,
+    force: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``volume`` → ``surrogate`` (slice k of the surrogate keeps label k), resumable."""
@@ -238,7 +241,7 @@ def surrogate_scan(
             DEVICE_METRIC: device.type,
             "slices_per_s": volume.shape[0] / seconds if seconds > 0 else None,
         },
-        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
+        force=force,
         progress=progress,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 from schemas.base import StageConfig
 from schemas.refs import ScanRef
 from schemas.stages import StageName
-from tasks.errors import InvalidInputError, NotAFedscanStoreError, StoreNotFoundError
+from tasks.errors import CorruptStoreError, InvalidInputError, NotAFedscanStoreError, StoreNotFoundError
 from tasks.report import write_report
 from tasks.storage import SiteStore, find_site_stores, site_store_uri
+
+logger = logging.getLogger("fedscan.pipeline")
 
 
 def site_uris(data_root: str, sites: Sequence[str] | None = None) -> list[str]:
@@ -29,18 +32,26 @@ def find_scans(
     pending_for: Mapping[StageName, StageConfig] | None = None,
 ) -> list[ScanRef]:
     """Every scan whose ingest is complete, in the chosen sites' stores under ``data_root``; with
-    ``pending_for`` (each stage's config), only the scans with a stage of their chain left to do under it."""
+    ``pending_for`` (each stage's config), only the scans with a stage of their chain left to do under it.
+
+    A scan whose metadata cannot be read is returned too: its first stage then fails, naming the document, and
+    the run reports that scan failed instead of silently leaving it out (the site's other scans go on)."""
     from tasks.stages import pending_stages
 
     refs = []
     for uri in site_uris(data_root, sites):
         site = SiteStore.open(uri, mode="r")
-        for scan in site.scans():
-            if not scan.is_done(StageName.INGEST):
-                continue
-            if pending_for is not None and not pending_stages(scan, pending_for):
-                continue
-            refs.append(ScanRef(store_uri=uri, site_id=site.site_id, scan_id=scan.scan_id))
+        for scan_id in site.scan_ids():
+            ref = ScanRef(store_uri=uri, site_id=site.site_id, scan_id=scan_id)
+            try:
+                scan = site.scan(scan_id)
+                if not scan.is_done(StageName.INGEST):
+                    continue
+                if pending_for is not None and not pending_stages(scan, pending_for):
+                    continue
+            except CorruptStoreError as exc:
+                logger.warning("%s: %s; its stages will fail until it is repaired", ref, exc)
+            refs.append(ref)
     return refs
 
 

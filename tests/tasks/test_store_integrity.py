@@ -125,10 +125,11 @@ def test_a_truncated_chunk_is_the_same_named_error_not_a_decompressor_message(st
 
 
 def test_a_stage_reading_a_corrupt_chunk_fails_that_scan_and_not_the_others(tmp_path):
-    from schemas.stages import DenoiseConfig
+    import torch
 
-    from tasks.drivers import denoise_scan
+    from schemas.denoise import DenoiseConfig
     from tasks.ingest import ingest
+    from tasks.stages import run_scan_stage
 
     site = SiteStore.create(tmp_path / "site-a.zarr", site_id="site-a")
     rng = np.random.default_rng(3)
@@ -143,9 +144,10 @@ def test_a_stage_reading_a_corrupt_chunk_fails_that_scan_and_not_the_others(tmp_
     flip_bit(tmp_path / "site-a.zarr" / "scans" / "bad" / "projections" / key, 100)
     with dask.config.set(scheduler="threads"):
         config = DenoiseConfig(domain="log")
-        assert not denoise_scan(site.scan("ok"), config).skipped
+        cpu = torch.device("cpu")
+        assert run_scan_stage(site.scan("ok"), "denoise", config, device=cpu).state == "done"
         with pytest.raises(CorruptChunkError) as err:
-            denoise_scan(site.scan("bad"), config)
+            run_scan_stage(site.scan("bad"), "denoise", config, device=cpu)
     assert (err.value.scan_id, err.value.array, err.value.chunk_key) == ("bad", "projections", key)
     assert site.scan("ok").is_done("denoise") and not site.scan("bad").is_done("denoise")
 
