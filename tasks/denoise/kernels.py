@@ -370,9 +370,6 @@ def _block_axes(config: DenoiseConfig, rows: int, cols: int, *, pilot: bool) -> 
     return _Axis(config.views_per_group, sv), _Axis(tr, sr), _Axis(tc, sc)
 
 
-#: The automatic modes run cell-major from input to output (:func:`_banded_denoise`); False: pass by pass.
-_CELL_MAJOR = True
-
 #: cuSOLVER's batched eigh failed (internal error) on ~23k 16×16 matrices at once on an H100: split there.
 _CUDA_EIGH_BATCH = 4096
 
@@ -416,6 +413,24 @@ def _projectors(gram: torch.Tensor, *, wiener: bool, config: DenoiseConfig, sigm
     return eye - ridge * torch.cholesky_inverse(chol)
 
 
+def _aggregation_filters(
+    gram: torch.Tensor, *, wiener: bool, center: bool, config: DenoiseConfig, sigma: float, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks' filters as applied to the raw block, each scaled by its aggregation weight, and the weights.
+
+    ``center``: ``P`` acts on the centred block and the mean view passes, ``P_total = J + P (I - J)`` with
+    ``J = 11ᵀ/t``. With ``config.weighted_aggregation`` a block's weight is ``1 / max(1, ‖P‖_F²)`` (its noise gain
+    ``Σ w_i²``), else 1. Returns ``(weight · P_total, weight)``: shapes (B, t, t) and (B,), float64.
+    """
+    proj = _projectors(gram, wiener=wiener, config=config, sigma=sigma, m=m)
+    if center:
+        proj = proj - proj.mean(-1, keepdim=True) + 1.0 / gram.shape[-1]
+    if not config.weighted_aggregation:
+        return proj, torch.ones(proj.shape[0], dtype=torch.float64, device=proj.device)
+    weight = 1.0 / (proj**2).sum((-2, -1)).clamp(min=1.0)
+    return proj * weight[:, None, None], weight
+
+
 def _lowrank_pass(
     noisy: torch.Tensor,
     pilot: torch.Tensor | None,
@@ -439,7 +454,8 @@ def _lowrank_pass(
     lo, hi = v0 - first_view, v0 + (nbv - 1) * vax.step + vax.size - first_view
     if lo < 0 or hi > n_ext:
         raise AssertionError(f"view window [{lo}, {hi}) exceeds the extended array of {n_ext} views")
-    if _disjoint((vax, rax, cax)):
+    center = _centred(config)
+    if not center and _disjoint((vax, rax, cax)):
         return _disjoint_pass(
             noisy,
             pilot,
@@ -461,25 +477,12 @@ def _lowrank_pass(
 
     x = blocks_of(noisy)
     t, m = x.shape[1], x.shape[2]
-    # The paper's modes (relative / absolute thresholds) take the SVD of the raw block, in float64; the
-    # automatic modes (centred blocks) run in _banded_pass.
-    center = _centred(config)
-    work = x - x.mean(1, keepdim=True) if center else x.double()
-    if pilot is None:
-        gram = (work @ work.mT).double()
-    else:
-        p = blocks_of(pilot)
-        p = p - p.mean(1, keepdim=True) if center else p.double()
-        gram = (p @ p.mT).double()
-    proj = _projectors(gram, wiener=pilot is not None, config=config, sigma=sigma, m=m)
-    if center:  # P acts on the centred block; the mean view passes: P_total = J + P (I - J), J = 11ᵀ/t
-        proj = proj - proj.mean(-1, keepdim=True) + 1.0 / t
-    if config.weighted_aggregation:
-        gain = (proj**2).sum((-2, -1)).clamp(min=1.0)  # Σ w_i² = ‖P‖_F²: the block's noise gain, ≥ 1
-        weight = 1.0 / gain
-        proj = proj * weight[:, None, None]  # weighted blocks: the weight rides along in P
-    else:
-        weight = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    # Uncentred blocks (the paper's thresholds) are decomposed in float64; centred ones keep float32 until the
+    # Gram, whose entries are then small.
+    src = x if pilot is None else blocks_of(pilot)
+    work = src - src.mean(1, keepdim=True) if center else src.double()
+    gram = (work @ work.mT).double()
+    proj, weight = _aggregation_filters(gram, wiener=pilot is not None, center=center, config=config, sigma=sigma, m=m)
     est = (proj.to(x.dtype) @ x).reshape(nbv, nbr, nbc, t, rax.size, cax.size)
 
     shape = (hi - lo, r_idx.numel(), c_idx.numel())
@@ -564,20 +567,12 @@ def _disjoint_pass(
     x = blocks_of(noisy)
     src = x if pilot is None else blocks_of(pilot)
     n_blocks, m = x.shape[0], x.shape[2]
-    center = _centred(config)
     gram = torch.empty(n_blocks, t, t, dtype=torch.float64, device=x.device)
     step = max(1, _GRAM_PIECE_BYTES // (8 * t * m))
     for s in range(0, n_blocks, step):
-        piece = src[s : s + step]
-        if center:
-            work = piece - piece.mean(1, keepdim=True)
-            gram[s : s + step] = work @ work.mT
-        else:
-            work = piece.double()
-            torch.bmm(work, work.mT, out=gram[s : s + step])
+        work = src[s : s + step].double()
+        torch.bmm(work, work.mT, out=gram[s : s + step])
     proj = _projectors(gram, wiener=pilot is not None, config=config, sigma=sigma, m=m)
-    if center:  # P acts on the centred block; the mean view passes: P_total = J + P (I - J), J = 11ᵀ/t
-        proj = proj - proj.mean(-1, keepdim=True) + 1.0 / t
     est = proj.to(x.dtype) @ x
     if nbr == 1 and nbc == 1:
         out = est.view(nbv * t, tr, tc)
@@ -722,6 +717,12 @@ class _Cells:
         return res
 
 
+def _cells_of(config: DenoiseConfig, rows: int, cols: int, *, pilot: bool) -> _Cells:
+    """The cell layout of one pass's tiles (the pilot's when ``pilot``) on a ``rows × cols`` detector."""
+    _, rax, cax = _block_axes(config, rows, cols, pilot=pilot)
+    return _Cells.of(rax, cax, rows, cols)
+
+
 def _banded_cells(
     x: torch.Tensor,
     x_first: int,
@@ -768,7 +769,7 @@ def _banded_cells(
         Absolute index of ``out[:, 0]``.
     """
     vax, rax, cax = _block_axes(config, cells.rows, cells.cols, pilot=pilot is None)
-    if _Cells.of(rax, cax, cells.rows, cells.cols) != cells:
+    if _cells_of(config, cells.rows, cells.cols, pilot=pilot is None) != cells:
         raise AssertionError("the pass's tiles do not match the cell layout")
     v0, nbv = vax.starts(out_lo, out_hi)
     nbr = rax.starts(0, cells.rows)[1]
@@ -820,13 +821,10 @@ def _banded_cells(
     amap = _centring_map(t, dtype=torch.float64, device=dev)
     gram = (amap @ gd.reshape(-1, t, t) @ amap.mT).contiguous()
 
-    proj = _projectors(gram, wiener=pilot is not None, config=config, sigma=sigma, m=rax.size * cax.size)
-    proj = proj - proj.mean(-1, keepdim=True) + 1.0 / t  # P_total = J + P (I - J): the mean view passes
-    if config.weighted_aggregation:
-        weight = 1.0 / (proj**2).sum((-2, -1)).clamp(min=1.0)  # 1 / ‖P‖_F², the block's noise gain
-        proj = proj * weight[:, None, None]
-    else:
-        weight = torch.ones(proj.shape[0], dtype=torch.float64, device=dev)
+    m_block = rax.size * cax.size
+    proj, weight = _aggregation_filters(
+        gram, wiener=pilot is not None, center=True, config=config, sigma=sigma, m=m_block
+    )
     proj = proj.reshape(nbr, nbc, nbv, t, t)
     weight = weight.reshape(nbr, nbc, nbv)
     # Spread each tile's filter and weight over the spatial cells it covers.
@@ -864,32 +862,6 @@ def _banded_cells(
     return out, v0 + a_lo * sv
 
 
-def _banded_pass(
-    noisy: torch.Tensor,
-    pilot: torch.Tensor | None,
-    *,
-    first_view: int,
-    out_lo: int,
-    out_hi: int,
-    config: DenoiseConfig,
-    sigma: float,
-) -> torch.Tensor:
-    """:func:`_banded_cells` on ``(views, rows, cols)`` arrays, with :func:`_lowrank_pass`'s signature and result.
-
-    Returns ``(out_hi - out_lo, rows, cols)`` like :func:`_lowrank_pass` (equal to it up to float32 rounding).
-    """
-    _, rows, cols = noisy.shape
-    _, rax, cax = _block_axes(config, rows, cols, pilot=pilot is None)
-    cells = _Cells.of(rax, cax, rows, cols)
-    x = cells.to_cells(noisy)
-    p = None if pilot is None else cells.to_cells(pilot)
-    out, first = _banded_cells(
-        x, first_view, p, first_view, cells=cells, out_lo=out_lo, out_hi=out_hi, config=config, sigma=sigma
-    )
-    assert out is not None
-    return cells.from_cells(out, out_lo - first, out_hi - out_lo)
-
-
 def _banded_denoise(
     data: torch.Tensor,
     *,
@@ -899,45 +871,54 @@ def _banded_denoise(
     config: DenoiseConfig,
     sigma: float,
     i0_photons: float | None,
-) -> torch.Tensor | None:
-    """Both passes of the automatic modes on line integrals, kept cell-major from input to output.
+) -> torch.Tensor:
+    """Both passes of the automatic (centred) modes on line integrals, kept cell-major from input to output.
 
     ``data`` holds views ``first_view …`` (line integrals, not modified). The domain transform runs cell by cell
     right after the layout copy, the pilot stays cell-major for the Wiener pass, and the inverse transform runs on
-    each cell's output while it is in cache, right before the cell is written into the result. Only three arrays
-    the size of the data are made (the layout, the pilot, the result): the view differences and the final
-    estimate live in one cell's buffer (each whole-detector array is mapped and page-faulted afresh, call after
-    call: with three of them gone, a 1440 x 16 x 372 stack ran 1.21x, median of 10 interleaved rounds).
-    Returns ``(out_hi - out_lo, rows, cols)`` in line integrals, or None when the pilot's tiles differ from the
-    second pass's (``first_pass_tile_stride_cols``): :func:`_banded_pass` then serves.
+    each cell's output while it is in cache, right before the cell is written into the result; the view
+    differences and the final estimate live in one cell's buffer. A pilot whose tiles differ from the second
+    pass's (``first_pass_tile_stride_cols``) is computed in its own cell layout and laid out again.
+    Returns ``(out_hi - out_lo, rows, cols)`` in line integrals.
     """
     _, rows, cols = data.shape
-    _, rax, cax = _block_axes(config, rows, cols, pilot=False)
-    cells = _Cells.of(rax, cax, rows, cols)
+    cells = _cells_of(config, rows, cols, pilot=False)
+
+    def laid_out(layout: _Cells) -> torch.Tensor:
+        x = layout.to_cells(data)
+        if config.domain is not DenoiseDomain.LOG:
+            for i in range(layout.n_cells):
+                to_domain_(x[i], domain=config.domain, i0_photons=i0_photons)
+        return x
+
+    x = laid_out(cells)
+    pilot, pilot_first = None, 0
     if config.second_pass:
-        _, prax, pcax = _block_axes(config, rows, cols, pilot=True)
-        if _Cells.of(prax, pcax, rows, cols) != cells:
-            return None
-    x = cells.to_cells(data)
-    if config.domain is not DenoiseDomain.LOG:
-        for i in range(cells.n_cells):
-            to_domain_(x[i], domain=config.domain, i0_photons=i0_photons)
+        g = config.views_per_group - 1
+        pilot_cells = _cells_of(config, rows, cols, pilot=True)
+        same = pilot_cells == cells
+        pilot, pilot_first = _banded_cells(
+            x if same else laid_out(pilot_cells),
+            first_view,
+            None,
+            0,
+            cells=pilot_cells,
+            out_lo=out_lo - g,
+            out_hi=out_hi + g,
+            config=config,
+            sigma=sigma,
+        )
+        assert pilot is not None
+        if same:
+            cells.remirror(pilot)
+        else:
+            pilot = cells.to_cells(pilot_cells.from_cells(pilot, 0, pilot.shape[1]))
+    res = torch.empty(out_hi - out_lo, rows, cols, dtype=x.dtype, device=x.device)
 
     def finish(values: torch.Tensor) -> torch.Tensor:
         return from_domain(
             values, domain=config.domain, i0_photons=i0_photons, counts_floor=config.counts_floor_photons
         )
-
-    pilot, pilot_first = None, 0
-    if config.second_pass:
-        g = config.views_per_group - 1
-        pilot, pilot_first = _banded_cells(
-            x, first_view, None, 0, cells=cells, out_lo=out_lo - g, out_hi=out_hi + g, config=config, sigma=sigma
-        )
-        assert pilot is not None
-        cells.remirror(pilot)
-    # Each cell's estimate goes straight into the result (no cell-major copy of the whole estimate).
-    res = torch.empty(out_hi - out_lo, rows, cols, dtype=x.dtype, device=x.device)
 
     def sink(i: int, values: torch.Tensor, first: int) -> None:
         cells.put_cell(res, i, values, out_lo - first)
@@ -1028,36 +1009,57 @@ def _denoise_window(
     noise_sigma: float,
     i0_photons: float | None,
 ) -> FloatArray:
-    """:func:`denoise_view_window` on a checked window already on its device (not modified)."""
-    i0 = i0_photons
+    """:func:`denoise_view_window` on a checked window already on its device (not modified).
+
+    The automatic (centred) modes run as the banded filter (:func:`_banded_denoise`), the paper's thresholds
+    block by block (:func:`_per_block_denoise`).
+    """
+    n_core = data.shape[0] - 2 * halo
+    if _centred(config):
+        est = _banded_denoise(
+            data,
+            first_view=first_view - halo,
+            out_lo=first_view,
+            out_hi=first_view + n_core,
+            config=config,
+            sigma=noise_sigma,
+            i0_photons=i0_photons,
+        )
+    else:
+        est = _per_block_denoise(
+            data, first_view=first_view, halo=halo, config=config, noise_sigma=noise_sigma, i0_photons=i0_photons
+        )
+    return to_numpy(est.to(torch.float32))
+
+
+def _per_block_denoise(
+    data: torch.Tensor,
+    *,
+    first_view: int,
+    halo: int,
+    config: DenoiseConfig,
+    noise_sigma: float,
+    i0_photons: float | None,
+) -> torch.Tensor:
+    """Both passes block by block (:func:`_lowrank_pass`), for any mode; the core views in line integrals.
+
+    ``data`` is a window of line integrals whose view ``halo`` is absolute view ``first_view`` (not modified).
+    The automatic modes have a faster equivalent, :func:`_banded_denoise`, tested against this one.
+    """
     n_core = data.shape[0] - 2 * halo
     ext_first = first_view - halo
     lo, hi = first_view, first_view + n_core
-    center = _centred(config)
-    if center and _CELL_MAJOR:
-        est = _banded_denoise(
-            data, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma, i0_photons=i0
-        )
-        if est is not None:
-            return to_numpy(est.to(torch.float32))
-    values = to_domain(data, domain=config.domain, i0_photons=i0)
-    lowrank_pass = _banded_pass if center else _lowrank_pass
+    values = to_domain(data, domain=config.domain, i0_photons=i0_photons)
+    pilot = None
     if config.second_pass:
         g = config.views_per_group - 1
-        pilot = lowrank_pass(
+        first = _lowrank_pass(
             values, None, first_view=ext_first, out_lo=lo - g, out_hi=hi + g, config=config, sigma=noise_sigma
         )
-        pilot_ext = torch.empty_like(values)
-        pilot_ext[: halo - g] = 0.0
-        pilot_ext[halo + n_core + g :] = 0.0
-        pilot_ext[halo - g : halo + n_core + g] = pilot
-        est = lowrank_pass(
-            values, pilot_ext, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma
-        )
-    else:
-        est = lowrank_pass(values, None, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma)
-    out = from_domain(est, domain=config.domain, i0_photons=i0, counts_floor=config.counts_floor_photons)
-    return to_numpy(out.to(torch.float32))
+        pilot = torch.zeros_like(values)  # views beyond the pilot's are never read
+        pilot[halo - g : halo + n_core + g] = first
+    est = _lowrank_pass(values, pilot, first_view=ext_first, out_lo=lo, out_hi=hi, config=config, sigma=noise_sigma)
+    return from_domain(est, domain=config.domain, i0_photons=i0_photons, counts_floor=config.counts_floor_photons)
 
 
 def _pad_index(n: int, *, halo: int, periodic: bool) -> torch.Tensor:
@@ -1162,17 +1164,3 @@ def negative_tolerance(*, config: DenoiseConfig, noise_sigma: float, i0_photons:
     else:
         sigma_p = noise_sigma
     return NEGATIVE_TOLERANCE_SIGMA * sigma_p + 1e-6
-
-
-def check_line_integrals(
-    projections: FloatArray,
-    *,
-    config: DenoiseConfig,
-    noise_sigma: float,
-    i0_photons: float | None,
-    view_offset: int = 0,
-) -> None:
-    """Refuse non-finite values and line integrals more negative than noise explains."""
-    check_finite(projections, view_offset=view_offset)
-    tol = negative_tolerance(config=config, noise_sigma=noise_sigma, i0_photons=i0_photons)
-    check_not_negative(projections, tolerance=tol, view_offset=view_offset)
