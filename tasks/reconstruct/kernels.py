@@ -21,10 +21,9 @@ linear interpolation on the detector (the standard discretisation of the FBP int
 adjoint would leave ray-spacing artefacts). The sparse matrices are built per chunk of views, on the
 device, and small ones are cached per geometry.
 
-One module, though over 600 lines: the projector, its adjoint, the FBP back-projection and SART all read the
-same per-view frames and pixel-to-detector map (``_view_frames``, ``_pixel_columns_of``) and the same
-per-geometry sparse operator (``_Operator``); the conventions above are stated once, for all of them, and
-``<A x, y> = <x, A^T y>`` holds because one module builds both sides from the same numbers.
+One module, though over 600 lines: the Joseph operator (behind the projector, its adjoint, SIRT and SART) and the
+FBP back-projection map pixels to the detector with the same per-view frames and pixel-column function
+(``_view_frames``, ``_pixel_columns_of``); the conventions above are stated once, here, for all of them.
 
 References
 ----------

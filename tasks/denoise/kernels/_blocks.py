@@ -41,7 +41,8 @@ __all__ = [
 
 # ---- domain transforms --------------------------------------------------------------------------------------
 def to_domain(line_integrals: torch.Tensor, *, domain: DenoiseDomain, i0_photons: float | None) -> torch.Tensor:
-    """Map line integrals to the values the low-rank model denoises (float32 → float32, a new tensor)."""
+    """Map line integrals to the values the low-rank model denoises (float32; ``line_integrals`` itself in the
+    log domain, else a new tensor)."""
     if domain is DenoiseDomain.LOG:
         return line_integrals
     return to_domain_(line_integrals.clone(), domain=domain, i0_photons=i0_photons)
@@ -318,7 +319,7 @@ def _disjoint_pass(
     config: DenoiseConfig,
     sigma: float,
 ) -> torch.Tensor:
-    """:func:`_lowrank_pass` where no two blocks overlap (every stride equals its block size; the paper's mode).
+    """:func:`_lowrank_pass` for uncentred blocks of which no two overlap (every stride equals its block size).
 
     Each element lies in exactly one block, so there is nothing to add up or weigh: the estimate of a block is
     its rows of the result. Whole-view blocks are views of the data (no copy), the float64 Gram matrices are
