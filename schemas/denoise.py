@@ -4,7 +4,7 @@ The projections ``(views, rows, cols)`` are cut into blocks of ``views_per_group
 detector tile (``tile_rows`` × ``tile_cols`` bins, or the whole view). Each block, seen as a matrix with one
 row per view, is nearly low rank because neighbouring views are nearly identical; its singular values are kept
 or shrunk by a threshold and the block is rebuilt. Overlapping blocks (``view_stride`` < ``views_per_group``,
-``tile_stride_*`` < ``tile_*``) are averaged. See ``docs`` / METHODS.md §1 for the method and our choices.
+``tile_stride_*`` < ``tile_*``) are averaged. See docs/methods.md §1 for the method and our choices.
 """
 
 from __future__ import annotations

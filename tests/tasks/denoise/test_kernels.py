@@ -341,21 +341,19 @@ def _noisy_scan(rng: np.random.Generator, views: int = 64, rows: int = 5, cols: 
     ],
     ids=["default", "rows2", "rows4-overlap", "cols-overlap", "one-pass", "unweighted", "auto-hard", "whole-view"],
 )
-def test_banded_filter_equals_per_block_rebuild(
-    overrides: dict[str, object], rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The banded path (cell-major end to end, and pass by pass) equals rebuilding every block and averaging."""
-    import tasks.denoise.kernels as kernels
+def test_banded_filter_equals_per_block_rebuild(overrides: dict[str, object], rng: np.random.Generator) -> None:
+    """The banded path (cell-major end to end) equals rebuilding every block and averaging."""
+    from tasks.denoise.kernels._blocks import per_block_denoise
 
     x = _noisy_scan(rng, views=70)  # not a multiple of the group; 5 rows x 45 cols: tiles reach past the edges
     config = DenoiseConfig(group_span_deg=None, **overrides)  # type: ignore[arg-type]
-    fast = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)  # cell-major, both passes
-    monkeypatch.setattr(kernels, "_CELL_MAJOR", False)
-    pass_by_pass = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
-    monkeypatch.setattr(kernels, "_banded_pass", kernels._lowrank_pass)
-    reference = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
+    fast = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
+    sigma = estimate_noise_sigma_of(x, config=config, i0_photons=2e3)
+    padded = torch.from_numpy(pad_views(x, halo=config.view_halo, periodic=True))
+    reference = per_block_denoise(
+        padded, first_view=0, halo=config.view_halo, config=config, noise_sigma=sigma, i0_photons=2e3
+    ).numpy()
     assert float(np.abs(reference - x).mean()) > 0.01  # it does denoise
-    np.testing.assert_allclose(pass_by_pass, reference, rtol=0, atol=2e-5)
     np.testing.assert_allclose(fast, reference, rtol=0, atol=2e-5)
 
 
@@ -393,11 +391,12 @@ def test_cells_written_one_by_one_equal_the_whole_layout(
     rows: int, cols: int, overrides: dict[str, object], rng: np.random.Generator
 ) -> None:
     """The final pass hands each cell straight to the result (``put_cell``): the same bins as ``from_cells``."""
-    from tasks.denoise.kernels import _block_axes, _Cells
+    from tasks.denoise.kernels._banded import Cells
+    from tasks.denoise.kernels._blocks import block_axes
 
     config = DenoiseConfig(group_span_deg=None, **overrides)  # type: ignore[arg-type]
-    _, rax, cax = _block_axes(config, rows, cols, pilot=False)
-    cells = _Cells.of(rax, cax, rows, cols)
+    _, rax, cax = block_axes(config, rows, cols, pilot=False)
+    cells = Cells.of(rax, cax, rows, cols)
     values = torch.from_numpy(rng.standard_normal((cells.n_cells, 12, cells.m)).astype(np.float32))
     expected = cells.from_cells(values, 3, 7)
     res = torch.full((7, rows, cols), float("nan"))
