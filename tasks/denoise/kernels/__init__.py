@@ -157,19 +157,24 @@ def resolve_periodic(config: DenoiseConfig, geometry: Geometry | None, *, n_view
 
 
 def resolve_group_size(config: DenoiseConfig, geometry: Geometry | None) -> DenoiseConfig:
-    """The config with ``views_per_group`` chosen from the scan's angular step (``config.group_span_deg``).
+    """The config with a number for ``views_per_group``: as given, or for 'auto' chosen from the scan's angular
+    step and ``config.group_span_deg``.
 
-    ``t`` is the power of two nearest ``group_span_deg / step`` (step = angular range / views), within 4..32
-    views; ``view_stride`` (and ``first_pass_view_stride``) keep their ratio to ``t``. Unchanged when the span is
-    None or the geometry unknown. Neighbouring views must look alike for the low-rank model: a fixed ``t`` spans
-    16 degrees at 1 degree per view and blurs, while 4 views at 0.25 degrees leave most of the noise.
+    For 'auto', ``t`` is the power of two nearest ``group_span_deg / step`` (step = angular range / views),
+    within 4..32 views, or NOMINAL_VIEWS_PER_GROUP when the geometry is unknown; ``view_stride`` (and
+    ``first_pass_view_stride``) keep their ratio to it. Neighbouring views must look alike for the low-rank model:
+    a fixed ``t`` spans 16 degrees at 1 degree per view and blurs, while 4 views at 0.25 degrees leave most of the
+    noise.
     """
-    if config.group_span_deg is None or geometry is None:
+    if config.views_per_group != "auto":
         return config
-    step = geometry.angular_range_deg / geometry.n_views
-    lo, hi = _GROUP_SIZE_RANGE
-    t = int(min(hi, max(lo, 2 ** round(math.log2(max(config.group_span_deg / step, 1.0))))))
-    t_old = config.views_per_group
+    t_old = config.group_size
+    if geometry is None:
+        t = t_old
+    else:
+        step = geometry.angular_range_deg / geometry.n_views
+        lo, hi = _GROUP_SIZE_RANGE
+        t = int(min(hi, max(lo, 2 ** round(math.log2(max(config.group_span_deg / step, 1.0))))))
     fields = config.model_dump()
     fields["views_per_group"] = t
     fields["view_stride"] = max(1, t * config.view_stride // t_old)
@@ -191,10 +196,10 @@ def _check_device(device: str | torch.device) -> torch.device:
 
 
 def check_view_count(n_views: int, config: DenoiseConfig) -> None:
-    """Refuse a scan with fewer views than one group (``config.views_per_group``)."""
-    if n_views < config.views_per_group:
+    """Refuse a scan with fewer views than one group (``config.group_size``)."""
+    if n_views < config.group_size:
         raise InvalidInputError(
-            f"{n_views} view(s) are fewer than views_per_group={config.views_per_group}: a group needs "
+            f"{n_views} view(s) are fewer than views_per_group={config.group_size}: a group needs "
             "that many consecutive views"
         )
 
@@ -456,7 +461,7 @@ def _groups_tile_the_views(config: DenoiseConfig, shape: tuple[int, ...]) -> boo
     if config.second_pass or centred(config):
         return False
     views, rows, cols = shape
-    return views % config.views_per_group == 0 and disjoint(block_axes(config, rows, cols, pilot=False))
+    return views % config.group_size == 0 and disjoint(block_axes(config, rows, cols, pilot=False))
 
 
 def _negative_tolerance(*, config: DenoiseConfig, noise_sigma: float, i0_photons: float | None) -> float:

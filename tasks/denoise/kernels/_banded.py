@@ -320,7 +320,7 @@ def banded_denoise(
     x = laid_out(cells)
     pilot, pilot_first = None, 0
     if config.second_pass:
-        g = config.views_per_group - 1
+        g = config.group_size - 1
         pilot_cells = _cells_of(config, rows, cols, pilot=True)
         same = pilot_cells == cells
         pilot, pilot_first = _banded_cells(

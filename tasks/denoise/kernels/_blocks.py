@@ -134,7 +134,7 @@ def block_axes(config: DenoiseConfig, rows: int, cols: int, *, pilot: bool) -> t
     two = pilot and config.second_pass
     sv = config.view_stride
     if two:
-        sv = config.first_pass_view_stride or config.views_per_group
+        sv = config.first_pass_view_stride or config.group_size
     tr = config.tile_rows if config.tile_rows is not None else rows
     tc = config.tile_cols if config.tile_cols is not None else cols
     tr, tc = min(tr, rows), min(tc, cols)
@@ -144,7 +144,7 @@ def block_axes(config: DenoiseConfig, rows: int, cols: int, *, pilot: bool) -> t
         sc = config.first_pass_tile_stride_cols or tc
     if tr % sr or tc % sc:  # a tile clipped to a small detector: no overlap then
         sr, sc = (tr if tr % sr else sr), (tc if tc % sc else sc)
-    return Axis(config.views_per_group, sv), Axis(tr, sr), Axis(tc, sc)
+    return Axis(config.group_size, sv), Axis(tr, sr), Axis(tc, sc)
 
 
 #: cuSOLVER's batched eigh failed (internal error) on ~23k 16×16 matrices at once on an H100: split there.
@@ -392,7 +392,7 @@ def per_block_denoise(
     values = to_domain(data, domain=config.domain, i0_photons=i0_photons)
     pilot = None
     if config.second_pass:
-        g = config.views_per_group - 1
+        g = config.group_size - 1
         first = _lowrank_pass(
             values, None, first_view=ext_first, out_lo=lo - g, out_hi=hi + g, config=config, sigma=noise_sigma
         )
