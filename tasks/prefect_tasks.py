@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -25,6 +25,9 @@ from schemas.ingest import IngestSidecar
 from schemas.refs import ScanRef, StageReport
 from tasks.errors import AlreadyIngestedError, TransientError
 from tasks.storage import SiteStore, StageResult, site_store_uri
+
+if TYPE_CHECKING:
+    from tasks.previews import Preview
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -69,7 +72,7 @@ def stage_report(scan: ScanRef, stage: str, result: StageResult) -> StageReport:
 
 @task(
     name="ingest",
-    task_run_name="ingest-{site_id}-{source.name}",
+    task_run_name="ingest-{site_id}",  # never the file name: it may identify a patient
     retries=2,
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_only_transient,
@@ -233,12 +236,15 @@ def _open_scan(ref: ScanRef) -> Any:
     return SiteStore.open(ref.store_uri).scan(ref.scan_id)
 
 
-def _publish(report: StageReport, markdown: Callable[[], str | None] | None = None) -> None:
+def _publish(report: StageReport, preview: Callable[[], Preview | None] | None = None) -> None:
     """Log one line and attach the stage's card (its metrics table and, for stages that have one, the image
-    ``markdown()`` renders; only inside a run) to the task run in the UI: one artifact per stage."""
+    ``preview()`` renders, when the site's privacy policy lets it leave: :func:`tasks.previews.publishable`;
+    only inside a run) to the task run in the UI: one artifact per stage."""
     from prefect.artifacts import create_markdown_artifact
 
+    from schemas.settings import get_settings
     from tasks.artifacts import artifact_key, in_prefect_run, stage_card
+    from tasks.previews import publishable
 
     logger = run_logger()
     logger.info(
@@ -252,10 +258,10 @@ def _publish(report: StageReport, markdown: Callable[[], str | None] | None = No
     )
     if not in_prefect_run():  # called as task.fn() outside a run: nothing to attach to
         return
-    image = markdown() if markdown is not None else None
+    image = publishable(preview(), get_settings().privacy) if preview is not None else None
     publish_soon(
         create_markdown_artifact,
-        markdown=stage_card(report, image),
+        markdown=stage_card(report, image.markdown() if image is not None else None),
         key=artifact_key(report.stage, report.scan.site_id, report.scan.scan_id),
         description=f"{report.stage} of scan {report.scan}" + (": metrics and central slice" if image else ""),
     )
@@ -274,18 +280,20 @@ def denoise_stage(ref: ScanRef, config: Any) -> ScanRef:
 @task(name="reconstruct", task_run_name="reconstruct-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
 def reconstruct_stage(ref: ScanRef, config: Any) -> ScanRef:
     """FBP / SART of the (denoised) projections into the scan's volume."""
-    from tasks.drivers import reconstruct_scan, reconstruction_preview
+    from tasks.drivers import reconstruct_scan
+    from tasks.previews import reconstruction_preview
 
     scan = _open_scan(ref)
     result = reconstruct_scan(scan, config, progress=stage_progress(ref, "reconstruct"))
-    _publish(stage_report(ref, "reconstruct", result), lambda: reconstruction_preview(scan, config))
+    _publish(stage_report(ref, "reconstruct", result), lambda: reconstruction_preview(scan))
     return ref
 
 
 @task(name="surrogate", task_run_name="surrogate-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
 def surrogate_stage(ref: ScanRef, config: Any) -> ScanRef:
     """FESF surrogates of the scan's volume: the only images federated training will see."""
-    from tasks.drivers import surrogate_preview, surrogate_scan
+    from tasks.drivers import surrogate_scan
+    from tasks.previews import surrogate_preview
 
     scan = _open_scan(ref)
     result = surrogate_scan(scan, config, progress=stage_progress(ref, "surrogate"))
