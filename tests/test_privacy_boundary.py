@@ -336,3 +336,17 @@ def test_a_whole_run_sends_no_plaintext_image_and_no_identity(tmp_path, prefect_
         shown = {leak.split(" shows ")[1].split("[")[0] for leak in leaks}
         assert {"ct-0001/raw-fbp", "ct-0001/volume"} <= shown, shown
     json.dumps(leaks)  # findings are plain strings: readable in the failure message
+
+
+def test_the_arrival_event_names_the_incoming_file(tmp_path, monkeypatch):
+    """docs/privacy.md classes ``fedscan.scan.arrived`` as site-only: the deployment it triggers needs the path."""
+    import prefect.events
+
+    from tasks.watch import EVENT_NAME, ScanArrival, emit_prefect_event
+
+    sent: list[dict[str, object]] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kwargs: sent.append(kwargs))
+    emit_prefect_event(ScanArrival(site_id="S", path=tmp_path / f"{IDENTIFYING_STEM}.npy", signature="1:2:3"))
+    (event,) = sent
+    assert event["event"] == EVENT_NAME
+    assert identity_hits(json.dumps(event["payload"])) and identity_hits(json.dumps(event["resource"]))
