@@ -11,6 +11,7 @@ phantom, is plaintext and stays at the site unless ``FEDSCAN_PRIVACY__SHARE_IMAG
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,11 @@ PREVIEW_RAW = "preview_raw"
 
 #: The display window of reconstructions in HU: soft tissue.
 HU_WINDOW = (-200.0, 300.0)
+
+#: Edge of a preview tile, pixels (``montage_png``'s default tile). The raw preview is reconstructed on a grid no
+#: finer than this over the same field of view: back-projection costs grow with the grid's pixels, and a finer
+#: image would be shrunk to the tile anyway.
+PREVIEW_TILE_PX = 256
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,22 @@ def raw_preview_output(
     water_attenuation_per_mm: float,
 ) -> StageOutput:
     """The reconstruct stage's second output: the FBP (the config's filter and unit) of the raw ``projections``'
-    central detector row, lazily, as ``preview_raw`` of shape ``(1, ny, nx)``. Site-only: it is plaintext."""
+    central detector row, lazily, as ``preview_raw`` of shape ``(1, ny, nx)`` — the geometry's grid, or over the
+    same field of view with at most :data:`PREVIEW_TILE_PX` pixels a side. Site-only: it is plaintext."""
     from tasks.device import resolve_device
     from tasks.reconstruct.chunked import reconstruct_volume
 
     k = central_index(geometry.n_detector_rows)
-    row = Geometry.model_validate({**geometry.model_dump(), "n_detector_rows": 1})
+    grid = geometry.grid
+    factor = max(1, math.ceil(max(grid.nx_pixels, grid.ny_pixels) / PREVIEW_TILE_PX))
+    coarse = {
+        "nx_pixels": max(1, round(grid.nx_pixels / factor)),
+        "ny_pixels": max(1, round(grid.ny_pixels / factor)),
+        "pixel_size_mm": grid.pixel_size_mm * factor,
+    }
+    row = Geometry.model_validate(
+        {**geometry.model_dump(), "n_detector_rows": 1, "grid": {**grid.model_dump(), **coarse}}
+    )
     image = reconstruct_volume(
         projections[:, k : k + 1, :],
         row,

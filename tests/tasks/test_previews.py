@@ -109,3 +109,28 @@ def test_share_images_defaults_off_and_reads_the_environment(monkeypatch):
     assert FedscanSettings().privacy.share_images is False
     monkeypatch.setenv("FEDSCAN_PRIVACY__SHARE_IMAGES", "true")
     assert FedscanSettings().privacy.share_images is True
+
+
+@pytest.mark.parametrize(("pixels", "expected"), [(256, 256), (300, 150), (512, 256), (513, 171)])
+def test_the_raw_preview_grid_is_at_most_a_tile_over_the_same_field_of_view(pixels, expected):
+    import dask.array as da
+
+    from schemas.geometry import Geometry, ReconGrid
+    from tasks.previews import PREVIEW_TILE_PX, raw_preview_output
+
+    geometry = Geometry(
+        beam="parallel",
+        n_views=90,
+        n_detector_cols=pixels,
+        n_detector_rows=3,
+        detector_pitch_mm=1.0,
+        grid=ReconGrid(nx_pixels=pixels, ny_pixels=pixels, pixel_size_mm=1.0),
+    )
+    config = PipelineConfig().reconstruct.model_copy(update={"device": "cpu"})
+    out = raw_preview_output(
+        da.zeros((90, 3, pixels), dtype=np.float32), geometry, config, water_attenuation_per_mm=0.0192
+    )
+    assert out.data.shape == (1, expected, expected)  # lazy: nothing computed
+    assert expected <= PREVIEW_TILE_PX
+    factor = -(-pixels // PREVIEW_TILE_PX)
+    assert abs(expected * factor - pixels) < factor  # the same field of view, to within one coarse pixel
