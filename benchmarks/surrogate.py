@@ -185,7 +185,7 @@ def load_data(path):
     return sites, z["public"]
 
 
-def site_config(site, *, alpha, beta, iqem=None, device="cpu"):
+def site_config(site, *, alpha, beta, iqem=None):
     from schemas.surrogate import IqemConfig, SurrogateConfig
 
     return SurrogateConfig(
@@ -195,7 +195,6 @@ def site_config(site, *, alpha, beta, iqem=None, device="cpu"):
         input_unit="per_mm",
         water_attenuation_per_mm=site.water,
         iqem=iqem or IqemConfig(),
-        device=device,
     )
 
 
@@ -216,10 +215,10 @@ def site_host(site, shape, config):
     return idx, np.array(load_host(HOST_NAMES[idx], shape))
 
 
-def surrogates_of(site, config, generator=None):
+def surrogates_of(site, config, generator=None, device="cpu"):
     from tasks.surrogate.chunked import surrogate_slices
 
-    return surrogate_slices(site.mu, config=config, site_id=site.site_id, generator=generator)
+    return surrogate_slices(site.mu, config=config, site_id=site.site_id, generator=generator, device=device)
 
 
 def loss_quarters(history):
@@ -752,8 +751,8 @@ def main() -> None:
     for s in sites:
         _, host = site_host(s, shape, configs[s.site_id])
         result = train_iqem(surr[s.site_id], host, config=p["iqem"], device=dev)
-        cfg = site_config(s, alpha=alpha, beta=beta, iqem=p["iqem"], device=device)
-        surr_iqem[s.site_id] = surrogates_of(s, cfg, generator=result.generator)
+        cfg = site_config(s, alpha=alpha, beta=beta, iqem=p["iqem"])
+        surr_iqem[s.site_id] = surrogates_of(s, cfg, generator=result.generator, device=device)
         host_like.append(
             (
                 image_metrics(np.broadcast_to(host, surr[s.site_id].shape), surr[s.site_id])[0],

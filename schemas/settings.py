@@ -94,6 +94,21 @@ class PrefectSettings(BaseModel):
     )
 
 
+class PrivacySettings(BaseModel):
+    """What may leave the site (docs/privacy.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    share_images: bool = Field(
+        default=False,
+        description=(
+            "Publish plaintext preview images (raw and stored reconstructions of a scan's central slice) as Prefect "
+            "artifacts. Off: artifacts carry metrics and surrogate images only, and plaintext previews stay in the "
+            "site's store and its report.html. Turn on only where the Prefect server is the site's own."
+        ),
+    )
+
+
 class FedscanSettings(BaseSettings):
     """Root settings. Every field can be set as ``FEDSCAN_<FIELD>`` or ``FEDSCAN_<SECTION>__<FIELD>``."""
 
@@ -111,6 +126,7 @@ class FedscanSettings(BaseSettings):
     dask: DaskSettings = Field(default_factory=DaskSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
 
 @lru_cache(maxsize=1)
