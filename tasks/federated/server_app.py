@@ -35,12 +35,24 @@ from flwr.serverapp import strategy as fs
 from schemas.federation import (
     CompressionKind,
     DpMode,
+    FailurePhase,
+    FailureReason,
     FederationConfig,
     RoundRecord,
+    ServerOutcome,
+    SiteFailure,
     StrategyName,
 )
 from tasks.errors import FedscanError, InvalidInputError
-from tasks.federated.client_app import COMPRESSION_RECORD, CONFIG_HASH, ROUND, SIGNATURE
+from tasks.federated.client_app import (
+    COMPRESSION_RECORD,
+    CONFIG_HASH,
+    ROLL_CALL,
+    ROUND,
+    SIGNATURE,
+    SITE_KEY,
+    SITE_RECORD,
+)
 from tasks.federated.compression import decode_update
 from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
 
@@ -172,8 +184,11 @@ class RoundWriter:
         self.signature = signature
         metrics = str(run_config.get("metrics_path", ""))
         models = str(run_config.get("models_dir", ""))
+        outcome = str(run_config.get("outcome_path", ""))
         self.metrics_path = Path(metrics) if metrics else None
         self.models_root = Path(models) / self.run_id if models else None
+        self.outcome_path = Path(outcome) if outcome else None
+        self.rounds = 0
 
     def save_model(self, server_round: int, arrays: Mapping[str, npt.NDArray[np.float32]]) -> str | None:
         if self.models_root is None:
@@ -197,7 +212,22 @@ class RoundWriter:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return str(folder)
 
+    def finish(self, error: BaseException | None) -> None:
+        """Write the :class:`ServerOutcome` (atomically): the runner's sign that the rounds are over."""
+        if self.outcome_path is None:
+            return
+        outcome = ServerOutcome(
+            status="completed" if error is None else "failed",
+            error="" if error is None else f"{type(error).__name__}: {error}"[:2000],
+            rounds=self.rounds,
+        )
+        tmp = self.outcome_path.with_suffix(".tmp")
+        tmp.write_text(outcome.model_dump_json(), encoding="utf-8")
+        tmp.replace(self.outcome_path)
+
     def write(self, record: RoundRecord) -> None:
+        if record.phase == "train":
+            self.rounds += 1
         LOG.info(
             "round %d: %d ok, %d failed, %d rejected, auc=%s, %.1f s",
             record.round,
@@ -319,19 +349,99 @@ def _record_of(arrays: Mapping[str, npt.NDArray[np.float32]]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _site_of(sites: Mapping[int, str], node: int) -> str:
+    return sites.get(node, f"node-{node}")
+
+
+def sort_replies(
+    sent: Sequence[Message],
+    replies: Sequence[Message],
+    *,
+    phase: FailurePhase,
+    server_round: int,
+    sites: Mapping[int, str],
+    timeout_s: float,
+) -> tuple[list[Message], list[SiteFailure]]:
+    """Split the replies to ``sent`` into the good ones and one :class:`SiteFailure` per site that timed out
+    (no reply within ``timeout_s``: dropped from the round) or answered with an error; each failure is logged
+    at WARNING with the site's name and reason."""
+    answered = {int(r.metadata.src_node_id) for r in replies}
+    failures = [
+        SiteFailure(
+            site=_site_of(sites, int(m.metadata.dst_node_id)),
+            node_id=int(m.metadata.dst_node_id),
+            phase=phase,
+            reason=FailureReason.TIMEOUT,
+            detail=f"no reply within {timeout_s:g} s",
+        )
+        for m in sent
+        if int(m.metadata.dst_node_id) not in answered
+    ]
+    good: list[Message] = []
+    for r in replies:
+        if r.has_error():
+            node = int(r.metadata.src_node_id)
+            failures.append(
+                SiteFailure(
+                    site=_site_of(sites, node),
+                    node_id=node,
+                    phase=phase,
+                    reason=FailureReason.ERROR,
+                    detail=str(r.error.reason)[-500:],
+                )
+            )
+        else:
+            good.append(r)
+    for f in failures:
+        log_failure(f, server_round)
+    return good, failures
+
+
+def log_failure(failure: SiteFailure, server_round: int) -> None:
+    """One WARNING line naming the site, what it missed and why."""
+    LOG.warning(
+        "site %s (node %d) dropped from round %d (%s): %s: %s",
+        failure.site,
+        failure.node_id,
+        server_round,
+        failure.phase,
+        failure.reason.value,
+        failure.detail,
+    )
+
+
+def roll_call(grid: Grid, nodes: Sequence[int], *, timeout_s: float) -> tuple[dict[int, str], list[SiteFailure]]:
+    """Ask every node for its site id (``query.site``), so that a site that later hangs or fails is named."""
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type=ROLL_CALL) for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=timeout_s))
+    good, failures = sort_replies(msgs, replies, phase="roll-call", server_round=0, sites={}, timeout_s=timeout_s)
+    sites: dict[int, str] = {}
+    for r in good:
+        if SITE_RECORD in r.content.config_records:
+            sites[int(r.metadata.src_node_id)] = str(r.content.config_records[SITE_RECORD][SITE_KEY])
+    return sites, failures
+
+
 def _evaluate_round(
-    grid: AuditingGrid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, timeout: float
-) -> dict[str, float]:
+    grid: AuditingGrid,
+    nodes: list[int],
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    *,
+    server_round: int,
+    sites: Mapping[int, str],
+    timeout: float,
+) -> tuple[dict[str, float], list[SiteFailure]]:
     msgs = [
         Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n, message_type=MessageType.EVALUATE)
         for n in nodes
     ]
-    replies = grid.send_and_receive(msgs, timeout=timeout)
-    rows = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error() and "metrics" in r.content]
-    for r in replies:
-        if r.has_error():
-            LOG.warning("evaluation failed on node %d: %s", r.metadata.src_node_id, r.error.reason)
-    return weighted_metrics(rows)
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    good, failures = sort_replies(
+        msgs, replies, phase="evaluate", server_round=server_round, sites=sites, timeout_s=timeout
+    )
+    rows = [dict(r.content.metric_records["metrics"]) for r in good if "metrics" in r.content]
+    return weighted_metrics(rows), failures
 
 
 def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, base: ConfigRecord) -> None:
@@ -340,6 +450,8 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     arrays = _record_of(get_arrays(model, keys))
     strategy: fs.Strategy | None = None
+    nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
+    sites, pending = roll_call(grid, nodes, timeout_s=cfg.round_timeout_s)
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         down0, up0, adown0, aup0 = grid.bytes_down, grid.bytes_up, grid.array_bytes_down, grid.array_bytes_up
@@ -352,21 +464,27 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
         config[ROUND] = rnd
         messages = list(strategy.configure_train(rnd, arrays, config, grid))
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+        answered, failures = sort_replies(
+            messages, replies, phase="train", server_round=rnd, sites=sites, timeout_s=cfg.round_timeout_s
+        )
+        failures[:0], pending = pending, []
         reference = _arrays_of(arrays)
         ok: list[Message] = []
-        failed = len(messages) - len(replies)
-        rejected = 0
         losses: list[dict[str, Any]] = []
-        for reply in replies:
-            if reply.has_error():
-                failed += 1
-                LOG.warning("node %d failed round %d: %s", reply.metadata.src_node_id, rnd, reply.error.reason)
-                continue
+        for reply in answered:
+            node = int(reply.metadata.src_node_id)
             try:
                 decoded = screen_update(reply, reference)
             except InvalidInputError as exc:
-                rejected += 1
-                LOG.warning("update of node %d rejected in round %d: %s", reply.metadata.src_node_id, rnd, exc)
+                rejected = SiteFailure(
+                    site=_site_of(sites, node),
+                    node_id=node,
+                    phase="train",
+                    reason=FailureReason.REJECTED,
+                    detail=str(exc)[-500:],
+                )
+                log_failure(rejected, rnd)
+                failures.append(rejected)
                 continue
             metrics = reply.content["metrics"] if "metrics" in reply.content else MetricRecord({})
             reply.content = RecordDict({"arrays": _record_of(decoded), "metrics": metrics})
@@ -379,12 +497,23 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
                 arrays, aggregated = new_arrays, True
         else:
             LOG.warning(
-                "round %d: %d usable updates < %d; global model unchanged", rnd, len(ok), cfg.min_available_clients
+                "round %d: %d usable updates < %d (%s); global model unchanged",
+                rnd,
+                len(ok),
+                cfg.min_available_clients,
+                describe_failures(failures) or "too few nodes sampled",
             )
         # Evaluate on the nodes that answered this round: a node that timed out or crashed would make the
         # evaluation wait for the full timeout again.
-        answered = sorted({int(r.metadata.src_node_id) for r in replies if not r.has_error()})
-        evals = _evaluate_round(grid, answered, arrays, base, cfg.round_timeout_s)
+        evals, eval_failures = _evaluate_round(
+            grid,
+            sorted(int(r.metadata.src_node_id) for r in answered),
+            arrays,
+            base,
+            server_round=rnd,
+            sites=sites,
+            timeout=cfg.round_timeout_s,
+        )
         model_dir = writer.save_model(rnd, _arrays_of(arrays)) if aggregated else None
         train_m = weighted_metrics(losses)
         writer.write(
@@ -393,8 +522,8 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
                 round=rnd,
                 nodes_sampled=len(messages),
                 replies_ok=len(ok),
-                replies_failed=failed,
-                replies_rejected=rejected,
+                replies_failed=sum(f.reason is not FailureReason.REJECTED for f in failures if f.phase == "train"),
+                replies_rejected=sum(f.reason is FailureReason.REJECTED for f in failures),
                 aggregated=aggregated,
                 train_loss=train_m.get("train_loss"),
                 eval_loss=evals.get("loss"),
@@ -407,14 +536,26 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
                 array_bytes_up=grid.array_bytes_up - aup0,
                 seconds=time.perf_counter() - t0,
                 model_dir=model_dir,
+                failures=(*failures, *eval_failures),
             )
         )
     if cfg.personalisation_epochs > 0:
-        personalise(grid, cfg, writer, arrays, base)
+        personalise(grid, cfg, writer, arrays, base, sites=sites)
+
+
+def describe_failures(failures: Sequence[SiteFailure]) -> str:
+    """``"C: timeout, D: error"``: the sites that failed and why, in one phrase."""
+    return ", ".join(f"{f.site}: {f.reason.value}" for f in failures)
 
 
 def personalise(
-    grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, arrays: ArrayRecord, base: ConfigRecord
+    grid: AuditingGrid,
+    cfg: FederationConfig,
+    writer: RoundWriter,
+    arrays: ArrayRecord,
+    base: ConfigRecord,
+    *,
+    sites: Mapping[int, str],
 ) -> None:
     """Ask every node to fine-tune the final global model locally; record held-out metrics before/after."""
     t0 = time.perf_counter()
@@ -425,7 +566,10 @@ def personalise(
         for n in nodes
     ]
     replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
-    rows = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error()]
+    good, failures = sort_replies(
+        msgs, replies, phase="personalise", server_round=0, sites=sites, timeout_s=cfg.round_timeout_s
+    )
+    rows = [dict(r.content.metric_records["metrics"]) for r in good]
     m = weighted_metrics(rows)
     writer.write(
         RoundRecord(
@@ -447,6 +591,7 @@ def personalise(
             array_bytes_down=grid.array_bytes_down - adown0,
             array_bytes_up=grid.array_bytes_up - aup0,
             seconds=time.perf_counter() - t0,
+            failures=tuple(failures),
         )
     )
 
@@ -467,7 +612,28 @@ def run_secagg(
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = ndarrays_to_parameters(list(get_arrays(model, keys).values()))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
+    sites, pending = roll_call(grid, nodes, timeout_s=cfg.round_timeout_s)
     state: dict[str, Any] = {"t0": time.perf_counter(), "down": 0, "up": 0, "adown": 0, "aup": 0, "fit": {}}
+    state["pending"] = pending
+
+    def named(server_round: int, failures: Sequence[Any]) -> list[SiteFailure]:
+        """The legacy workflow's failures ((proxy, result) or an exception), named where the node is known."""
+        out = []
+        for f in failures:
+            node = int(f[0].node_id) if isinstance(f, tuple) else 0
+            detail = str(f[1].status.message) if isinstance(f, tuple) else f"{type(f).__name__}: {f}"
+            out.append(
+                SiteFailure(
+                    site=_site_of(sites, node) if node else "unknown",
+                    node_id=node,
+                    phase="train",
+                    reason=FailureReason.ERROR,
+                    detail=detail[-500:],
+                )
+            )
+        for x in out:
+            log_failure(x, server_round)
+        return out
 
     def fit_config(server_round: int) -> dict[str, Any]:
         state["t0"], state["down"], state["up"] = time.perf_counter(), grid.bytes_down, grid.bytes_up
@@ -522,6 +688,7 @@ def run_secagg(
             state["fit"] = {
                 "ok": len(results),
                 "failed": len(failures),
+                "failures": (*state.pop("pending", ()), *named(server_round, failures)),
                 "metrics": metrics or {},
                 "aggregated": params is not None and len(results) >= cfg.min_available_clients,
                 "params": params,
@@ -559,6 +726,7 @@ def run_secagg(
                     array_bytes_up=grid.array_bytes_up - state["aup"],
                     seconds=time.perf_counter() - state["t0"],
                     model_dir=model_dir,
+                    failures=tuple(fit.get("failures", ())),
                 )
             )
             return loss, metrics
@@ -596,7 +764,12 @@ def main(grid: Grid, context: Context) -> None:
     writer = RoundWriter(cfg, context.run_config, context.run_id, signature)
     audited = AuditingGrid(grid, audit_path=str(context.run_config.get("audit_path", "")))
     base = ConfigRecord({CONFIG_HASH: cfg.config_hash(), SIGNATURE: signature})
-    if cfg.secagg:
-        run_secagg(audited, context, cfg, writer, base)
-    else:
-        run_message_api(audited, cfg, writer, base)
+    try:
+        if cfg.secagg:
+            run_secagg(audited, context, cfg, writer, base)
+        else:
+            run_message_api(audited, cfg, writer, base)
+    except Exception as exc:
+        writer.finish(exc)
+        raise
+    writer.finish(None)
