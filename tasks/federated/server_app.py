@@ -411,7 +411,10 @@ def log_failure(failure: SiteFailure, server_round: int) -> None:
 
 
 def roll_call(grid: Grid, nodes: Sequence[int], *, timeout_s: float) -> tuple[dict[int, str], list[SiteFailure]]:
-    """Ask every node for its site id (``query.site``), so that a site that later hangs or fails is named."""
+    """Ask every node for its site id (``query.site``), so that a site that later hangs or fails is named.
+
+    The first message a node gets also pays its start-up (a cold ClientApp process or Ray actor importing torch),
+    so callers give the roll call the time they allow nodes to connect, not the round timeout."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=ROLL_CALL) for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=timeout_s))
     good, failures = sort_replies(msgs, replies, phase="roll-call", server_round=0, sites={}, timeout_s=timeout_s)
@@ -451,7 +454,7 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
     arrays = _record_of(get_arrays(model, keys))
     strategy: fs.Strategy | None = None
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
-    sites, pending = roll_call(grid, nodes, timeout_s=cfg.round_timeout_s)
+    sites, pending = roll_call(grid, nodes, timeout_s=cfg.wait_for_nodes_s)
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         down0, up0, adown0, aup0 = grid.bytes_down, grid.bytes_up, grid.array_bytes_down, grid.array_bytes_up
@@ -612,7 +615,7 @@ def run_secagg(
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = ndarrays_to_parameters(list(get_arrays(model, keys).values()))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
-    sites, pending = roll_call(grid, nodes, timeout_s=cfg.round_timeout_s)
+    sites, pending = roll_call(grid, nodes, timeout_s=cfg.wait_for_nodes_s)
     state: dict[str, Any] = {"t0": time.perf_counter(), "down": 0, "up": 0, "adown": 0, "aup": 0, "fit": {}}
     state["pending"] = pending
 
