@@ -105,12 +105,26 @@ def test_a_site_without_surrogates_fails_alone(site_stores, tmp_path):
     _, records = run_rounds(small(num_rounds=1), [*site_stores[:2], empty], tmp_path)
     (r,) = records
     assert r.replies_failed == 1 and r.replies_ok == 2 and r.aggregated
+    # the failed site is named with the ClientApp's error, not just counted
+    (failure,) = r.failures
+    assert (failure.site, failure.phase, failure.reason.value) == ("E", "train", "error")
+    assert "run the surrogate stage first" in failure.detail
+
+
+class _DownAfterRollCall(InProcessGrid):
+    """Node 102 answers the roll call, then is gone (listed, sampled, never answers)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        msgs = list(messages)
+        replies = super().send_and_receive(msgs, timeout=timeout)
+        if msgs and msgs[0].metadata.message_type == ca.ROLL_CALL:
+            self.down.add(102)
+        return replies
 
 
 def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
     cfg = small(num_rounds=1)
-    grid = InProcessGrid(list(site_stores), cfg.to_run_config())
-    grid.down.add(102)  # gone after being listed: sampled, never answers
+    grid = _DownAfterRollCall(list(site_stores), cfg.to_run_config())
     grid.get_node_ids = lambda: list(grid.contexts)
     model = build_model("classify", base_channels=4, seed=0)
     keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
@@ -123,6 +137,17 @@ def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
     )
     (r,) = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert r.nodes_sampled == 3 and r.replies_failed == 1 and r.replies_ok == 2 and r.aggregated
+    # node 102 went down after the roll call: it is named by its site, with the reason
+    (failure,) = r.failures
+    assert (failure.site, failure.node_id, failure.phase, failure.reason.value) == ("C", 102, "train", "timeout")
+
+
+def test_a_rejected_update_is_named(site_stores, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="fedscan.federated.server")
+    _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={101: poison})
+    (failure,) = records[0].failures
+    assert (failure.site, failure.reason.value) == ("B", "rejected") and "NaN" in failure.detail
+    assert any("site B" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
 
 
 def _site_context(store, cfg: FederationConfig, *, node_id: int) -> Context:
