@@ -37,6 +37,19 @@ class StrategyName(StrEnum):
     FEDTRIMMEDAVG = "fedtrimmedavg"  # trimmed mean (robust)
 
 
+#: Strategies that aggregate the mean of the updates, the only thing SecAgg+ reveals (tasks/federated/strategies.py
+#: gives exactly these a SecAgg+ factory; a test holds the two together).
+SECAGG_STRATEGIES: frozenset[StrategyName] = frozenset(
+    {StrategyName.FEDAVG, StrategyName.FEDPROX, StrategyName.FEDADAM, StrategyName.FEDYOGI}
+)
+#: Strategies Flower's DP fixed-clipping wrappers are sound around (a FedAvg-style weighted mean).
+DP_STRATEGIES: frozenset[StrategyName] = frozenset({StrategyName.FEDAVG, StrategyName.FEDPROX})
+
+
+def _names(strategies: frozenset[StrategyName]) -> str:
+    return ", ".join(s.value for s in StrategyName if s in strategies)
+
+
 class DpMode(StrEnum):
     """Where the updates are clipped for differential privacy (noise is always added to the aggregate)."""
 
@@ -151,14 +164,17 @@ class FederationConfig(StageConfig):
                 raise ValueError("secagg quantises the updates itself: set compression to 'none'")
             if self.dp_mode is DpMode.SERVER:
                 raise ValueError("server-side DP clips individual updates, which SecAgg+ hides: use dp_mode 'client'")
-            if self.strategy in (StrategyName.FEDMEDIAN, StrategyName.FEDTRIMMEDAVG):
-                raise ValueError(f"robust aggregation ({self.strategy}) needs individual updates; SecAgg+ hides them")
+            if self.strategy not in SECAGG_STRATEGIES:
+                raise ValueError(
+                    f"strategy {self.strategy.value!r} needs individual updates, which SecAgg+ hides; with secagg use "
+                    f"one of {_names(SECAGG_STRATEGIES)}"
+                )
             if self.secagg_reconstruction_threshold > self.secagg_num_shares:
                 raise ValueError("secagg_reconstruction_threshold must not exceed secagg_num_shares")
             if self.min_available_clients < 2:
                 raise ValueError("secagg needs min_available_clients >= 2")
-        if self.dp_mode is not DpMode.OFF and self.strategy not in (StrategyName.FEDAVG, StrategyName.FEDPROX):
-            raise ValueError("DP fixed clipping wraps a FedAvg-style strategy: use fedavg or fedprox")
+        if self.dp_mode is not DpMode.OFF and self.strategy not in DP_STRATEGIES:
+            raise ValueError(f"DP fixed clipping wraps a FedAvg-style strategy: use one of {_names(DP_STRATEGIES)}")
         return self
 
     # ---- the Flower run config ---------------------------------------------------------------------
@@ -310,8 +326,10 @@ class FederationReport(FrozenModel):
 
 
 __all__ = [
+    "DP_STRATEGIES",
     "HASH_KEY",
     "RUNTIME_KEYS",
+    "SECAGG_STRATEGIES",
     "CompressionKind",
     "DpMode",
     "FailurePhase",

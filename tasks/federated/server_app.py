@@ -9,6 +9,7 @@ short of ``min_available_clients`` keeps the previous global model and says so i
 
 With SecAgg+ Flower only offers the legacy workflow (``LegacyContext`` + ``DefaultWorkflow`` with
 ``SecAggPlusWorkflow``), so that path uses the legacy strategies; a delegating strategy records the rounds.
+Both paths build their strategy from the one table in :mod:`tasks.federated.strategies`.
 
 Every message the server receives passes :class:`AuditingGrid`, which counts bytes and (when ``audit_path`` is
 set) logs each message's array names, shapes and dtypes — never values.
@@ -41,7 +42,6 @@ from schemas.federation import (
     RoundRecord,
     ServerOutcome,
     SiteFailure,
-    StrategyName,
 )
 from tasks.errors import FedscanError, InvalidInputError
 from tasks.federated.client_app import (
@@ -55,6 +55,7 @@ from tasks.federated.client_app import (
 )
 from tasks.federated.compression import decode_update
 from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
+from tasks.federated.strategies import message_api_strategy, secagg_strategy
 
 LOG = logging.getLogger("fedscan.federated.server")
 app = ServerApp()
@@ -281,19 +282,7 @@ def make_strategy(cfg: FederationConfig, *, num_sampled: int) -> fs.Strategy:
         "min_train_nodes": cfg.min_available_clients,
         "min_available_nodes": cfg.min_available_clients,
     }
-    base: fs.Strategy
-    if cfg.strategy is StrategyName.FEDAVG:
-        base = fs.FedAvg(**common)
-    elif cfg.strategy is StrategyName.FEDPROX:
-        base = fs.FedProx(proximal_mu=cfg.proximal_mu, **common)
-    elif cfg.strategy is StrategyName.FEDADAM:
-        base = fs.FedAdam(eta=cfg.server_learning_rate, **common)
-    elif cfg.strategy is StrategyName.FEDYOGI:
-        base = fs.FedYogi(eta=cfg.server_learning_rate, **common)
-    elif cfg.strategy is StrategyName.FEDMEDIAN:
-        base = fs.FedMedian(**common)
-    else:
-        base = fs.FedTrimmedAvg(beta=cfg.trimmed_fraction, **common)
+    base = message_api_strategy(cfg, common)
     if cfg.dp_mode is DpMode.SERVER:
         return fs.DifferentialPrivacyServerSideFixedClipping(
             base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled
@@ -663,15 +652,7 @@ def run_secagg(
         "fit_metrics_aggregation_fn": fit_metrics,
         "evaluate_metrics_aggregation_fn": eval_metrics,
     }
-    inner: Any
-    if cfg.strategy is StrategyName.FEDPROX:
-        inner = ls.FedProx(proximal_mu=cfg.proximal_mu, **common)
-    elif cfg.strategy is StrategyName.FEDADAM:
-        inner = ls.FedAdam(eta=cfg.server_learning_rate, **common)
-    elif cfg.strategy is StrategyName.FEDYOGI:
-        inner = ls.FedYogi(eta=cfg.server_learning_rate, **common)
-    else:
-        inner = ls.FedAvg(**common)
+    inner = secagg_strategy(cfg, common)
     if cfg.dp_mode is DpMode.CLIENT:
         inner = ls.DifferentialPrivacyClientSideFixedClipping(
             inner, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, max(cfg.min_available_clients, len(nodes))
