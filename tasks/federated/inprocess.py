@@ -72,18 +72,20 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
         raise NotImplementedError("use send_and_receive")
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError("use send_and_receive")
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Late replies: none (a ``down`` node never answers)."""
+        return []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
+        for sent in messages:
+            node = sent.metadata.dst_node_id
+            sent.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do on push
             if node in self.down:
                 continue
             # Each node gets its own copy, as after serialisation (mods such as secaggplus_mod mutate records).
-            msg = Message(copy.deepcopy(msg.content), dst_node_id=node, message_type=msg.metadata.message_type)
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            msg = Message(copy.deepcopy(sent.content), dst_node_id=node, message_type=sent.metadata.message_type)
+            msg.metadata.__dict__["_message_id"] = sent.metadata.message_id
             TaskIdentity.node_id = node
             try:
                 reply = ca.app(msg, self.contexts[node])

@@ -111,8 +111,13 @@ def wire_bytes(msg: Message) -> int:
 
 
 class AuditingGrid(Grid):
-    """A :class:`Grid` that counts the bytes it sends and receives (serialized messages and their array payloads)
-    and logs what it receives."""
+    """A :class:`Grid` that counts the bytes it sends and receives (serialized messages and their array payloads),
+    logs what it receives, and keeps busy nodes out of the rounds.
+
+    A node whose message went unanswered by the timeout is *busy* until its late reply arrives: it is left out of
+    :meth:`get_node_ids` (so no strategy samples it and no round counts it as available), since a hung ClientApp
+    would otherwise be handed one more message per round (in the Simulation Engine each one holds a worker).
+    """
 
     def __init__(self, grid: Grid, *, audit_path: str = "") -> None:
         self._grid = grid
@@ -121,6 +126,8 @@ class AuditingGrid(Grid):
         self.bytes_up = 0
         self.array_bytes_down = 0
         self.array_bytes_up = 0
+        #: node id -> (id of its unanswered message, what that message was: "round 2 train" etc.)
+        self.busy: dict[int, tuple[str, str]] = {}
 
     def _count_down(self, msgs: list[Message]) -> None:
         self.bytes_down += sum(wire_bytes(m) for m in msgs)
@@ -138,7 +145,24 @@ class AuditingGrid(Grid):
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        """The connected nodes that are not busy (a busy node whose late reply has arrived is free again)."""
+        self._collect_late_replies()
+        return [n for n in self._grid.get_node_ids() if n not in self.busy]
+
+    def busy_nodes(self) -> dict[int, str]:
+        """Connected nodes still working on an unanswered message, and which message."""
+        connected = set(self._grid.get_node_ids())
+        return {n: what for n, (_, what) in self.busy.items() if n in connected}
+
+    def _collect_late_replies(self) -> None:
+        if not self.busy:
+            return
+        late = list(self._grid.pull_messages([mid for mid, _ in self.busy.values()]))
+        done = {m.metadata.reply_to_message_id for m in late}
+        for node, (mid, what) in list(self.busy.items()):
+            if mid in done:
+                LOG.info("node %d answered its %s late; it takes part again", node, what)
+                del self.busy[node]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         msgs = list(messages)
@@ -150,11 +174,19 @@ class AuditingGrid(Grid):
         self._record(replies)
         return replies
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None, what: str = ""
+    ) -> Iterable[Message]:
+        """Flower's ``send_and_receive``; every node left without a reply becomes busy (``what`` names the
+        message in logs)."""
         msgs = list(messages)
         self._count_down(msgs)
         replies = list(self._grid.send_and_receive(msgs, timeout=timeout))
         self._record(replies)
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for m in msgs:
+            if m.metadata.message_id and m.metadata.message_id not in answered:
+                self.busy[int(m.metadata.dst_node_id)] = (m.metadata.message_id, what or m.metadata.message_type)
         return replies
 
     def _record(self, replies: list[Message]) -> None:
@@ -428,7 +460,7 @@ def _evaluate_round(
         Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n, message_type=MessageType.EVALUATE)
         for n in nodes
     ]
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    replies = list(grid.send_and_receive(msgs, timeout=timeout, what=f"round-{server_round} evaluate"))
     good, failures = sort_replies(
         msgs, replies, phase="evaluate", server_round=server_round, sites=sites, timeout_s=timeout
     )
@@ -447,7 +479,9 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
     for rnd in range(1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         down0, up0, adown0, aup0 = grid.bytes_down, grid.bytes_up, grid.array_bytes_down, grid.array_bytes_up
-        nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
+        nodes = _wait_for_free_nodes(grid, cfg, sites)
+        failures = [*pending, *_busy_failures(grid, sites, rnd)]
+        pending = []
         if strategy is None:
             strategy = make_strategy(
                 cfg, num_sampled=max(cfg.min_available_clients, int(len(nodes) * cfg.fraction_train))
@@ -455,11 +489,11 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
         config = ConfigRecord(dict(base))
         config[ROUND] = rnd
         messages = list(strategy.configure_train(rnd, arrays, config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
-        answered, failures = sort_replies(
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s, what=f"round-{rnd} train"))
+        answered, train_failures = sort_replies(
             messages, replies, phase="train", server_round=rnd, sites=sites, timeout_s=cfg.round_timeout_s
         )
-        failures[:0], pending = pending, []
+        failures += train_failures
         reference = _arrays_of(arrays)
         ok: list[Message] = []
         losses: list[dict[str, Any]] = []
@@ -514,7 +548,7 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
                 round=rnd,
                 nodes_sampled=len(messages),
                 replies_ok=len(ok),
-                replies_failed=sum(f.reason is not FailureReason.REJECTED for f in failures if f.phase == "train"),
+                replies_failed=len(train_failures),
                 replies_rejected=sum(f.reason is FailureReason.REJECTED for f in failures),
                 aggregated=aggregated,
                 train_loss=train_m.get("train_loss"),
@@ -533,6 +567,32 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
         )
     if cfg.personalisation_epochs > 0:
         personalise(grid, cfg, writer, arrays, base, sites=sites)
+
+
+def _wait_for_free_nodes(grid: AuditingGrid, cfg: FederationConfig, sites: Mapping[int, str]) -> list[int]:
+    """:func:`wait_for_nodes` over the nodes that are not busy; the error names the busy sites."""
+    try:
+        return wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
+    except NotEnoughNodesError as exc:
+        busy = ", ".join(f"{_site_of(sites, n)} (no reply to its {what})" for n, what in grid.busy_nodes().items())
+        raise NotEnoughNodesError(f"{exc}; busy: {busy}" if busy else str(exc)) from None
+
+
+def _busy_failures(grid: AuditingGrid, sites: Mapping[int, str], server_round: int) -> list[SiteFailure]:
+    """One TIMEOUT failure per busy node: it is left out of this round."""
+    out = [
+        SiteFailure(
+            site=_site_of(sites, node),
+            node_id=node,
+            phase="train",
+            reason=FailureReason.TIMEOUT,
+            detail=f"not asked: its {what} message is still unanswered",
+        )
+        for node, what in grid.busy_nodes().items()
+    ]
+    for f in out:
+        log_failure(f, server_round)
+    return out
 
 
 def describe_failures(failures: Sequence[SiteFailure]) -> str:

@@ -142,6 +142,25 @@ def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
     assert (failure.site, failure.node_id, failure.phase, failure.reason.value) == ("C", 102, "train", "timeout")
 
 
+def test_a_site_that_never_answered_is_not_asked_again_until_it_does(site_stores, tmp_path):
+    cfg = small(num_rounds=2)
+    grid = _DownAfterRollCall(list(site_stores), cfg.to_run_config())
+    model = build_model("classify", base_channels=4, seed=0)
+    keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
+    writer = sa.RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    audited = sa.AuditingGrid(grid)
+    base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)})
+    sa.run_message_api(audited, cfg, writer, base)
+    r1, r2 = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert r1.nodes_sampled == 3 and r1.replies_failed == 1
+    # round 2 leaves C out (a hung ClientApp would get one more message per round) and says so
+    assert r2.nodes_sampled == 2 and r2.replies_ok == 2 and r2.replies_failed == 0 and r2.aggregated
+    (busy,) = r2.failures
+    assert (busy.site, busy.reason.value) == ("C", "timeout")
+    assert busy.detail == "not asked: its round-1 train message is still unanswered"
+    assert audited.busy_nodes() == {102: "round-1 train"}
+
+
 def test_a_rejected_update_is_named(site_stores, tmp_path, caplog):
     caplog.set_level("WARNING", logger="fedscan.federated.server")
     _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={101: poison})
