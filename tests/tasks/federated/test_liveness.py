@@ -61,7 +61,7 @@ def test_a_hung_site_is_dropped_named_and_leaves_no_process(tmp_path, monkeypatc
         during.append(_names(_run_processes(out)))
 
     cfg = FederationConfig(
-        num_rounds=1,
+        num_rounds=2,
         local_epochs=1,
         batch_size=8,
         base_channels=4,
@@ -81,13 +81,19 @@ def test_a_hung_site_is_dropped_named_and_leaves_no_process(tmp_path, monkeypatc
     )
     elapsed = time.monotonic() - t0
     print(f"hung-site run: {elapsed:.1f} s (round timeout {ROUND_TIMEOUT_S:.0f} s)")
-    # the run ends: the round timed out on C and aggregated A and B; Flower's engine was stopped afterwards
+    # the run ends: round 1 timed out on C and aggregated A and B; Flower's engine was stopped afterwards
     # (on a93ce69 this run hung until timeout_s, then left Ray and flwr-simulation behind)
     assert elapsed < ROUND_TIMEOUT_S + 90, elapsed
-    (rnd,) = report.train_rounds
-    assert rnd.aggregated and rnd.replies_ok == 2 and rnd.replies_failed == 1
-    (failure,) = report.failures
+    r1, r2 = report.train_rounds
+    assert r1.aggregated and r1.replies_ok == 2 and r1.replies_failed == 1
+    (failure,) = r1.failures
     assert (failure.site, failure.phase, failure.reason) == ("C", "train", FailureReason.TIMEOUT)
+    # round 2 does not wait for C again: C is still busy with round 1's message, so it is not asked
+    assert r2.aggregated and r2.nodes_sampled == 2 and r2.replies_ok == 2
+    assert r2.seconds < ROUND_TIMEOUT_S, r2.seconds
+    assert [(f.site, f.detail) for f in r2.failures] == [
+        ("C", "not asked: its round-1 train message is still unanswered")
+    ]
     assert report.server_outcome is not None and report.server_outcome.status == "completed"
     assert report.engine_stopped_s == 10
     # named in the logs at WARNING, with the reason
