@@ -22,7 +22,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from schemas.federation import FederationConfig, RoundRecord
 from tasks.federated import client_app as ca
 from tasks.federated import server_app as sa
+from tasks.federated.grid import AuditingGrid
 from tasks.federated.model import build_model, model_signature, shared_keys
+from tasks.federated.rounds import RoundWriter
 
 #: ``tamper(reply) -> reply``: alters one node's replies (fault injection in tests).
 Tamper = Callable[[Message], Message]
@@ -116,8 +118,8 @@ def run_in_process(
     grid.down.update(down)
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
     signature = model_signature(model, shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics))
-    writer = sa.RoundWriter(cfg, rc, 1, signature)
-    audited = sa.AuditingGrid(grid, audit_path=str(rc["audit_path"]))
+    writer = RoundWriter(cfg, rc, 1, signature)
+    audited = AuditingGrid(grid, audit_path=str(rc["audit_path"]))
     base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: signature})
     if cfg.secagg:
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)

@@ -21,7 +21,7 @@ from typing import Any
 
 from flwr.serverapp import strategy as fs
 
-from schemas.federation import FederationConfig, StrategyName
+from schemas.federation import DpMode, FederationConfig, StrategyName
 from tasks.errors import InvalidInputError
 
 #: ``(config, common keyword arguments) -> strategy``.
@@ -98,6 +98,28 @@ def message_api_strategy(config: FederationConfig, common: dict[str, Any]) -> fs
     return look_up(config.strategy).message_api(config, common)
 
 
+def build_strategy(cfg: FederationConfig, *, num_sampled: int) -> fs.Strategy:
+    """The Message-API strategy of ``cfg``, inside Flower's DP fixed-clipping wrapper when ``cfg.dp_mode`` asks
+    for one (``num_sampled``: the nodes per round the DP accountant assumes). It does not evaluate: the
+    ServerApp's :class:`~tasks.federated.rounds.ScreeningStrategy` does."""
+    common: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": cfg.min_available_clients,
+        "min_available_nodes": cfg.min_available_clients,
+    }
+    base = message_api_strategy(cfg, common)
+    if cfg.dp_mode is DpMode.SERVER:
+        return fs.DifferentialPrivacyServerSideFixedClipping(
+            base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled
+        )
+    if cfg.dp_mode is DpMode.CLIENT:
+        return fs.DifferentialPrivacyClientSideFixedClipping(
+            base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled
+        )
+    return base
+
+
 def secagg_strategy(config: FederationConfig, common: dict[str, Any]) -> Any:
     """The legacy strategy SecAgg+'s workflow drives for ``config.strategy``.
 
@@ -112,4 +134,4 @@ def secagg_strategy(config: FederationConfig, common: dict[str, Any]) -> Any:
     return factory(config, common)
 
 
-__all__ = ["STRATEGIES", "StrategySpec", "look_up", "message_api_strategy", "secagg_strategy"]
+__all__ = ["STRATEGIES", "StrategySpec", "build_strategy", "look_up", "message_api_strategy", "secagg_strategy"]

@@ -17,8 +17,10 @@ from schemas.federation import FederationConfig, RoundRecord
 from tasks.errors import InvalidInputError
 from tasks.federated import client_app as ca
 from tasks.federated import server_app as sa
+from tasks.federated.grid import AuditingGrid
 from tasks.federated.inprocess import InProcessGrid, run_in_process
 from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
+from tasks.federated.rounds import RoundWriter
 
 
 @pytest.fixture(autouse=True)
@@ -128,9 +130,9 @@ def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
     grid.get_node_ids = lambda: list(grid.contexts)
     model = build_model("classify", base_channels=4, seed=0)
     keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
-    writer = sa.RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
     sa.run_message_api(
-        sa.AuditingGrid(grid),
+        AuditingGrid(grid),
         cfg,
         writer,
         ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)}),
@@ -147,8 +149,8 @@ def test_a_site_that_never_answered_is_not_asked_again_until_it_does(site_stores
     grid = _DownAfterRollCall(list(site_stores), cfg.to_run_config())
     model = build_model("classify", base_channels=4, seed=0)
     keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
-    writer = sa.RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
-    audited = sa.AuditingGrid(grid)
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    audited = AuditingGrid(grid)
     base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)})
     sa.run_message_api(audited, cfg, writer, base)
     r1, r2 = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]

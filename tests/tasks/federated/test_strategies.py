@@ -16,8 +16,7 @@ from schemas.federation import (
     StrategyName,
 )
 from tasks.errors import InvalidInputError
-from tasks.federated.server_app import make_strategy
-from tasks.federated.strategies import STRATEGIES, look_up, message_api_strategy, secagg_strategy
+from tasks.federated.strategies import STRATEGIES, build_strategy, look_up, message_api_strategy, secagg_strategy
 
 MESSAGE_API = {
     StrategyName.FEDAVG: fs.FedAvg,
@@ -44,8 +43,8 @@ def test_each_name_builds_its_own_flower_strategy(name):
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 2, "min_available_nodes": 2}
     built = message_api_strategy(_config(name), dict(common))
     assert type(built) is MESSAGE_API[name]
-    # the ServerApp's Message-API path goes through the same table
-    assert type(make_strategy(_config(name), num_sampled=2)) is MESSAGE_API[name]
+    # what the ServerApp's Message-API path builds comes from the same table
+    assert type(build_strategy(_config(name), num_sampled=2)) is MESSAGE_API[name]
 
 
 @pytest.mark.parametrize("name", list(StrategyName))
