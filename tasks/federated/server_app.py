@@ -1,24 +1,22 @@
 """Flower ServerApp (wiring only): rounds, aggregation by Flower's strategies, records and checkpoints.
 
 Without SecAgg+ Flower's ``Strategy.start`` runs the rounds on the Message API. The strategy comes from the
-registry in :mod:`tasks.federated.strategies` (optionally wrapped by Flower's DP fixed-clipping wrappers) and is
-wrapped once more by :class:`ScreeningStrategy`, fedscan's side of a round: it waits for the nodes with a
-deadline (Flower's own sampling waits forever), decodes compressed updates, refuses non-finite or mis-shaped
-updates, names every site that times out, fails or is rejected, evaluates on the sites that answered, writes one
-:class:`~schemas.federation.RoundRecord` per round and saves the global model under
+registry in :mod:`tasks.federated.strategies` (optionally wrapped by Flower's DP fixed-clipping wrappers) and
+is wrapped once more by :class:`~tasks.federated.rounds.ScreeningStrategy`, fedscan's side of a round: it
+waits for the nodes with a deadline (Flower's own sampling waits forever), decodes compressed updates, refuses
+non-finite or mis-shaped updates, names every site that times out, fails or is rejected, evaluates on the sites
+that answered, writes one :class:`~schemas.federation.RoundRecord` per round and saves the global model under
 ``<models_dir>/<run_id>/round-<k>``. A round whose updates fall short of ``min_available_clients`` keeps the
-previous global model and says so in its record. Before the first round a roll call asks each node for its site
-id, so that failures are named by site.
+previous global model and says so in its record. Before the first round a roll call asks each node for its
+site id, so that failures are named by site.
 
 With SecAgg+ Flower only offers the legacy workflow (``LegacyContext`` + ``DefaultWorkflow`` with
 ``SecAggPlusWorkflow``), so that path keeps its own driver over the legacy strategy of the same registry; a
 delegating strategy records the rounds.
 
-Every message the server receives passes :class:`AuditingGrid`, which counts bytes, (when ``audit_path`` is
-set) logs each message's array names, shapes and dtypes — never values — and keeps nodes that have not answered
-their last message out of later rounds until they do.
-
-The bookkeeping of a round lives in :mod:`tasks.federated.rounds`, the Grid wrapper in :mod:`tasks.federated.grid`.
+Every message the server receives passes :class:`~tasks.federated.grid.AuditingGrid`, which counts bytes,
+(when ``audit_path`` is set) logs each message's array names, shapes and dtypes — never values — and keeps
+nodes that have not answered their last message out of later rounds until they do.
 """
 
 from __future__ import annotations
@@ -38,11 +36,7 @@ from schemas.federation import (
     RoundRecord,
     SiteFailure,
 )
-from tasks.federated.client_app import (
-    CONFIG_HASH,
-    ROUND,
-    SIGNATURE,
-)
+from tasks.federated.client_app import CONFIG_HASH, ROUND, SIGNATURE
 from tasks.federated.grid import AuditingGrid, wait_for_nodes
 from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
 from tasks.federated.rounds import (
