@@ -223,9 +223,9 @@ def sort_replies(
     return good, failures
 
 
-def log_failure(failure: SiteFailure, server_round: int) -> None:
+def log_failure(failure: SiteFailure, server_round: int, *, logger: logging.Logger = LOG) -> None:
     """One WARNING line naming the site, what it missed and why."""
-    LOG.warning(
+    logger.warning(
         "site %s (node %d) dropped from round %d (%s): %s: %s",
         failure.site,
         failure.node_id,
@@ -361,7 +361,7 @@ class ScreeningStrategy(fs.Strategy):
                 server_round,
                 len(ok),
                 self.cfg.min_available_clients,
-                describe_failures(st.failures) or "too few nodes sampled",
+                describe_sites(st.failures) or "too few nodes sampled",
             )
             return None, None
         new_arrays, metrics = self.inner.aggregate_train(server_round, ok)
@@ -449,6 +449,11 @@ def busy_failures(grid: AuditingGrid, sites: Mapping[int, str], server_round: in
     return out
 
 
-def describe_failures(failures: Sequence[SiteFailure]) -> str:
-    """``"C: timeout, D: error"``: the sites that failed and why, in one phrase."""
-    return ", ".join(f"{f.site}: {f.reason.value}" for f in failures)
+def describe_sites(failures: Sequence[SiteFailure]) -> str:
+    """``"B (train: error), C (train: timeout; evaluate: timeout)"``: each failed site once, with its reasons."""
+    by_site: dict[str, list[str]] = {}
+    for f in failures:
+        why = by_site.setdefault(f.site, [])
+        if (entry := f"{f.phase}: {f.reason.value}") not in why:
+            why.append(entry)
+    return ", ".join(f"{site} ({'; '.join(why)})" for site, why in by_site.items())

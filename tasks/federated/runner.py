@@ -35,9 +35,10 @@ from typing import Any
 
 import tomli_w
 
-from schemas.federation import FederationConfig, FederationReport, RoundRecord, ServerOutcome, SiteFailure
+from schemas.federation import FederationConfig, FederationReport, RoundRecord, ServerOutcome
 from tasks.errors import FedscanError, InvalidInputError
 from tasks.federated.client_app import SIMULATION_STORES_ENV
+from tasks.federated.rounds import describe_sites, log_failure
 from tasks.federated.services import (
     SuperLink,
     SuperLinkUnreachableError,
@@ -112,15 +113,7 @@ class _Follower:
                 rec = RoundRecord.model_validate_json(line)
                 self.records.append(rec)
                 for f in rec.failures:
-                    LOG.warning(
-                        "site %s (node %d) dropped from round %d (%s): %s: %s",
-                        f.site,
-                        f.node_id,
-                        rec.round,
-                        f.phase,
-                        f.reason.value,
-                        f.detail,
-                    )
+                    log_failure(f, rec.round, logger=LOG)
                 if self.on_round is not None:
                     self.on_round(rec)
 
@@ -354,14 +347,3 @@ def _check(report: FederationReport, config: FederationConfig, *, log_hint: Path
             f"run {report.run_id} 'completed' but no round aggregated an update "
             f"({len(train)} of {config.num_rounds} rounds recorded){sites}{hint}"
         )
-
-
-def describe_sites(failures: Sequence[SiteFailure]) -> str:
-    """``"C (train: timeout; evaluate: error)"`` per site, in order of first failure."""
-    by_site: dict[str, list[str]] = {}
-    for f in failures:
-        by_site.setdefault(f.site, [])
-        entry = f"{f.phase}: {f.reason.value}"
-        if entry not in by_site[f.site]:
-            by_site[f.site].append(entry)
-    return ", ".join(f"{site} ({'; '.join(why)})" for site, why in by_site.items())
