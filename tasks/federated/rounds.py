@@ -190,8 +190,16 @@ def sort_replies(
 ) -> tuple[list[Message], list[SiteFailure]]:
     """Split the replies to ``sent`` into the good ones and one :class:`SiteFailure` per site that timed out
     (no reply within ``timeout_s``: dropped from the round) or answered with an error; each failure is logged
-    at WARNING with the site's name and reason."""
-    answered = {int(r.metadata.src_node_id) for r in replies}
+    at WARNING with the site's name and reason.
+
+    A reply belongs to the node its message was sent to: the SuperLink answers for a node it has lost ("Node
+    Unavailable") with its own id as the source."""
+    to_node = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id}
+
+    def node_of(reply: Message) -> int:
+        return to_node.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
+
+    answered = {node_of(r) for r in replies}
     failures = [
         SiteFailure(
             site=site_of(sites, int(m.metadata.dst_node_id)),
@@ -206,7 +214,7 @@ def sort_replies(
     good: list[Message] = []
     for r in replies:
         if r.has_error():
-            node = int(r.metadata.src_node_id)
+            node = node_of(r)
             failures.append(
                 SiteFailure(
                     site=site_of(sites, node),

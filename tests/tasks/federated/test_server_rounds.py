@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from schemas.federation import FederationConfig, RoundRecord
@@ -161,6 +161,25 @@ def test_a_site_that_never_answered_is_not_asked_again_until_it_does(site_stores
     assert (busy.site, busy.reason.value) == ("C", "timeout")
     assert busy.detail == "not asked: its round-1 train message is still unanswered"
     assert audited.busy_nodes() == {102: "round-1 train"}
+
+
+def _lost_by_the_superlink(reply: Message) -> Message:
+    """The SuperLink's answer for a node it lost: an error whose source is the SuperLink (node 1), not the node."""
+    if reply.metadata.message_type != "train":
+        return reply
+    lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=reply)
+    lost.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+    lost.metadata.__dict__["_src_node_id"] = 1
+    return lost
+
+
+def test_an_error_the_superlink_sends_for_a_lost_node_names_that_node(site_stores, tmp_path):
+    _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={102: _lost_by_the_superlink})
+    (r,) = records
+    assert r.replies_failed == 1 and r.replies_ok == 2  # one failure, not a timeout of C plus an error of "node 1"
+    (failure,) = r.failures
+    assert (failure.site, failure.node_id, failure.reason.value) == ("C", 102, "error")
+    assert failure.detail == "Node Unavailable"
 
 
 def test_a_rejected_update_is_named(site_stores, tmp_path, caplog):
