@@ -279,11 +279,12 @@ class _Round:
 class ScreeningStrategy(fs.Strategy):
     """fedscan's side of a round, around any Flower strategy whose :meth:`start` runs the rounds.
 
-    Before each round it waits for enough free nodes (:class:`AuditingGrid` leaves busy ones out) and records
-    the busy sites; it decodes and screens every update (:func:`screen_update`) and names each site that timed
-    out, failed or was rejected; the wrapped strategy aggregates only when ``min_available_clients`` updates
-    passed; the evaluation goes to the nodes that answered the round (a node that timed out would make it wait
-    the full timeout again); and it writes one :class:`RoundRecord` and the global model per round.
+    Before each round it waits for enough free nodes (:class:`AuditingGrid` leaves busy ones out), asks nodes
+    it has not seen yet for their site id (:func:`roll_call`) and records the busy sites; it decodes and screens
+    every update (:func:`screen_update`) and names each site that timed out, failed or was rejected; the
+    wrapped strategy aggregates only when ``min_available_clients`` updates passed; the evaluation goes to the
+    nodes that answered the round (a node that timed out would make it wait the full timeout again); and it
+    writes one :class:`RoundRecord` and the global model per round.
     """
 
     def __init__(
@@ -293,20 +294,30 @@ class ScreeningStrategy(fs.Strategy):
         grid: AuditingGrid,
         cfg: FederationConfig,
         writer: RoundWriter,
-        sites: Mapping[int, str],
-        pending: Sequence[SiteFailure] = (),
     ) -> None:
         self.inner = inner
         self.grid = grid
         self.cfg = cfg
         self.writer = writer
-        self.sites = sites
-        self.pending = list(pending)
+        #: node id -> site id, from the roll calls; and every node a roll call went to
+        self.sites: dict[int, str] = {}
+        self.asked: set[int] = set()
         self.arrays: ArrayRecord | None = None
         self._round: _Round | None = None
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def _roll_call_newcomers(self) -> list[SiteFailure]:
+        """Roll call of the nodes never asked yet (all of them before round 1; a restarted site's new node
+        later), so that their failures are named by site."""
+        new = [n for n in self.grid.get_node_ids() if n not in self.asked]
+        if not new:
+            return []
+        self.asked.update(new)
+        names, failures = roll_call(self.grid, new, timeout_s=self.cfg.wait_for_nodes_s)
+        self.sites.update(names)
+        return failures
 
     def _state(self) -> _Round:
         if self._round is None:  # pragma: no cover - Flower's start always configures a round first
@@ -320,8 +331,8 @@ class ScreeningStrategy(fs.Strategy):
         counters = (g.bytes_down, g.bytes_up, g.array_bytes_down, g.array_bytes_up)
         t0 = time.perf_counter()
         wait_for_free_nodes(g, self.cfg, self.sites)
-        failures = [*self.pending, *busy_failures(g, self.sites, server_round)]
-        self.pending = []
+        failures = self._roll_call_newcomers()
+        failures += busy_failures(g, self.sites, server_round)
         self.arrays = arrays
         g.server_round = server_round
         config = ConfigRecord({**dict(config), ROUND: server_round})

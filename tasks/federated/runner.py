@@ -316,11 +316,20 @@ def _follow(
             )
             _stop_run(run_id, env=env)
             metrics.poll()
-            return _FollowResult(status, engine_stopped_s=grace_s)
+            return _FollowResult(_status(run_id, env=env, default=status), engine_stopped_s=grace_s)
         if time.monotonic() > deadline:
             _stop_run(run_id, env=env)
             raise FederatedRunError(f"run {run_id} did not finish within {timeout_s:.0f} s (stopped)")
         time.sleep(poll_s)
+
+
+def _status(run_id: str, *, env: dict[str, str], default: str) -> str:
+    """Flower's status of the run now (``default`` when the SuperLink does not say)."""
+    try:
+        runs = _flwr(["list", CONNECTION, "--run-id", run_id], env=env, timeout_s=60).get("runs", [])
+    except FedscanError:
+        return default
+    return str(runs[0]["status"]) if runs else default
 
 
 def _stop_run(run_id: str, *, env: dict[str, str]) -> None:

@@ -56,15 +56,14 @@ app = ServerApp()
 
 
 def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, base: ConfigRecord) -> None:
-    """Roll call, then Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` runs the rounds of the
-    configured strategy inside :class:`ScreeningStrategy`; then the optional personalisation phase."""
+    """Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` runs the rounds of the configured strategy
+    inside :class:`ScreeningStrategy`; then the optional personalisation phase."""
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = record_of(get_arrays(model, keys))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
-    sites, pending = roll_call(grid, nodes, timeout_s=cfg.wait_for_nodes_s)
     inner = build_strategy(cfg, num_sampled=max(cfg.min_available_clients, int(len(nodes) * cfg.fraction_train)))
-    screening = ScreeningStrategy(inner, grid=grid, cfg=cfg, writer=writer, sites=sites, pending=pending)
+    screening = ScreeningStrategy(inner, grid=grid, cfg=cfg, writer=writer)
     screening.start(
         grid,
         initial,
@@ -74,7 +73,7 @@ def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWrit
         evaluate_config=base,
     )
     if cfg.personalisation_epochs > 0:
-        personalise(grid, cfg, writer, screening.arrays or initial, base, sites=sites)
+        personalise(grid, cfg, writer, screening.arrays or initial, base, sites=screening.sites)
 
 
 def personalise(

@@ -182,6 +182,37 @@ def test_an_error_the_superlink_sends_for_a_lost_node_names_that_node(site_store
     assert failure.detail == "Node Unavailable"
 
 
+class _JoinsAfterRoundOne(InProcessGrid):
+    """Node 102 connects only after round 1 (a site restarted with a new node id)."""
+
+    rounds_seen = 0
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n != 102 or self.rounds_seen >= 1]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        msgs = list(messages)
+        replies = super().send_and_receive(msgs, timeout=timeout)
+        self.rounds_seen += any(m.metadata.message_type == "evaluate" for m in msgs)
+        return replies
+
+
+def test_a_node_that_joins_later_is_asked_its_site_and_named(site_stores, tmp_path):
+    cfg = small(num_rounds=2)
+    grid = _JoinsAfterRoundOne(list(site_stores), cfg.to_run_config(), tamper={102: poison})
+    model = build_model("classify", base_channels=4, seed=0)
+    keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)})
+    sa.run_message_api(AuditingGrid(grid), cfg, writer, base)
+    r1, r2 = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert r1.nodes_sampled == 2 and not r1.failures
+    assert r2.nodes_sampled == 3 and r2.replies_rejected == 1
+    assert [(f.site, f.node_id, f.reason.value) for f in r2.failures] == [("C", 102, "rejected")]
+    roll_calls = [m for m in grid.received if m.metadata.message_type == ca.ROLL_CALL]
+    assert sorted(int(m.metadata.src_node_id) for m in roll_calls) == [100, 101, 102]  # each node asked once
+
+
 def test_a_rejected_update_is_named(site_stores, tmp_path, caplog):
     caplog.set_level("WARNING", logger="fedscan.federated.server")
     _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={101: poison})
