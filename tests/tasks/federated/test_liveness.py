@@ -79,11 +79,17 @@ def test_a_hung_site_is_dropped_named_and_leaves_no_process(tmp_path, monkeypatc
         timeout_s=600,
         engine_grace_s=10,
     )
+    returned = time.time()
     elapsed = time.monotonic() - t0
-    print(f"hung-site run: {elapsed:.1f} s (round timeout {ROUND_TIMEOUT_S:.0f} s)")
+    server_done = next((out / "runs").glob("*/outcome.json")).stat().st_mtime
+    seconds = [round(r.seconds, 1) for r in report.train_rounds]
+    print(f"hung-site run: {elapsed:.1f} s; rounds {seconds} s; {returned - server_done:.1f} s after the ServerApp")
     # the run ends: round 1 timed out on C and aggregated A and B; Flower's engine was stopped afterwards
-    # (on a93ce69 this run hung until timeout_s, then left Ray and flwr-simulation behind)
-    assert elapsed < ROUND_TIMEOUT_S + 90, elapsed
+    # (on a93ce69 this run hung until timeout_s, then left Ray and flwr-simulation behind). The total includes
+    # Ray's and the ClientApps' cold start, 40-80 s on this shared 2-core machine; what the fix controls, the
+    # time from the ServerApp's return to ours, is the grace period plus stopping the processes.
+    assert elapsed < ROUND_TIMEOUT_S + 180, elapsed
+    assert returned - server_done < 10 + 50, returned - server_done  # 27.7 s measured at load average 11
     r1, r2 = report.train_rounds
     assert r1.aggregated and r1.replies_ok == 2 and r1.replies_failed == 1
     (failure,) = r1.failures
