@@ -181,8 +181,10 @@ def run_federation(
     SuperLinkUnreachableError
         The deployment SuperLink did not answer within ``target.connect_timeout_s``.
     FederatedRunError
-        Submission failed, the run failed or timed out (it is stopped), or no round aggregated.
+        Submission failed, the ServerApp failed, the run timed out (it is stopped), or no round aggregated;
+        the message names every site that failed and why.
     """
+    config = cap_round_timeout(config, round_timeout_cap_s)
     out = Path(output_dir).resolve()
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=_mkdir(out / "runs")))
     flwr_home = run_dir / "flwr-home"

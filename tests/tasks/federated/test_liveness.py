@@ -60,25 +60,23 @@ def test_a_hung_site_is_dropped_named_and_leaves_no_process(tmp_path, monkeypatc
     def on_round(rec: RoundRecord) -> None:
         during.append(_names(_run_processes(out)))
 
-    cfg = FederationConfig(
-        num_rounds=2,
-        local_epochs=1,
-        batch_size=8,
-        base_channels=4,
-        min_available_clients=2,
-        round_timeout_s=ROUND_TIMEOUT_S,
-        wait_for_nodes_s=60,
-    )
+    # the run config keeps its default round timeout (300 s); the deployment's setting lowers it
+    cfg = FederationConfig(num_rounds=2, local_epochs=1, batch_size=8, base_channels=4, wait_for_nodes_s=60)
+    monkeypatch.setenv("FEDSCAN_FLOWER__ROUND_TIMEOUT_S", str(ROUND_TIMEOUT_S))
+    get_settings.cache_clear()
     caplog.set_level(logging.WARNING, logger="fedscan.federated.runner")
     t0 = time.monotonic()
-    report = run_federation(
-        cfg,
-        target=SimulationTarget(site_stores=stores),
-        output_dir=out,
-        on_round=on_round,
-        timeout_s=600,
-        engine_grace_s=10,
-    )
+    try:
+        report = run_federation(
+            cfg,
+            target=SimulationTarget(site_stores=stores),
+            output_dir=out,
+            on_round=on_round,
+            timeout_s=600,
+            engine_grace_s=10,
+        )
+    finally:
+        get_settings.cache_clear()
     returned = time.time()
     elapsed = time.monotonic() - t0
     server_done = next((out / "runs").glob("*/outcome.json")).stat().st_mtime
@@ -94,6 +92,7 @@ def test_a_hung_site_is_dropped_named_and_leaves_no_process(tmp_path, monkeypatc
     assert r1.aggregated and r1.replies_ok == 2 and r1.replies_failed == 1
     (failure,) = r1.failures
     assert (failure.site, failure.phase, failure.reason) == ("C", "train", FailureReason.TIMEOUT)
+    assert failure.detail == f"no reply within {ROUND_TIMEOUT_S:g} s"  # FEDSCAN_FLOWER__ROUND_TIMEOUT_S
     # round 2 does not wait for C again: C is still busy with round 1's message, so it is not asked
     assert r2.aggregated and r2.nodes_sampled == 2 and r2.replies_ok == 2
     assert r2.seconds < ROUND_TIMEOUT_S, r2.seconds
