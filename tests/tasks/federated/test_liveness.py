@@ -14,7 +14,15 @@ import pytest
 from schemas.federation import FailureReason, FederationConfig, FederationReport, RoundRecord, SiteFailure
 from schemas.settings import get_settings
 from tasks.federated.client_app import TEST_SLEEP_ENV
-from tasks.federated.runner import FederatedRunError, SimulationTarget, _check, cap_round_timeout, run_federation
+from tasks.federated.runner import (
+    DeploymentTarget,
+    FederatedRunError,
+    SimulationTarget,
+    _check,
+    cap_round_timeout,
+    run_federation,
+)
+from tasks.federated.services import SuperLink, SuperNode
 
 from .conftest import make_site
 
@@ -157,3 +165,49 @@ def test_the_deployment_round_timeout_setting_caps_the_run_config(monkeypatch):
     assert capped.round_timeout_s == 12.5
     assert FederationConfig.from_run_config(capped.to_run_config()) == capped  # the hash follows the cap
     assert kept.round_timeout_s == 5
+
+
+#: Each message starts a fresh ``flwr-clientapp`` process on the SuperNode (~35 s cold on this loaded machine,
+#: see test_flower_runs.py): the round timeout leaves the sites that do answer room for that.
+DEPLOYMENT_ROUND_TIMEOUT_S = 60.0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_deployment_drops_a_hung_site_and_its_processes_end_with_the_services(tmp_path, monkeypatch):
+    stores = [
+        make_site(tmp_path / "sites" / f"{sid}.zarr", sid, k, n_scans=2, n_slices=6) for k, sid in enumerate("ABC")
+    ]
+    home = tmp_path / "flwr"
+    link = SuperLink(flwr_home=home / "link").start()
+    nodes = [
+        SuperNode(
+            superlink=link.address,
+            flwr_home=home / f"node-{sid}",
+            node_config={"site-store": str(p)},
+            env={TEST_SLEEP_ENV: json.dumps({"C": 3600})} if sid == "C" else {},
+        ).start()
+        for sid, p in zip("ABC", stores, strict=True)
+    ]
+    cfg = FederationConfig(num_rounds=1, local_epochs=1, batch_size=8, base_channels=4, wait_for_nodes_s=120)
+    try:
+        report = run_federation(
+            cfg,
+            target=DeploymentTarget(superlink=link.address),
+            output_dir=tmp_path / "out",
+            timeout_s=600,
+            round_timeout_cap_s=DEPLOYMENT_ROUND_TIMEOUT_S,
+        )
+        hung = _names(_run_processes(home / "node-C"))
+    finally:
+        for n in nodes:
+            n.stop()
+        link.stop()
+    # the ServerApp dropped C after the (capped) round timeout; Flower ended the run itself (no engine to stop)
+    assert report.status == "finished:completed" and report.engine_stopped_s is None
+    (rnd,) = report.train_rounds
+    assert rnd.aggregated and rnd.replies_ok == 2
+    assert [(f.site, f.phase, f.reason) for f in rnd.failures] == [("C", "train", FailureReason.TIMEOUT)]
+    # C's ClientApp was still asleep when the run ended; stopping the SuperNode ended it
+    assert any("clientapp" in n for n in hung), hung
+    assert not _run_processes(home), _names(_run_processes(home))
