@@ -244,13 +244,15 @@ def log_failure(failure: SiteFailure, server_round: int, *, logger: logging.Logg
     )
 
 
-def roll_call(grid: Grid, nodes: Sequence[int], *, timeout_s: float) -> tuple[dict[int, str], list[SiteFailure]]:
+def roll_call(
+    grid: AuditingGrid, nodes: Sequence[int], *, timeout_s: float
+) -> tuple[dict[int, str], list[SiteFailure]]:
     """Ask every node for its site id (``query.site``), so that a site that later hangs or fails is named.
 
     The first message a node gets also pays its start-up (a cold ClientApp process or Ray actor importing torch),
     so callers give the roll call the time they allow nodes to connect, not the round timeout."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=ROLL_CALL) for n in nodes]
-    replies = list(grid.send_and_receive(msgs, timeout=timeout_s))
+    replies = list(grid.send_and_receive(msgs, timeout=timeout_s, what="roll call"))
     good, failures = sort_replies(msgs, replies, phase="roll-call", server_round=0, sites={}, timeout_s=timeout_s)
     sites: dict[int, str] = {}
     for r in good:

@@ -213,6 +213,23 @@ def test_a_node_that_joins_later_is_asked_its_site_and_named(site_stores, tmp_pa
     assert sorted(int(m.metadata.src_node_id) for m in roll_calls) == [100, 101, 102]  # each node asked once
 
 
+def test_too_few_free_sites_fail_the_run_naming_the_busy_one(site_stores, tmp_path):
+    from tasks.federated.grid import NotEnoughNodesError
+
+    cfg = small(num_rounds=2, wait_for_nodes_s=1)
+    grid = _DownAfterRollCall(list(site_stores), cfg.to_run_config())  # C answers the roll call, then hangs
+    model = build_model("classify", base_channels=4, seed=0)
+    keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)})
+    grid.down.add(101)  # B is gone from the start: it never answers, so it is never named
+    busy = r"need 2; busy: node-101 \(no reply to its roll call\), C \(no reply to its round-1 train\)"
+    with pytest.raises(NotEnoughNodesError, match=busy):
+        sa.run_message_api(AuditingGrid(grid), cfg, writer, base)
+    (r1,) = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert not r1.aggregated and {f.site for f in r1.failures} == {"node-101", "C"}
+
+
 def test_a_rejected_update_is_named(site_stores, tmp_path, caplog):
     caplog.set_level("WARNING", logger="fedscan.federated.server")
     _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={101: poison})
