@@ -11,7 +11,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from schemas.federation import FailureReason, FederationConfig, FederationReport, RoundRecord, SiteFailure
+from schemas.federation import (
+    FailureReason,
+    FederationConfig,
+    FederationReport,
+    RoundRecord,
+    ServerOutcome,
+    SiteFailure,
+)
 from schemas.settings import get_settings
 from tasks.federated.client_app import TEST_SLEEP_ENV
 from tasks.federated.runner import (
@@ -152,6 +159,12 @@ def test_a_run_without_enough_sites_fails_naming_each_site_and_reason():
     )
     with pytest.raises(FederatedRunError, match=r"failed sites: B \(train: error\), C \(train: timeout\)"):
         _check(report, FederationConfig(num_rounds=1), log_hint=None)
+    # a ServerApp that gave up (too few free sites) says why, and names the sites too
+    gave_up = report.model_copy(
+        update={"server_outcome": ServerOutcome(status="failed", error="NotEnoughNodesError: need 2", rounds=1)}
+    )
+    with pytest.raises(FederatedRunError, match=r"ServerApp failed: NotEnoughNodesError: need 2; failed sites: B"):
+        _check(gave_up, FederationConfig(num_rounds=1), log_hint=None)
 
 
 def test_the_deployment_round_timeout_setting_caps_the_run_config(monkeypatch):
