@@ -75,7 +75,14 @@ class FlowerSettings(BaseModel):
     )
     root_certificates: Path | None = Field(default=None, description="CA bundle for TLS to the SuperLink.")
     insecure: bool = Field(default=False, description="Plain-text gRPC; loopback tests only.")
-    round_timeout_s: float = Field(default=600.0, gt=0, description="Give up on a round after this, seconds.")
+    round_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400.0,
+        description="The longest a federated round of this deployment waits for a site's reply, s: a run config "
+        "asking for more (FederationConfig.round_timeout_s) is lowered to it; a site that has not answered by then "
+        "is dropped from the round and named in its record.",
+    )
 
 
 class PrefectSettings(BaseModel):

@@ -348,8 +348,11 @@ def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any
             "bytes_up": rec.bytes_up,
             "bytes_down": rec.bytes_down,
             "seconds": round(rec.seconds, 2),
+            "failed_sites": ", ".join(f"{f.site} ({f.phase}: {f.reason.value})" for f in rec.failures),
         }
         rounds.append(row)
+        for f in rec.failures:
+            logger.warning("round %s: site %s dropped (%s): %s: %s", rec.round, f.site, f.phase, f.reason, f.detail)
         logger.info(
             "round %s (%s): %d ok, %d failed, %d rejected; AUC %s, %d bytes up",
             rec.round,
