@@ -25,11 +25,13 @@ from schemas.base import StageConfig
 from schemas.federation import FederatedTask
 from schemas.geometry import ReconGrid
 from schemas.manifest import DataKind, ScanManifest
+from schemas.stages import StageName, spec_of
 from tasks.errors import InvalidInputError
 from tasks.storage import ScanStore, SiteStore, StageOutput
 
-SURROGATE_STAGE = "surrogate"
-SURROGATE_ARRAY = "surrogate"
+#: The stage whose output federated training reads, and that output (from the stage registry).
+SURROGATE_STAGE = StageName.SURROGATE
+SURROGATE_ARRAY = spec_of(StageName.SURROGATE).writes[0]
 LABELS_ARRAY = "labels"
 MASKS_ARRAY = "lesion_masks"
 LOG = logging.getLogger("fedscan.federated.data")
