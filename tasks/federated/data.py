@@ -30,7 +30,7 @@ from tasks.errors import InvalidInputError
 from tasks.storage import ScanStore, SiteStore, StageOutput
 
 #: The stage whose output federated training reads, and that output (from the stage registry).
-SURROGATE_STAGE = StageName.SURROGATE
+SURROGATE_STAGE = StageName.SURROGATE.value
 SURROGATE_ARRAY = spec_of(StageName.SURROGATE).writes[0]
 LABELS_ARRAY = "labels"
 MASKS_ARRAY = "lesion_masks"
