@@ -101,7 +101,10 @@ def ingest(
     detector_pitch_mm: Annotated[float | None, typer.Option(help="Detector column pitch, mm.")] = None,
     sid_mm: Annotated[float | None, typer.Option("--sid-mm", help="Source to isocentre, mm (fan).")] = None,
     sdd_mm: Annotated[float | None, typer.Option("--sdd-mm", help="Source to detector, mm (fan).")] = None,
-    data_kind: Annotated[DataKind | None, typer.Option(help="counts | line_integrals.")] = None,
+    data_kind: Annotated[
+        DataKind | None,
+        typer.Option(help="counts | line_integrals; an array needs this, geometry flags, a sidecar or a site default."),
+    ] = None,
     i0: Annotated[float | None, typer.Option("--i0", help="Unattenuated photons per bin (counts).")] = None,
     skip_existing: Annotated[
         bool, typer.Option("--skip-existing", help="Exit 0 when the source was already ingested.")
@@ -109,12 +112,12 @@ def ingest(
 ) -> None:
     """Validate a scan and write it into its site's Zarr store (the source is never modified)."""
     validate_id(IdKind.SITE, site, error=InvalidInputError)  # before anything forms a path from it
-    from tasks.ingest import find_sidecar, load_sidecar
+    from tasks.ingest import find_sidecar, load_sidecar, merge_sidecars
     from tasks.ingest import ingest as run_ingest
     from tasks.storage import SiteStore, site_store_uri
 
     sidecar_path = geometry_file or find_sidecar(path)
-    sidecar = load_sidecar(sidecar_path) if sidecar_path is not None else IngestSidecar()
+    sidecar = load_sidecar(sidecar_path) if sidecar_path is not None else None
     overrides = {
         k: v
         for k, v in {
@@ -127,12 +130,11 @@ def ingest(
         }.items()
         if v is not None
     }
+    top: dict[str, Any] = {k: v for k, v in {"data_kind": data_kind, "i0_photons": i0}.items() if v is not None}
     if overrides:
-        base = (sidecar.geometry or GeometrySpec()).model_dump()
-        sidecar = sidecar.model_copy(update={"geometry": GeometrySpec.model_validate({**base, **overrides})})
-    top = {k: v for k, v in {"data_kind": data_kind, "i0_photons": i0}.items() if v is not None}
-    if top:
-        sidecar = IngestSidecar.model_validate({**sidecar.model_dump(), **top})
+        top["geometry"] = GeometrySpec.model_validate(overrides)
+    if top:  # flags win over the sidecar, field by field; with neither, ingest refuses an array (no guessing)
+        sidecar = merge_sidecars(sidecar or IngestSidecar(), IngestSidecar.model_validate(top))
     root = store if store is not None else get_settings().data_root
     site_store = SiteStore.open_or_create(site_store_uri(root, site), site_id=site)
     try:

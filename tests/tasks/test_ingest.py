@@ -266,17 +266,17 @@ def test_geometry_disagreements(tmp_path, site, rng):
 
 
 def test_dicom_series_defects(tmp_path, site):
-    make_dicom_series(tmp_path / "dup", 3, numbers=[1, 2, 2])
-    with pytest.raises(InvalidInputError, match="duplicated InstanceNumber 2"):
+    make_dicom_series(tmp_path / "dup", 3, positions=[0.0, 2.5, 2.5])
+    with pytest.raises(InvalidInputError, match="duplicate slice position .slice001.dcm and slice002.dcm"):
         ingest(tmp_path / "dup", site=site)
-    make_dicom_series(tmp_path / "gap", 3, numbers=[1, 2, 4], positions=[0.0, 2.5, 7.5])
-    with pytest.raises(InvalidInputError, match=r"missing slices \(InstanceNumber 3\)"):
+    make_dicom_series(tmp_path / "gap", 4, numbers=[1, 2, 3, 4], positions=[0.0, 2.5, 7.5, 10.0])
+    with pytest.raises(InvalidInputError, match="a slice is missing between slice001.dcm and slice002.dcm"):
         ingest(tmp_path / "gap", site=site)
     make_dicom_series(tmp_path / "hole", 4, positions=[0.0, 2.5, 5.0, 12.5])
-    with pytest.raises(InvalidInputError, match="irregular slice positions"):
+    with pytest.raises(InvalidInputError, match="a slice is missing between slice002.dcm and slice003.dcm"):
         ingest(tmp_path / "hole", site=site)
     make_dicom_series(tmp_path / "mixed", 3, sizes=[None, 64, None])
-    with pytest.raises(InvalidInputError, match="mixes image sizes"):
+    with pytest.raises(InvalidInputError, match=r"mixes 2 different image sizes \(Rows/Columns\) \(slice000.dcm, slice002.dcm; slice001.dcm\)"):
         ingest(tmp_path / "mixed", site=site)
     files = make_dicom_series(tmp_path / "corrupt", 3)
     files[1].write_bytes(files[1].read_bytes()[:2000])
