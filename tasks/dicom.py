@@ -18,9 +18,10 @@ block of slices is the most ever held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,20 @@ class SeriesLayout:
 
 def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + ("…" if len(names) > 3 else "")
+
+
+@contextlib.contextmanager
+def _values_unvalidated() -> Iterator[None]:
+    """pydicom warns *and logs* invalid header values verbatim (a PatientName, a UID): reading never validates
+    values, so no header value reaches a log through pydicom."""
+    from pydicom import config
+
+    mode = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        yield
+    finally:
+        config.settings.reading_validation_mode = mode
 
 
 def _read_header(path: Path) -> Dataset:
@@ -157,6 +172,10 @@ def _order(folder: Path, headers: list[tuple[Path, Dataset]]) -> tuple[list[tupl
         if pos is None or len(pos) != 3:
             raise InvalidInputError(f"{path}: no ImagePositionPatient; cannot order the slices in space")
         normal = np.cross(np.asarray(orient[:3]), np.asarray(orient[3:]))
+        length = float(np.linalg.norm(normal))
+        if not length > 0.5:  # direction cosines are unit vectors; a degenerate normal means no orientation
+            raise InvalidInputError(f"{path}: ImageOrientationPatient is not two orthogonal unit vectors")
+        normal /= length  # headers round direction cosines to a few digits
         coords.append(float(np.dot(normal, np.asarray(pos))))
     order = np.argsort(coords, kind="stable")
     ordered = [headers[i] for i in order]
@@ -189,6 +208,11 @@ def check_series(folder: Path, files: Sequence[Path]) -> SeriesLayout:
     InvalidInputError
         One line naming the folder or file and the attribute that disagrees (never its value).
     """
+    with _values_unvalidated():
+        return _check_series(folder, files)
+
+
+def _check_series(folder: Path, files: Sequence[Path]) -> SeriesLayout:
     headers = [(f, _read_header(f)) for f in files]
     for f, ds in headers:
         _check_image(f, ds)
@@ -254,7 +278,7 @@ def read_slice_hu(layout: SeriesLayout, index: int) -> npt.NDArray[np.float32]:
 
     path = layout.files[index]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _values_unvalidated():
             # pydicom warns (and corrects) when a JPEG 2000 stream's signedness disagrees with the header.
             warnings.simplefilter("ignore", UserWarning)
             pixels = pydicom.dcmread(path).pixel_array
