@@ -174,7 +174,8 @@ def _format_shape(shape: tuple[int, ...]) -> str:
 def inspect(
     store: Annotated[Path, typer.Argument(help="A site store (<site>.zarr) or a folder of site stores.")],
 ) -> None:
-    """Print sites, scans, arrays, shapes, stages done and their provenance."""
+    """Print sites, scans (labelled or not), arrays, shapes, stages done and their provenance."""
+    from tasks.labels import is_labelled
     from tasks.storage import SiteStore, find_site_stores
 
     if store.is_dir() and store.suffix != ".zarr" and not (store / "zarr.json").exists():
@@ -198,7 +199,9 @@ def inspect(
                 else "images only"
             )
             dose = f", I0={m.i0_photons:.3g}" if m.i0_photons else ""
-            console.print(f"  scan [bold]{scan.scan_id}[/]  {m.data_kind.value}; {desc}{dose}")
+            has_labels, has_masks = is_labelled(scan)
+            labelled = ("labelled + masks" if has_masks else "labelled") if has_labels else "unlabelled"
+            console.print(f"  scan [bold]{scan.scan_id}[/]  {m.data_kind.value}; {desc}{dose}; {labelled}")
             table = Table(box=None, show_header=True, pad_edge=False)
             for col in ("array", "dims", "shape", "chunks", "dtype", "written"):
                 table.add_column(col)
@@ -233,6 +236,38 @@ def inspect(
                 )
                 if metrics:
                     console.print(f"      {metrics}", markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------
+@app.command()
+@friendly_errors
+def label(
+    site_store: Annotated[Path, typer.Argument(help="A site store (<site>.zarr).")],
+    labels_csv: Annotated[
+        Path, typer.Argument(help="CSV with header scan_id,slice,label; one row per slice (from 0), label 0 or 1.")
+    ],
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            "--masks",
+            help="Lesion masks (slices, y, x): one NPY/NIfTI file for a one-scan CSV, or a folder of "
+            "<scan_id>.npy|.nii|.nii.gz.",
+        ),
+    ] = None,
+) -> None:
+    """Attach or update per-slice labels (and lesion masks) of ingested scans; all rows are checked first."""
+    from tasks.labels import attach_labels
+    from tasks.storage import SiteStore
+
+    site = SiteStore.open(site_store)
+    for scan_id, result in attach_labels(site, labels_csv, masks=masks):
+        m = result.record.metrics
+        state = "unchanged" if result.skipped else "labelled"
+        console.print(
+            f"{site.site_id}/{scan_id}: {state} ({m.get('lesion_slices')} of {m.get('slices')} slices show a lesion"
+            f"{'; masks' if m.get('masks') else ''})",
+            highlight=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from schemas.manifest import DataKind, FlatDarkRecord, ScanManifest, SourceFile
 from tasks.errors import AlreadyIngestedError, InvalidInputError
 from tasks.flatfield import FlatDark, fields_mean, load_field, normalise_block, prepare_gain
 from tasks.identity import SiteIdentity
+from tasks.labels import labels_beside, write_labels
 from tasks.physics import counts_to_line_integrals
 from tasks.sources import READERS, SIDECAR_NAMES, SourceStack, find_sidecar, open_source
 from tasks.storage import SiteStore, StageOutput, StageResult, projection_chunks, volume_chunks
@@ -360,6 +361,12 @@ def ingest(
         )
     except ValidationError as exc:
         raise InvalidInputError(f"{src}: {_first_error(exc)}") from exc
+    if is_images:
+        n_slices, image_shape = stack.shape[0], stack.shape[1:]
+    else:
+        assert geometry is not None
+        n_slices, image_shape = geometry.n_detector_rows, (geometry.grid.ny_pixels, geometry.grid.nx_pixels)
+    labelled = labels_beside(src, scan_id=sid, n_slices=n_slices, image_shape=image_shape)  # checked before writing
     scan = site.create_scan(manifest)
     identity.record_source(sid, source=str(src), names=names)
     config = IngestConfig(
@@ -408,4 +415,6 @@ def ingest(
             ),
         },
     )
+    if labelled is not None:
+        write_labels(scan, labelled)
     return IngestResult(sid, site.site_id, site.uri, tuple(o.name for o in outputs), result)

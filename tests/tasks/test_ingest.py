@@ -276,7 +276,10 @@ def test_dicom_series_defects(tmp_path, site):
     with pytest.raises(InvalidInputError, match="a slice is missing between slice002.dcm and slice003.dcm"):
         ingest(tmp_path / "hole", site=site)
     make_dicom_series(tmp_path / "mixed", 3, sizes=[None, 64, None])
-    with pytest.raises(InvalidInputError, match=r"mixes 2 different image sizes \(Rows/Columns\) \(slice000.dcm, slice002.dcm; slice001.dcm\)"):
+    with pytest.raises(
+        InvalidInputError,
+        match=r"mixes 2 different image sizes \(Rows/Columns\) \(slice000.dcm, slice002.dcm; slice001.dcm\)",
+    ):
         ingest(tmp_path / "mixed", site=site)
     files = make_dicom_series(tmp_path / "corrupt", 3)
     files[1].write_bytes(files[1].read_bytes()[:2000])
