@@ -6,7 +6,8 @@ Bench and industrial CT deliver raw detector images ``P`` beside flat fields ``F
 projections is normalised alone (:func:`normalise_block`), so a scan is never held in memory whole.
 
 Where ``P − D ≤ floor·(F − D)`` (no signal, or below the floor) the transmission is clamped to the floor and the
-value is counted; a pixel with ``F − D ≤ 0`` is dead and takes the median gain of the live pixels.
+value is counted; a pixel with ``F − D ≤ 0`` is dead: its line integral is the mean of the nearest live pixels to
+its left and right in the same detector row (a dead column would otherwise ring through every slice).
 """
 
 from __future__ import annotations
@@ -37,6 +38,27 @@ class FlatDark:
     n_darks: int
     dead_pixels: int
     mean_gain: float  # mean of F − D over live pixels: the open-beam signal
+    repair: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]] = (
+        np.zeros(0, np.intp),
+        np.zeros(0, np.intp),
+        np.zeros(0, np.intp),
+    )  # flat indices (rows·cols) of dead pixels and of their left and right live neighbours
+
+
+def _neighbours(dead: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """For each dead pixel, the nearest live pixel left and right in its row (at a row's end: the one side twice)."""
+    cols = dead.shape[1]
+    idx = np.arange(cols)
+    out: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for r, c in zip(*np.nonzero(dead), strict=True):
+        live = idx[~dead[r]]
+        left, right = live[live < c], live[live > c]
+        lo = int(left[-1]) if left.size else int(right[0])
+        hi = int(right[0]) if right.size else lo
+        out[0].append(int(r * cols + c))
+        out[1].append(int(r * cols + lo))
+        out[2].append(int(r * cols + hi))
+    return tuple(np.asarray(v, dtype=np.intp) for v in out)  # type: ignore[return-value]
 
 
 def average_fields(read: Callable[[int, int], npt.NDArray[Any]], n: int, *, where: str) -> npt.NDArray[np.float64]:
@@ -123,6 +145,9 @@ def prepare_gain(
     gain = flat - d
     dead = gain <= 0
     n_dead = int(dead.sum())
+    if (~dead).sum(axis=1).min() == 0:
+        r = int(np.flatnonzero((~dead).sum(axis=1) == 0)[0])
+        raise InvalidInputError(f"{where}: detector row {r} has no live pixel (flat ≤ dark everywhere in it)")
     live = gain[~dead]
     median = float(np.median(live))
     gain = np.where(dead, median, gain)
@@ -133,11 +158,17 @@ def prepare_gain(
         n_darks=n_darks,
         dead_pixels=n_dead,
         mean_gain=float(live.mean()),
+        repair=_neighbours(dead),
     )
 
 
 def normalise_block(
-    raw: npt.ArrayLike, *, dark: npt.ArrayLike, gain: npt.ArrayLike, floor_fraction: float
+    raw: npt.ArrayLike,
+    *,
+    dark: npt.ArrayLike,
+    gain: npt.ArrayLike,
+    floor_fraction: float,
+    repair: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]] | None = None,
 ) -> tuple[npt.NDArray[np.float32], int]:
     """Line integrals of one block of raw projections, and how many values were clamped.
 
@@ -149,6 +180,9 @@ def normalise_block(
         ``(rows, cols)`` averaged dark ``D`` and ``F − D`` (> 0).
     floor_fraction : float
         Transmissions ``(P − D) / (F − D)`` below this are clamped to it (and counted), in (0, 1).
+    repair : tuple of int arrays, optional
+        Flat ``(rows·cols)`` indices of dead pixels and of their left and right live neighbours
+        (:attr:`FlatDark.repair`); dead pixels take their neighbours' mean and are not counted.
 
     Returns
     -------
@@ -161,7 +195,11 @@ def normalise_block(
         raise ValueError(f"floor_fraction must be in (0, 1), got {floor_fraction}")
     p = np.asarray(raw, dtype=np.float32)
     transmission = (p - np.asarray(dark, dtype=np.float32)) / np.asarray(gain, dtype=np.float32)
-    low = transmission <= floor_fraction
-    clamped = int(np.count_nonzero(low))
     line = -np.log(np.maximum(transmission, np.float32(floor_fraction)))
-    return line.astype(np.float32, copy=False), clamped
+    low = transmission <= floor_fraction
+    if repair is not None and repair[0].size:
+        dead, left, right = repair
+        flat_line = line.reshape(line.shape[0], -1)
+        flat_line[:, dead] = 0.5 * (flat_line[:, left] + flat_line[:, right])
+        low.reshape(low.shape[0], -1)[:, dead] = False
+    return line.astype(np.float32, copy=False), int(np.count_nonzero(low))

@@ -263,12 +263,14 @@ def _flat_dark(src: Path, stack: SourceStack, sidecar: IngestSidecar) -> tuple[F
 def _count_clamped(stack: SourceStack, fields: FlatDark, floor: float, *, views_per_block: int = 32) -> int:
     total = 0
     for _a, block in iter_blocks(stack, views_per_block):
-        total += normalise_block(block, dark=fields.dark, gain=fields.gain, floor_fraction=floor)[1]
+        total += normalise_block(block, dark=fields.dark, gain=fields.gain, floor_fraction=floor, repair=fields.repair)[
+            1
+        ]
     return total
 
 
 def _normalise_chunk(block: npt.NDArray[Any], *, fields: FlatDark, floor: float) -> npt.NDArray[np.float32]:
-    return normalise_block(block, dark=fields.dark, gain=fields.gain, floor_fraction=floor)[0]
+    return normalise_block(block, dark=fields.dark, gain=fields.gain, floor_fraction=floor, repair=fields.repair)[0]
 
 
 def ingest(
