@@ -65,9 +65,17 @@ def iter_blocks(stack: SourceStack, views_per_block: int) -> Iterator[tuple[int,
         yield a, stack.read(a, min(n, a + views_per_block))
 
 
-def validate_values(stack: SourceStack, data_kind: DataKind, *, views_per_block: int = 32) -> dict[str, float]:
-    """Stream the source once: refuse NaN/inf and negative counts (naming where), return value stats."""
-    lo, hi, total, count = math.inf, -math.inf, 0.0, 0
+def validate_values(
+    stack: SourceStack,
+    data_kind: DataKind,
+    *,
+    views_per_block: int = 32,
+    fields: FlatDark | None = None,
+    transmission_floor: float = 1e-5,
+) -> dict[str, float]:
+    """Stream the source once: refuse NaN/inf and negative counts (naming where), return value stats; with flat
+    and dark ``fields``, also how many normalised values will be clamped (``clamped``), in the same pass."""
+    lo, hi, total, count, clamped = math.inf, -math.inf, 0.0, 0, 0
     for a, block in iter_blocks(stack, views_per_block):
         if block.dtype.kind == "f":
             bad = ~np.isfinite(block)
@@ -84,7 +92,11 @@ def validate_values(stack: SourceStack, data_kind: DataKind, *, views_per_block:
         lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
         total += float(block.sum(dtype=np.float64))
         count += block.size
-    return {"min": lo, "max": hi, "mean": total / max(count, 1)}
+        if fields is not None:
+            clamped += normalise_block(
+                block, dark=fields.dark, gain=fields.gain, floor_fraction=transmission_floor, repair=fields.repair
+            )[1]
+    return {"min": lo, "max": hi, "mean": total / max(count, 1), "clamped": clamped}
 
 
 def _sha256_file(path: Path) -> str:
@@ -260,15 +272,6 @@ def _flat_dark(src: Path, stack: SourceStack, sidecar: IngestSidecar) -> tuple[F
     return fields, tuple(files)
 
 
-def _count_clamped(stack: SourceStack, fields: FlatDark, floor: float, *, views_per_block: int = 32) -> int:
-    total = 0
-    for _a, block in iter_blocks(stack, views_per_block):
-        total += normalise_block(block, dark=fields.dark, gain=fields.gain, floor_fraction=floor, repair=fields.repair)[
-            1
-        ]
-    return total
-
-
 def _normalise_chunk(block: npt.NDArray[Any], *, fields: FlatDark, floor: float) -> npt.NDArray[np.float32]:
     return normalise_block(block, dark=fields.dark, gain=fields.gain, floor_fraction=floor, repair=fields.repair)[0]
 
@@ -330,15 +333,15 @@ def ingest(
     geometry = None
     if not is_images:
         geometry = resolve_geometry(sidecar.geometry or GeometrySpec(), stack.shape, where=str(src))
-    stats = validate_values(stack, data_kind if fields is None else DataKind.COUNTS)
+    floor = sidecar.transmission_floor
+    stats = validate_values(stack, data_kind, fields=fields, transmission_floor=floor)
     flat_dark = None
     i0 = sidecar.i0_photons
     if fields is not None:
-        floor = sidecar.transmission_floor
         flat_dark = FlatDarkRecord(
             n_flats=fields.n_flats,
             n_darks=fields.n_darks,
-            clamped_values=_count_clamped(stack, fields, floor),
+            clamped_values=int(stats["clamped"]),
             dead_pixels=fields.dead_pixels,
             floor_fraction=floor,
         )
@@ -385,7 +388,6 @@ def ingest(
         chunks = projection_chunks(stack.shape)
         if fields is not None:
             raw = _as_dask(stack, chunks[0], stack.dtype)
-            floor = sidecar.transmission_floor
             line = da.map_blocks(partial(_normalise_chunk, fields=fields, floor=floor), raw, dtype=np.float32)
             outputs = [StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"})]
         elif data_kind is DataKind.COUNTS:
