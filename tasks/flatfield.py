@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from tasks.errors import InvalidInputError
 
-__all__ = ["FlatDark", "average_fields", "load_field", "normalise_block", "prepare_gain"]
+__all__ = ["FlatDark", "average_fields", "count_clamped", "load_field", "normalise_block", "prepare_gain"]
 
 #: Views averaged per read when a field is a stack.
 _FIELD_BLOCK = 16
@@ -203,3 +203,13 @@ def normalise_block(
         flat_line[:, dead] = 0.5 * (flat_line[:, left] + flat_line[:, right])
         low.reshape(low.shape[0], -1)[:, dead] = False
     return line.astype(np.float32, copy=False), int(np.count_nonzero(low))
+
+
+def count_clamped(raw: npt.ArrayLike, fields: FlatDark, *, floor_fraction: float) -> int:
+    """How many values of a raw block :func:`normalise_block` will clamp (live pixels only), without the log."""
+    p = np.asarray(raw, dtype=np.float32)
+    low = (p - fields.dark) <= np.float32(floor_fraction) * fields.gain
+    dead = fields.repair[0]
+    if dead.size:
+        low.reshape(low.shape[0], -1)[:, dead] = False
+    return int(np.count_nonzero(low))

@@ -33,7 +33,7 @@ from schemas.ids import check_chosen_scan_id
 from schemas.ingest import GeometrySpec, IngestConfig, IngestSidecar
 from schemas.manifest import DataKind, FlatDarkRecord, ScanManifest, SourceFile
 from tasks.errors import AlreadyIngestedError, InvalidInputError
-from tasks.flatfield import FlatDark, fields_mean, load_field, normalise_block, prepare_gain
+from tasks.flatfield import FlatDark, count_clamped, fields_mean, load_field, normalise_block, prepare_gain
 from tasks.identity import SiteIdentity
 from tasks.labels import labels_beside, write_labels
 from tasks.physics import counts_to_line_integrals
@@ -93,9 +93,7 @@ def validate_values(
         total += float(block.sum(dtype=np.float64))
         count += block.size
         if fields is not None:
-            clamped += normalise_block(
-                block, dark=fields.dark, gain=fields.gain, floor_fraction=transmission_floor, repair=fields.repair
-            )[1]
+            clamped += count_clamped(block, fields, floor_fraction=transmission_floor)
     return {"min": lo, "max": hi, "mean": total / max(count, 1), "clamped": clamped}
 
 
