@@ -75,7 +75,7 @@ class IngestConfig(StageConfig):
     """The ingest stage's config: what was read and how (its hash makes reruns idempotent)."""
 
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    reader: str = Field(description="npy | npz | tiff | tiff-series | dicom-series")
+    reader: str = Field(description="npy | npz | tiff | tiff-series | dicom-series | dicom-ct-pd")
     data_kind: DataKind
     counts_floor: float = Field(
         default=0.5, gt=0, description="Counts below this are clamped before the log (zero-count bins), photons."

@@ -36,7 +36,7 @@ from tasks.errors import InvalidInputError
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["SeriesLayout", "check_series", "read_slice_hu"]
+__all__ = ["SeriesLayout", "check_series", "read_headers", "read_slice_hu", "values_unvalidated"]
 
 #: Direction cosines that differ by more than this are different orientations.
 _ORIENTATION_TOL = 1e-4
@@ -70,7 +70,7 @@ def _shown(names: Sequence[str]) -> str:
 
 
 @contextlib.contextmanager
-def _values_unvalidated() -> Iterator[None]:
+def values_unvalidated() -> Iterator[None]:
     """pydicom warns *and logs* invalid header values verbatim (a PatientName, a UID): reading never validates
     values, so no header value reaches a log through pydicom."""
     from pydicom import config
@@ -201,19 +201,9 @@ def _order(folder: Path, headers: list[tuple[Path, Dataset]]) -> tuple[list[tupl
     return ordered, median
 
 
-def check_series(folder: Path, files: Sequence[Path]) -> SeriesLayout:
-    """Read the headers of a folder's DICOM files and check that they are one CT series (see the module doc).
-
-    Raises
-    ------
-    InvalidInputError
-        One line naming the folder or file and the attribute that disagrees (never its value).
-    """
-    with _values_unvalidated():
-        return _check_series(folder, files)
-
-
-def _check_series(folder: Path, files: Sequence[Path]) -> SeriesLayout:
+def read_headers(folder: Path, files: Sequence[Path]) -> list[tuple[Path, Dataset]]:
+    """Headers of a folder's DICOM files, checked for what every scan needs: an image with pixel data, one
+    patient, study and series, and a decoder for each transfer syntax. Call inside :func:`values_unvalidated`."""
     headers = [(f, _read_header(f)) for f in files]
     for f, ds in headers:
         _check_image(f, ds)
@@ -223,6 +213,25 @@ def _check_series(folder: Path, files: Sequence[Path]) -> SeriesLayout:
     )
     _one_value(folder, headers, "studies (StudyInstanceUID)", lambda d: d.get("StudyInstanceUID"))
     _one_value(folder, headers, "series (SeriesInstanceUID)", lambda d: d.get("SeriesInstanceUID"))
+    for f, ds in headers:
+        _check_transfer_syntax(f, ds)
+    return headers
+
+
+def check_series(folder: Path, files: Sequence[Path]) -> SeriesLayout:
+    """Read the headers of a folder's DICOM files and check that they are one CT series (see the module doc).
+
+    Raises
+    ------
+    InvalidInputError
+        One line naming the folder or file and the attribute that disagrees (never its value).
+    """
+    with values_unvalidated():
+        return check_series_headers(folder, read_headers(folder, files))
+
+
+def check_series_headers(folder: Path, headers: list[tuple[Path, Dataset]]) -> SeriesLayout:
+    """:func:`check_series` on headers already read by :func:`read_headers`."""
     _one_value(
         folder,
         headers,
@@ -245,8 +254,6 @@ def _check_series(folder: Path, files: Sequence[Path]) -> SeriesLayout:
         lambda a, b: _close(a, b, rtol=_SPACING_RTOL),
     )
     _one_value(folder, headers, "image sizes (Rows/Columns)", lambda d: (int(d.Rows), int(d.Columns)))
-    for f, ds in headers:
-        _check_transfer_syntax(f, ds)
     ordered, spacing = _order(folder, headers)
     f0, ds0 = ordered[0]
     pixel = _floats(ds0, "PixelSpacing") or (1.0, 1.0)
@@ -279,7 +286,7 @@ def read_slice_hu(layout: SeriesLayout, index: int) -> npt.NDArray[np.float32]:
 
     path = layout.files[index]
     try:
-        with warnings.catch_warnings(), _values_unvalidated():
+        with warnings.catch_warnings(), values_unvalidated():
             # pydicom warns (and corrects) when a JPEG 2000 stream's signedness disagrees with the header.
             warnings.simplefilter("ignore", UserWarning)
             pixels = pydicom.dcmread(path).pixel_array

@@ -308,12 +308,19 @@ def ingest(
     identity.check_labels(sidecar.labels, where=str(src))
     stack = open_source(src, npz_key=sidecar.npz_key)
     is_images = stack.reader == "dicom-series"
-    if not is_images and stated is None:
+    header_geometry: GeometrySpec | None = stack.extra.get("geometry")  # DICOM-CT-PD: from the private tags
+    if not is_images and header_geometry is None and stated is None:
         raise _no_sidecar_error(src)
     data_kind = DataKind.HU_IMAGES if is_images else sidecar.data_kind
     if data_kind is DataKind.HU_IMAGES and not is_images:
         raise InvalidInputError(f"{src}: data_kind hu_images needs a DICOM series")
-    fields, field_files = (None, ()) if is_images else _flat_dark(src, stack, sidecar)
+    if header_geometry is not None:
+        if data_kind is not DataKind.LINE_INTEGRALS:
+            raise InvalidInputError(f"{src}: DICOM-CT-PD views hold line integrals; drop data_kind {data_kind.value}")
+        if sidecar.geometry is not None and sidecar.geometry.grid is not None:  # the site may choose the grid
+            header_geometry = header_geometry.model_copy(update={"grid": sidecar.geometry.grid})
+    no_fields = is_images or header_geometry is not None
+    fields, field_files = (None, ()) if no_fields else _flat_dark(src, stack, sidecar)
     if fields is not None and data_kind is DataKind.COUNTS:
         raise InvalidInputError(
             f"{src}: flats/darks normalise raw projections to line integrals; drop data_kind counts "
@@ -330,7 +337,8 @@ def ingest(
         raise InvalidInputError(f"{src}: raw counts need i0_photons (unattenuated photons per bin) in the sidecar")
     geometry = None
     if not is_images:
-        geometry = resolve_geometry(sidecar.geometry or GeometrySpec(), stack.shape, where=str(src))
+        spec = header_geometry or sidecar.geometry or GeometrySpec()
+        geometry = resolve_geometry(spec, stack.shape, where=str(src))
     floor = sidecar.transmission_floor
     stats = validate_values(stack, data_kind, fields=fields, transmission_floor=floor)
     flat_dark = None

@@ -9,7 +9,9 @@ Readers (keyed by file suffix; the watcher and ``fedscan ingest --help`` list wh
 * ``dicom`` — single-frame DICOM CT images (``.dcm``, ``.dicom``, Siemens ``.ima``, or no suffix with the DICOM
   preamble); a folder of them is a ``dicom-series``, one file a one-slice series, checked and ordered in space by
   :mod:`tasks.dicom`. Only geometry and rescale values are kept; patient, study and series attributes are
-  compared (one of each per scan) and never copied or echoed.
+  compared (one of each per scan) and never copied or echoed. A folder whose files carry the DICOM-CT-PD detector
+  tags is a ``dicom-ct-pd`` projection scan instead (one file per view, geometry from the private tags:
+  :mod:`tasks.ctpd`).
 
 Adding a format is one ``open`` function and one line per suffix in :data:`READERS`. This module imports no
 Dask or Zarr, so the CLI and the watcher can list the formats cheaply.
@@ -22,12 +24,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from tasks.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from tasks.ctpd import ProjectionLayout
+    from tasks.dicom import SeriesLayout
 
 __all__ = [
     "READERS",
@@ -207,9 +213,20 @@ def _open_tiff_series(folder: Path, files: list[Path]) -> SourceStack:
 
 
 def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
-    from tasks.dicom import check_series, read_slice_hu
+    from tasks.ctpd import check_views, is_ctpd
+    from tasks.dicom import check_series_headers, read_headers, values_unvalidated
 
-    layout = check_series(folder, files)
+    with values_unvalidated():
+        headers = read_headers(folder, files)
+        if is_ctpd(headers[0][1]):
+            return _ctpd_stack(folder, check_views(folder, headers))
+        layout = check_series_headers(folder, headers)
+    return _image_stack(folder, layout)
+
+
+def _image_stack(folder: Path, layout: SeriesLayout) -> SourceStack:
+    from tasks.dicom import read_slice_hu
+
     rows, cols = layout.rows, layout.cols
 
     def read(a: int, b: int) -> npt.NDArray[Any]:
@@ -231,6 +248,27 @@ def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
             "slice_thickness_mm": layout.slice_thickness_mm,
             "slice_spacing_mm": layout.slice_spacing_mm,
         },
+    )
+
+
+def _ctpd_stack(folder: Path, layout: ProjectionLayout) -> SourceStack:
+    from tasks.ctpd import read_view
+
+    def read(a: int, b: int) -> npt.NDArray[Any]:
+        out = np.empty((b - a, layout.rows, layout.cols), dtype=np.float32)
+        for i in range(a, b):
+            out[i - a] = read_view(layout, i)
+        return out
+
+    return SourceStack(
+        folder,
+        "dicom-ct-pd",
+        (len(layout.files), layout.rows, layout.cols),
+        np.dtype(np.float32),
+        layout.files,
+        read,
+        lambda i: layout.files[i].name,
+        extra={"geometry": layout.geometry},
     )
 
 
