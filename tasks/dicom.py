@@ -10,8 +10,8 @@ value (patient, study and series attributes are compared, never echoed or copied
   InstanceNumber or file name; the slice spacing is the median step between positions, and a duplicate position
   or a step that differs from it by more than half (a missing slice) is refused;
 * every transfer syntax must have a pixel decoder installed (here: native, deflated and RLE through pydicom, JPEG
-  baseline and JPEG 2000 through Pillow); one without (JPEG Lossless, JPEG-LS) is refused before any pixel is
-  read, naming the syntax.
+  baseline and JPEG 2000 through Pillow, JPEG Lossless and JPEG-LS through pylibjpeg-libjpeg); one without (e.g.
+  High-Throughput JPEG 2000) is refused before any pixel is read, naming the syntax.
 
 Pixels become HU with each slice's own RescaleSlope/RescaleIntercept. Reading decodes one file at a time: a
 block of slices is the most ever held in memory.

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from tasks.errors import InvalidInputError
@@ -161,16 +162,30 @@ def test_missing_pixel_data_and_unsupported_transfer_syntax(tmp_path, site):
     ds.save_as(files[1])
     with pytest.raises(InvalidInputError, match=r"IM0001: DICOM file has no PixelData$"):
         ingest(tmp_path / "nopix", site=site)
-    # bad_sequence.dcm is real JPEG Lossless (process 14): pylibjpeg/gdcm are not installed, so no decoder
-    jpeg = tmp_path / "jpeg"
-    jpeg.mkdir()
-    shutil.copy(get_testdata_file("bad_sequence.dcm"), jpeg / "neck.dcm")
+    # a syntax whose decoder (pylibjpeg-openjpeg) is not installed: refused from the header, naming it
+    htj2k = tmp_path / "htj2k"
+    htj2k.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.HTJ2KLossless
+    ds.PixelData = encapsulate([b"\xff\x4f" + bytes(64)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(htj2k / "slice.dcm")
     with pytest.raises(
-        InvalidInputError, match=r"neck.dcm: transfer syntax JPEG Lossless.*1\.2\.840\.10008\.1\.2\.4\.70"
+        InvalidInputError, match=r"slice.dcm: transfer syntax High-Throughput JPEG 2000 .*4\.201"
     ) as info:
-        ingest(jpeg, site=site)
+        ingest(htj2k, site=site)
     assert "no pixel decoder installed here" in str(info.value) and len(str(info.value).splitlines()) == 1
     assert site.scan_ids() == []
+
+
+def test_a_real_jpeg_lossless_slice_is_decoded(tmp_path, site):
+    # bad_sequence.dcm: a real neck slice, JPEG Lossless process 14 (pylibjpeg + pylibjpeg-libjpeg decode it)
+    folder = tmp_path / "neck"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("bad_sequence.dcm"), folder / "neck.dcm")
+    scan = site.scan(ingest(folder, site=site).scan_id)
+    np.testing.assert_allclose(scan.array("volume")[0], decoded_hu(folder / "neck.dcm"), atol=1e-3)
+    assert float(scan.array("volume")[0].max()) > 500.0  # bone
 
 
 def test_identifying_attributes_of_a_real_series_never_reach_the_store(tmp_path, site):
