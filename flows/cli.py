@@ -101,7 +101,10 @@ def ingest(
     detector_pitch_mm: Annotated[float | None, typer.Option(help="Detector column pitch, mm.")] = None,
     sid_mm: Annotated[float | None, typer.Option("--sid-mm", help="Source to isocentre, mm (fan).")] = None,
     sdd_mm: Annotated[float | None, typer.Option("--sdd-mm", help="Source to detector, mm (fan).")] = None,
-    data_kind: Annotated[DataKind | None, typer.Option(help="counts | line_integrals.")] = None,
+    data_kind: Annotated[
+        DataKind | None,
+        typer.Option(help="counts | line_integrals; an array needs this, geometry flags, a sidecar or a site default."),
+    ] = None,
     i0: Annotated[float | None, typer.Option("--i0", help="Unattenuated photons per bin (counts).")] = None,
     skip_existing: Annotated[
         bool, typer.Option("--skip-existing", help="Exit 0 when the source was already ingested.")
@@ -109,12 +112,12 @@ def ingest(
 ) -> None:
     """Validate a scan and write it into its site's Zarr store (the source is never modified)."""
     validate_id(IdKind.SITE, site, error=InvalidInputError)  # before anything forms a path from it
-    from tasks.ingest import find_sidecar, load_sidecar
+    from tasks.ingest import find_sidecar, load_sidecar, merge_sidecars
     from tasks.ingest import ingest as run_ingest
     from tasks.storage import SiteStore, site_store_uri
 
     sidecar_path = geometry_file or find_sidecar(path)
-    sidecar = load_sidecar(sidecar_path) if sidecar_path is not None else IngestSidecar()
+    sidecar = load_sidecar(sidecar_path) if sidecar_path is not None else None
     overrides = {
         k: v
         for k, v in {
@@ -127,12 +130,11 @@ def ingest(
         }.items()
         if v is not None
     }
+    top: dict[str, Any] = {k: v for k, v in {"data_kind": data_kind, "i0_photons": i0}.items() if v is not None}
     if overrides:
-        base = (sidecar.geometry or GeometrySpec()).model_dump()
-        sidecar = sidecar.model_copy(update={"geometry": GeometrySpec.model_validate({**base, **overrides})})
-    top = {k: v for k, v in {"data_kind": data_kind, "i0_photons": i0}.items() if v is not None}
-    if top:
-        sidecar = IngestSidecar.model_validate({**sidecar.model_dump(), **top})
+        top["geometry"] = GeometrySpec.model_validate(overrides)
+    if top:  # flags win over the sidecar, field by field; with neither, ingest refuses an array (no guessing)
+        sidecar = merge_sidecars(sidecar or IngestSidecar(), IngestSidecar.model_validate(top))
     root = store if store is not None else get_settings().data_root
     site_store = SiteStore.open_or_create(site_store_uri(root, site), site_id=site)
     try:
@@ -172,7 +174,8 @@ def _format_shape(shape: tuple[int, ...]) -> str:
 def inspect(
     store: Annotated[Path, typer.Argument(help="A site store (<site>.zarr) or a folder of site stores.")],
 ) -> None:
-    """Print sites, scans, arrays, shapes, stages done and their provenance."""
+    """Print sites, scans (labelled or not), arrays, shapes, stages done and their provenance."""
+    from tasks.labels import is_labelled
     from tasks.storage import SiteStore, find_site_stores
 
     if store.is_dir() and store.suffix != ".zarr" and not (store / "zarr.json").exists():
@@ -196,7 +199,9 @@ def inspect(
                 else "images only"
             )
             dose = f", I0={m.i0_photons:.3g}" if m.i0_photons else ""
-            console.print(f"  scan [bold]{scan.scan_id}[/]  {m.data_kind.value}; {desc}{dose}")
+            has_labels, has_masks = is_labelled(scan)
+            labelled = ("labelled + masks" if has_masks else "labelled") if has_labels else "unlabelled"
+            console.print(f"  scan [bold]{scan.scan_id}[/]  {m.data_kind.value}; {desc}{dose}; {labelled}")
             table = Table(box=None, show_header=True, pad_edge=False)
             for col in ("array", "dims", "shape", "chunks", "dtype", "written"):
                 table.add_column(col)
@@ -291,6 +296,37 @@ def verify(
         )
     if corrupt:
         raise typer.Exit(EXIT_CORRUPT)
+
+
+@app.command()
+@friendly_errors
+def label(
+    site_store: Annotated[Path, typer.Argument(help="A site store (<site>.zarr).")],
+    labels_csv: Annotated[
+        Path, typer.Argument(help="CSV with header scan_id,slice,label; one row per slice (from 0), label 0 or 1.")
+    ],
+    masks: Annotated[
+        Path | None,
+        typer.Option(
+            "--masks",
+            help="Lesion masks (slices, y, x): one NPY/NIfTI file for a one-scan CSV, or a folder of "
+            "<scan_id>.npy|.nii|.nii.gz.",
+        ),
+    ] = None,
+) -> None:
+    """Attach or update per-slice labels (and lesion masks) of ingested scans; all rows are checked first."""
+    from tasks.labels import attach_labels
+    from tasks.storage import SiteStore
+
+    site = SiteStore.open(site_store)
+    for scan_id, result in attach_labels(site, labels_csv, masks=masks):
+        m = result.record.metrics
+        state = "unchanged" if result.skipped else "labelled"
+        console.print(
+            f"{site.site_id}/{scan_id}: {state} ({m.get('lesion_slices')} of {m.get('slices')} slices show a lesion"
+            f"{'; masks' if m.get('masks') else ''})",
+            highlight=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,21 +43,43 @@ class IngestSidecar(FrozenModel):
         default=None,
         description="The site's own scan id; must not look like identity. Default: a keyed id (never the file name).",
     )
-    data_kind: DataKind = DataKind.LINE_INTEGRALS
+    data_kind: DataKind = Field(
+        default=DataKind.LINE_INTEGRALS,
+        description="What the array holds. A sidecar (or --data-kind / geometry flags, or a site default) must "
+        "exist for arrays: fedscan never guesses for an array with none.",
+    )
     i0_photons: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     water_attenuation_per_mm: float = Field(default=WATER_ATTENUATION_PER_MM, gt=0, lt=1)
     geometry: GeometrySpec | None = None
     acquisition_time: datetime | None = None
     labels: Labels = Field(default_factory=dict)
     npz_key: str | None = Field(default=None, description="Array inside an NPZ file; default 'projections'.")
+    flats: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Flat-field (open beam) images: NPY/NPZ/TIFF path relative to the source's folder. An NPZ "
+        "source's own 'flats' member is used when this is not set.",
+    )
+    darks: str | None = Field(
+        default=None, min_length=1, description="Dark-field images, as ``flats``; optional (no dark current)."
+    )
+    transmission_floor: float = Field(
+        default=1e-5,
+        gt=0,
+        lt=1,
+        description="Flat/dark normalisation clamps (P − D)/(F − D) to at least this (counted in the manifest).",
+    )
 
 
 class IngestConfig(StageConfig):
     """The ingest stage's config: what was read and how (its hash makes reruns idempotent)."""
 
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    reader: str = Field(description="npy | npz | tiff | tiff-series | dicom-series")
+    reader: str = Field(description="npy | npz | tiff | tiff-series | dicom-series | dicom-ct-pd")
     data_kind: DataKind
     counts_floor: float = Field(
         default=0.5, gt=0, description="Counts below this are clamped before the log (zero-count bins), photons."
+    )
+    transmission_floor: float | None = Field(
+        default=None, gt=0, lt=1, description="Set when flats/darks normalised the projections (see the sidecar)."
     )

@@ -142,6 +142,23 @@ class SourceFile(FrozenModel):
     size_bytes: int = Field(ge=0, description="File size, bytes.")
 
 
+class FlatDarkRecord(FrozenModel):
+    """How raw projections were normalised on ingest: line integrals = −log((P − D) / (F − D)), with F and D the
+    averaged flat (open beam) and dark (no beam) images."""
+
+    n_flats: int = Field(ge=1, description="Flat-field images averaged.")
+    n_darks: int = Field(ge=0, description="Dark-field images averaged (0: no dark current subtracted).")
+    clamped_values: int = Field(
+        ge=0, description="Projection values with P − D ≤ 0 (no signal), clamped to the floor before the log."
+    )
+    dead_pixels: int = Field(
+        ge=0, description="Detector pixels with F − D ≤ 0 (no open-beam signal); their gain is the median gain."
+    )
+    floor_fraction: float = Field(
+        gt=0, lt=1, description="P − D is clamped to this fraction of F − D (transmission floor)."
+    )
+
+
 class ScanManifest(FrozenModel):
     """One scan of one site. Holds no patient identity: ids are safe path components, labels are screened
     (:func:`check_labels`), source files are named by position, not by their names."""
@@ -155,6 +172,15 @@ class ScanManifest(FrozenModel):
         default=None, description="Grid of stored images (hu_images); defaults to geometry.grid."
     )
     slice_thickness_mm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    slice_spacing_mm: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Distance between adjacent image slices along their normal (hu_images from positions), mm.",
+    )
+    flat_dark: FlatDarkRecord | None = Field(
+        default=None, description="Set when ingest normalised raw projections with flat and dark fields."
+    )
     i0_photons: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Unattenuated photons per detector bin per view."
     )
@@ -163,7 +189,8 @@ class ScanManifest(FrozenModel):
     )
     source_files: tuple[SourceFile, ...] = Field(default=(), description="Ingested files, by content.")
     source_sha256: Sha256 | None = Field(
-        default=None, description="Digest over all source files (name + content); the idempotency key."
+        default=None,
+        description="Digest over the source files' contents in data order (names excluded); the idempotency key.",
     )
     acquisition_time: datetime | None = None
     labels: Labels = Field(default_factory=dict)

@@ -31,20 +31,25 @@ from pydantic import ValidationError
 from schemas.geometry import Geometry, ReconGrid
 from schemas.ids import check_chosen_scan_id
 from schemas.ingest import GeometrySpec, IngestConfig, IngestSidecar
-from schemas.manifest import DataKind, ScanManifest, SourceFile
+from schemas.manifest import DataKind, FlatDarkRecord, ScanManifest, SourceFile
 from tasks.errors import AlreadyIngestedError, InvalidInputError
+from tasks.flatfield import FlatDark, count_clamped, fields_mean, load_field, normalise_block, prepare_gain
 from tasks.identity import SiteIdentity
+from tasks.labels import labels_beside, write_labels
 from tasks.physics import counts_to_line_integrals
 from tasks.sources import READERS, SIDECAR_NAMES, SourceStack, find_sidecar, open_source
 from tasks.storage import SiteStore, StageOutput, StageResult, projection_chunks, volume_chunks
 
 __all__ = [
     "SIDECAR_NAMES",
+    "SITE_DEFAULTS_NAME",
     "IngestResult",
     "checksum_sources",
     "find_sidecar",
+    "find_site_defaults",
     "ingest",
     "load_sidecar",
+    "merge_sidecars",
     "open_source",
     "resolve_geometry",
     "validate_values",
@@ -60,9 +65,17 @@ def iter_blocks(stack: SourceStack, views_per_block: int) -> Iterator[tuple[int,
         yield a, stack.read(a, min(n, a + views_per_block))
 
 
-def validate_values(stack: SourceStack, data_kind: DataKind, *, views_per_block: int = 32) -> dict[str, float]:
-    """Stream the source once: refuse NaN/inf and negative counts (naming where), return value stats."""
-    lo, hi, total, count = math.inf, -math.inf, 0.0, 0
+def validate_values(
+    stack: SourceStack,
+    data_kind: DataKind,
+    *,
+    views_per_block: int = 32,
+    fields: FlatDark | None = None,
+    transmission_floor: float = 1e-5,
+) -> dict[str, float]:
+    """Stream the source once: refuse NaN/inf and negative counts (naming where), return value stats; with flat
+    and dark ``fields``, also how many normalised values will be clamped (``clamped``), in the same pass."""
+    lo, hi, total, count, clamped = math.inf, -math.inf, 0.0, 0, 0
     for a, block in iter_blocks(stack, views_per_block):
         if block.dtype.kind == "f":
             bad = ~np.isfinite(block)
@@ -79,7 +92,9 @@ def validate_values(stack: SourceStack, data_kind: DataKind, *, views_per_block:
         lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
         total += float(block.sum(dtype=np.float64))
         count += block.size
-    return {"min": lo, "max": hi, "mean": total / max(count, 1)}
+        if fields is not None:
+            clamped += count_clamped(block, fields, floor_fraction=transmission_floor)
+    return {"min": lo, "max": hi, "mean": total / max(count, 1), "clamped": clamped}
 
 
 def _sha256_file(path: Path) -> str:
@@ -90,23 +105,28 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def checksum_sources(stack: SourceStack) -> tuple[tuple[SourceFile, ...], str, tuple[str, ...]]:
-    """Per-file sha256 and size, one digest over (name, digest) of all files (the idempotency key), and the
-    files' own names.
+def checksum_sources(
+    stack: SourceStack, *, extra: tuple[Path, ...] = ()
+) -> tuple[tuple[SourceFile, ...], str, tuple[str, ...]]:
+    """Per-file sha256 and size, one digest over the files' contents in data order (the idempotency key: names
+    are excluded, so the same bytes under other names are the same source), and the files' own names.
 
-    The records name each file by its position and format suffix (``file-00000.npy``): a file's own name may
-    carry identity, so it is returned separately, for the site's id map only.
+    ``extra`` files (flats, darks) are part of the source and follow the data files. The records name each file
+    by its position and format suffix (``file-00000.npy``): a file's own name may carry identity, so it is
+    returned separately, for the site's id map only.
     """
     base = stack.path if stack.path.is_dir() else stack.path.parent
     records, names = [], []
     combined = hashlib.sha256()
-    for i, f in enumerate(stack.files):
+    for i, f in enumerate((*stack.files, *extra)):
         digest = _sha256_file(f)
         name = str(f.relative_to(base)) if f.is_relative_to(base) else f.name
         suffix = f.suffix.lower() if f.suffix.lower() in READERS else ""
         records.append(SourceFile(name=f"file-{i:05d}{suffix}", sha256=digest, size_bytes=f.stat().st_size))
         names.append(name)
-        combined.update(f"{name}\0{digest}\n".encode())
+        combined.update(f"{digest}\n".encode())
+    if stack.reader == "npz":  # which member was read is part of what the source is
+        combined.update(f"npz:{stack.extra.get('npz_key', '')}\n".encode())
     return tuple(records), combined.hexdigest(), tuple(names)
 
 
@@ -181,48 +201,157 @@ def _as_dask(stack: SourceStack, block: int, dtype: np.dtype[Any]) -> da.Array:
     return da.concatenate(parts, axis=0).astype(dtype)
 
 
+#: A site's defaults for every scan in a folder (e.g. ``<incoming>/<site>/``): under each scan's own sidecar.
+SITE_DEFAULTS_NAME = "fedscan-site.yaml"
+
+
+def find_site_defaults(path: Path) -> Path | None:
+    """``fedscan-site.yaml`` in the folder that holds the source (file or folder)."""
+    candidate = path.parent / SITE_DEFAULTS_NAME
+    return candidate if candidate.is_file() else None
+
+
+def merge_sidecars(base: IngestSidecar | None, over: IngestSidecar | None) -> IngestSidecar | None:
+    """``over``'s fields that were set win over ``base``'s; geometry is merged field by field."""
+    if base is None or over is None:
+        return over if base is None else base
+    merged = base.model_dump(exclude_unset=True)
+    top = over.model_dump(exclude_unset=True)
+    if "geometry" in top and base.geometry is not None and over.geometry is not None:
+        top["geometry"] = {
+            **base.geometry.model_dump(exclude_unset=True),
+            **over.geometry.model_dump(exclude_unset=True),
+        }
+    merged.update(top)
+    return IngestSidecar.model_validate(merged)
+
+
+def _no_sidecar_error(src: Path) -> InvalidInputError:
+    return InvalidInputError(
+        f"{src}: nothing says what this array holds and fedscan does not guess; add --data-kind "
+        "line_integrals|counts with --beam/--angular-range-deg/--detector-pitch-mm (or --geometry FILE.yaml), "
+        f"put {src.name}.yaml beside it, or state a site default in {src.parent / SITE_DEFAULTS_NAME}"
+    )
+
+
+def _field_paths(src: Path, sidecar: IngestSidecar) -> tuple[Path | None, Path | None]:
+    base = src if src.is_dir() else src.parent
+    return (
+        (base / sidecar.flats) if sidecar.flats else None,
+        (base / sidecar.darks) if sidecar.darks else None,
+    )
+
+
+def _flat_dark(src: Path, stack: SourceStack, sidecar: IngestSidecar) -> tuple[FlatDark | None, tuple[Path, ...]]:
+    """The averaged, checked fields of a source, and the files they came from (part of its digest)."""
+    flats_path, darks_path = _field_paths(src, sidecar)
+    flat = dark = None
+    n_flats = n_darks = 0
+    files: list[Path] = []
+    if flats_path is not None:
+        flat, n_flats = load_field(flats_path, key="flats")
+        files.append(flats_path)
+    if darks_path is not None:
+        dark, n_darks = load_field(darks_path, key="darks")
+        files.append(darks_path)
+    if stack.reader == "npz" and (flat is None or dark is None):
+        with np.load(stack.path, allow_pickle=False) as npz:
+            if flat is None and "flats" in npz.files:
+                flat, n_flats = fields_mean(np.asarray(npz["flats"]), where=f"{stack.path} (flats)")
+            if dark is None and "darks" in npz.files:
+                dark, n_darks = fields_mean(np.asarray(npz["darks"]), where=f"{stack.path} (darks)")
+    if flat is None:
+        if dark is not None:
+            raise InvalidInputError(f"{src}: darks without flats; flat-field normalisation needs flats")
+        return None, ()
+    fields = prepare_gain(
+        flat, dark, shape=stack.shape[1:], n_flats=n_flats, n_darks=n_darks, where=str(flats_path or stack.path)
+    )
+    return fields, tuple(files)
+
+
+def _normalise_chunk(block: npt.NDArray[Any], *, fields: FlatDark, floor: float) -> npt.NDArray[np.float32]:
+    return normalise_block(block, dark=fields.dark, gain=fields.gain, floor_fraction=floor, repair=fields.repair)[0]
+
+
 def ingest(
     path: str | Path,
     *,
     site: SiteStore,
     sidecar: IngestSidecar | None = None,
     sidecar_path: str | Path | None = None,
+    site_defaults: IngestSidecar | None = None,
     scan_id: str | None = None,
 ) -> IngestResult:
     """Validate one source and write it as a scan of ``site``.
 
     ``sidecar`` (already parsed, e.g. from CLI flags) wins over ``sidecar_path``, which wins over a
-    sidecar found next to the source. Raises :class:`AlreadyIngestedError` when the same source
-    (by checksum) is already a complete scan of this store.
+    sidecar found next to the source; the site's defaults (``site_defaults``, else ``fedscan-site.yaml`` in
+    the source's folder) lie under it. An array with none of them is refused: its kind is never guessed.
+    Raises :class:`AlreadyIngestedError` when the same contents (by checksum, whatever the file names) are
+    already a complete scan of this store.
     """
     src = Path(path)
     if scan_id is not None:
         check_chosen_scan_id(scan_id, error=InvalidInputError)
     if sidecar is None:
         found = Path(sidecar_path) if sidecar_path is not None else find_sidecar(src)
-        sidecar = load_sidecar(found) if found is not None else IngestSidecar()
+        sidecar = load_sidecar(found) if found is not None else None
+    if site_defaults is None:
+        defaults_path = find_site_defaults(src)
+        site_defaults = load_sidecar(defaults_path) if defaults_path is not None else None
+    stated = merge_sidecars(site_defaults, sidecar)
+    sidecar = stated or IngestSidecar()
     if sidecar.scan_id is not None:
         check_chosen_scan_id(sidecar.scan_id, error=InvalidInputError)
     identity = SiteIdentity(site)
     identity.check_labels(sidecar.labels, where=str(src))
     stack = open_source(src, npz_key=sidecar.npz_key)
-    files, source_sha, names = checksum_sources(stack)
-    existing = site.find_source(source_sha)
-    if existing is not None:
-        raise AlreadyIngestedError(
-            f"{src}: already ingested as scan {existing!r} of site {site.site_id!r} (same sha256); nothing written",
-            scan_id=existing,
-        )
     is_images = stack.reader == "dicom-series"
+    header_geometry: GeometrySpec | None = stack.extra.get("geometry")  # DICOM-CT-PD: from the private tags
+    if not is_images and header_geometry is None and stated is None:
+        raise _no_sidecar_error(src)
     data_kind = DataKind.HU_IMAGES if is_images else sidecar.data_kind
     if data_kind is DataKind.HU_IMAGES and not is_images:
         raise InvalidInputError(f"{src}: data_kind hu_images needs a DICOM series")
+    if header_geometry is not None:
+        if data_kind is not DataKind.LINE_INTEGRALS:
+            raise InvalidInputError(f"{src}: DICOM-CT-PD views hold line integrals; drop data_kind {data_kind.value}")
+        if sidecar.geometry is not None and sidecar.geometry.grid is not None:  # the site may choose the grid
+            header_geometry = header_geometry.model_copy(update={"grid": sidecar.geometry.grid})
+    no_fields = is_images or header_geometry is not None
+    fields, field_files = (None, ()) if no_fields else _flat_dark(src, stack, sidecar)
+    if fields is not None and data_kind is DataKind.COUNTS:
+        raise InvalidInputError(
+            f"{src}: flats/darks normalise raw projections to line integrals; drop data_kind counts "
+            "(i0_photons defaults to the mean flat minus dark)"
+        )
+    files, source_sha, names = checksum_sources(stack, extra=field_files)
+    existing = site.find_source(source_sha)
+    if existing is not None:
+        raise AlreadyIngestedError(
+            f"{src}: already ingested as scan {existing!r} of site {site.site_id!r} (same contents); nothing written",
+            scan_id=existing,
+        )
     if data_kind is DataKind.COUNTS and sidecar.i0_photons is None:
         raise InvalidInputError(f"{src}: raw counts need i0_photons (unattenuated photons per bin) in the sidecar")
     geometry = None
     if not is_images:
-        geometry = resolve_geometry(sidecar.geometry or GeometrySpec(), stack.shape, where=str(src))
-    stats = validate_values(stack, data_kind)
+        spec = header_geometry or sidecar.geometry or GeometrySpec()
+        geometry = resolve_geometry(spec, stack.shape, where=str(src))
+    floor = sidecar.transmission_floor
+    stats = validate_values(stack, data_kind, fields=fields, transmission_floor=floor)
+    flat_dark = None
+    i0 = sidecar.i0_photons
+    if fields is not None:
+        flat_dark = FlatDarkRecord(
+            n_flats=fields.n_flats,
+            n_darks=fields.n_darks,
+            clamped_values=int(stats["clamped"]),
+            dead_pixels=fields.dead_pixels,
+            floor_fraction=floor,
+        )
+        i0 = i0 if i0 is not None else fields.mean_gain
     sid = scan_id or sidecar.scan_id or identity.keyed_scan_id(source_sha)  # never from the file name
     try:
         manifest = ScanManifest(
@@ -232,7 +361,9 @@ def ingest(
             geometry=geometry,
             image_grid=stack.extra.get("grid"),
             slice_thickness_mm=stack.extra.get("slice_thickness_mm"),
-            i0_photons=sidecar.i0_photons,
+            slice_spacing_mm=stack.extra.get("slice_spacing_mm"),
+            flat_dark=flat_dark,
+            i0_photons=i0,
             water_attenuation_per_mm=sidecar.water_attenuation_per_mm,
             source_files=files,
             source_sha256=source_sha,
@@ -241,21 +372,36 @@ def ingest(
         )
     except ValidationError as exc:
         raise InvalidInputError(f"{src}: {_first_error(exc)}") from exc
+    if is_images:
+        n_slices, image_shape = stack.shape[0], stack.shape[1:]
+    else:
+        assert geometry is not None
+        n_slices, image_shape = geometry.n_detector_rows, (geometry.grid.ny_pixels, geometry.grid.nx_pixels)
+    labelled = labels_beside(src, scan_id=sid, n_slices=n_slices, image_shape=image_shape)  # checked before writing
     scan = site.create_scan(manifest)
     identity.record_source(sid, source=str(src), names=names)
-    config = IngestConfig(source_sha256=source_sha, reader=stack.reader, data_kind=data_kind)
+    config = IngestConfig(
+        source_sha256=source_sha,
+        reader=stack.reader,
+        data_kind=data_kind,
+        transmission_floor=None if fields is None else sidecar.transmission_floor,
+    )
     if is_images:
         chunks = volume_chunks(stack.shape)
         vol = _as_dask(stack, chunks[0], np.dtype(np.float32))
         outputs = [StageOutput("volume", vol, ("slice", "y", "x"), chunks, {"units": "HU"})]
     else:
         chunks = projection_chunks(stack.shape)
-        if data_kind is DataKind.COUNTS:
+        if fields is not None:
+            raw = _as_dask(stack, chunks[0], stack.dtype)
+            line = da.map_blocks(partial(_normalise_chunk, fields=fields, floor=floor), raw, dtype=np.float32)
+            outputs = [StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"})]
+        elif data_kind is DataKind.COUNTS:
             assert sidecar.i0_photons is not None
             counts = _as_dask(stack, chunks[0], stack.dtype)
-            i0, floor = sidecar.i0_photons, config.counts_floor
+            i0c, cfloor = sidecar.i0_photons, config.counts_floor
             line = da.map_blocks(
-                partial(counts_to_line_integrals, i0_photons=i0, counts_floor=floor), counts, dtype=np.float32
+                partial(counts_to_line_integrals, i0_photons=i0c, counts_floor=cfloor), counts, dtype=np.float32
             )
             outputs = [
                 StageOutput("counts", counts, ("view", "row", "col"), chunks, {"units": "photons"}),
@@ -272,6 +418,13 @@ def ingest(
             "source_min": stats["min"],
             "source_max": stats["max"],
             "source_mean": stats["mean"],
+            **(
+                {}
+                if flat_dark is None
+                else {"clamped_values": flat_dark.clamped_values, "dead_pixels": flat_dark.dead_pixels}
+            ),
         },
     )
+    if labelled is not None:
+        write_labels(scan, labelled)
     return IngestResult(sid, site.site_id, site.uri, tuple(o.name for o in outputs), result)

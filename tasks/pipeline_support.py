@@ -156,4 +156,7 @@ def federated_sites(data_root: str, sites: Sequence[str] | None = None) -> list[
             ready.append(uri)
     if not ready:
         raise InvalidInputError(f"no site under {data_root} has surrogates yet; run the pipeline first")
+    from tasks.labels import require_labelled_sites  # logs labelled scans per site; refuses when no site has any
+
+    require_labelled_sites(ready)
     return ready

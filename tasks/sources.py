@@ -6,10 +6,12 @@ Readers (keyed by file suffix; the watcher and ``fedscan ingest --help`` list wh
 * ``npy`` / ``npz`` — a projection stack ``(views, rows, cols)`` or one sinogram ``(views, cols)``;
   NPY is memory-mapped and streamed; an NPZ member is read whole (zip members cannot be mapped).
 * ``tiff`` — one multi-page TIFF, one page per view; a folder of TIFFs is a ``tiff-series``, one file per view.
-* ``dicom`` — single-frame DICOM images (``.dcm``, ``.dicom``, Siemens ``.ima``, or no suffix with the DICOM
-  preamble); a folder of them is a ``dicom-series``, one file a one-slice series. Only geometry is read from
-  headers (Rows, Columns, PixelSpacing, SliceThickness, InstanceNumber, ImagePositionPatient, rescale slope and
-  intercept): no patient, study or institution attribute is read.
+* ``dicom`` — single-frame DICOM CT images (``.dcm``, ``.dicom``, Siemens ``.ima``, or no suffix with the DICOM
+  preamble); a folder of them is a ``dicom-series``, one file a one-slice series, checked and ordered in space by
+  :mod:`tasks.dicom`. Only geometry and rescale values are kept; patient, study and series attributes are
+  compared (one of each per scan) and never copied or echoed. A folder whose files carry the DICOM-CT-PD detector
+  tags is a ``dicom-ct-pd`` projection scan instead (one file per view, geometry from the private tags:
+  :mod:`tasks.ctpd`).
 
 Adding a format is one ``open`` function and one line per suffix in :data:`READERS`. This module imports no
 Dask or Zarr, so the CLI and the watcher can list the formats cheaply.
@@ -17,19 +19,21 @@ Dask or Zarr, so the CLI and the watcher can list the formats cheaply.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from schemas.geometry import ReconGrid
 from tasks.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from tasks.ctpd import ProjectionLayout
+    from tasks.dicom import SeriesLayout
 
 __all__ = [
     "READERS",
@@ -119,7 +123,14 @@ def _open_npz(path: Path, key: str | None) -> SourceStack:
     shape = _check_shape(path, arr.shape, "projection stack")
     arr = arr.reshape(shape)
     return SourceStack(
-        path, "npz", shape, arr.dtype, (path,), lambda a, b: arr[a:b], lambda i: f"{path.name}[{key}] view {i}"
+        path,
+        "npz",
+        shape,
+        arr.dtype,
+        (path,),
+        lambda a, b: arr[a:b],
+        lambda i: f"{path.name}[{key}] view {i}",
+        extra={"npz_key": key},
     )
 
 
@@ -202,89 +213,62 @@ def _open_tiff_series(folder: Path, files: list[Path]) -> SourceStack:
 
 
 def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    from tasks.ctpd import check_views, is_ctpd
+    from tasks.dicom import check_series_headers, read_headers, values_unvalidated
 
-    headers = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            raise InvalidInputError(f"{f}: not a readable DICOM file ({exc})") from exc
-        if "Rows" not in ds or "Columns" not in ds:
-            raise InvalidInputError(f"{f}: DICOM file holds no image (no Rows/Columns)")
-        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            raise InvalidInputError(f"{f}: multi-frame DICOM is not supported; export single-frame slices")
-        headers.append((f, ds))
-    sizes: dict[tuple[int, int], list[str]] = {}
-    for f, ds in headers:
-        sizes.setdefault((int(ds.Rows), int(ds.Columns)), []).append(f.name)
-    if len(sizes) > 1:
-        summary = "; ".join(f"{r}x{c}: {', '.join(n[:3])}{'…' if len(n) > 3 else ''}" for (r, c), n in sizes.items())
-        raise InvalidInputError(f"{folder}: DICOM series mixes image sizes ({summary})")
-    numbers: dict[int, str] = {}
-    for f, ds in headers:
-        if "InstanceNumber" not in ds or ds.InstanceNumber in (None, ""):
-            raise InvalidInputError(f"{f}: DICOM slice has no InstanceNumber; cannot order the series")
-        n = int(ds.InstanceNumber)
-        if n in numbers:
-            raise InvalidInputError(f"{folder}: duplicated InstanceNumber {n} ({numbers[n]} and {f.name})")
-        numbers[n] = f.name
-    ordered = sorted(headers, key=lambda h: int(h[1].InstanceNumber))
-    inst = [int(ds.InstanceNumber) for _, ds in ordered]
-    gaps = sorted(set(range(inst[0], inst[-1] + 1)) - set(inst))
-    if gaps:
-        shown = ", ".join(map(str, gaps[:10])) + ("…" if len(gaps) > 10 else "")
-        raise InvalidInputError(f"{folder}: DICOM series is missing slices (InstanceNumber {shown})")
-    positions = [float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else math.nan for _, ds in ordered]
-    if len(positions) > 2 and not any(math.isnan(p) for p in positions):
-        steps = np.abs(np.diff(positions))
-        median = float(np.median(steps))
-        if median == 0 or np.any(steps > 1.5 * median) or np.any(steps < 0.5 * median):
-            i = int(np.argmax(np.abs(steps - median)))
-            raise InvalidInputError(
-                f"{folder}: irregular slice positions (step {steps[i]:.3g} mm between "
-                f"{ordered[i][0].name} and {ordered[i + 1][0].name}, typical {median:.3g} mm): missing slices?"
-            )
-    ds0 = ordered[0][1]
-    rows, cols = int(ds0.Rows), int(ds0.Columns)
-    spacing = [float(v) for v in getattr(ds0, "PixelSpacing", [1.0, 1.0])]
-    if not math.isclose(spacing[0], spacing[1], rel_tol=0.01):
-        raise InvalidInputError(f"{ordered[0][0]}: non-square pixels {spacing} mm are not supported")
-    thickness = float(getattr(ds0, "SliceThickness", 0) or 0) or None
-    ordered_files = [f for f, _ in ordered]
-    scales = [
-        (float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0))
-        for _, ds in ordered
-    ]
+    with values_unvalidated():
+        headers = read_headers(folder, files)
+        if is_ctpd(headers[0][1]):
+            return _ctpd_stack(folder, check_views(folder, headers))
+        layout = check_series_headers(folder, headers)
+    return _image_stack(folder, layout)
+
+
+def _image_stack(folder: Path, layout: SeriesLayout) -> SourceStack:
+    from tasks.dicom import read_slice_hu
+
+    rows, cols = layout.rows, layout.cols
 
     def read(a: int, b: int) -> npt.NDArray[Any]:
         out = np.empty((b - a, rows, cols), dtype=np.float32)
         for i in range(a, b):
-            try:
-                pixels = pydicom.dcmread(ordered_files[i]).pixel_array
-            except Exception as exc:  # pydicom/pixel handlers raise many types on damaged data
-                raise InvalidInputError(
-                    f"{ordered_files[i]}: cannot decode DICOM pixel data ({type(exc).__name__}: {exc})"
-                ) from exc
-            if pixels.shape != (rows, cols):
-                raise InvalidInputError(
-                    f"{ordered_files[i]}: pixel data of shape {pixels.shape}, header says {rows}x{cols}"
-                )
-            slope, intercept = scales[i]
-            out[i - a] = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+            out[i - a] = read_slice_hu(layout, i)
         return out
 
-    grid = ReconGrid(nx_pixels=cols, ny_pixels=rows, pixel_size_mm=spacing[0])
     return SourceStack(
         folder,
         "dicom-series",
-        (len(ordered_files), rows, cols),
+        (len(layout.files), rows, cols),
         np.dtype(np.float32),
-        tuple(ordered_files),
+        layout.files,
         read,
-        lambda i: ordered_files[i].name,
-        extra={"grid": grid, "slice_thickness_mm": thickness},
+        lambda i: layout.files[i].name,
+        extra={
+            "grid": layout.grid,
+            "slice_thickness_mm": layout.slice_thickness_mm,
+            "slice_spacing_mm": layout.slice_spacing_mm,
+        },
+    )
+
+
+def _ctpd_stack(folder: Path, layout: ProjectionLayout) -> SourceStack:
+    from tasks.ctpd import read_view
+
+    def read(a: int, b: int) -> npt.NDArray[Any]:
+        out = np.empty((b - a, layout.rows, layout.cols), dtype=np.float32)
+        for i in range(a, b):
+            out[i - a] = read_view(layout, i)
+        return out
+
+    return SourceStack(
+        folder,
+        "dicom-ct-pd",
+        (len(layout.files), layout.rows, layout.cols),
+        np.dtype(np.float32),
+        layout.files,
+        read,
+        lambda i: layout.files[i].name,
+        extra={"geometry": layout.geometry},
     )
 
 

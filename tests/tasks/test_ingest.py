@@ -266,17 +266,20 @@ def test_geometry_disagreements(tmp_path, site, rng):
 
 
 def test_dicom_series_defects(tmp_path, site):
-    make_dicom_series(tmp_path / "dup", 3, numbers=[1, 2, 2])
-    with pytest.raises(InvalidInputError, match="duplicated InstanceNumber 2"):
+    make_dicom_series(tmp_path / "dup", 3, positions=[0.0, 2.5, 2.5])
+    with pytest.raises(InvalidInputError, match="duplicate slice position .slice001.dcm and slice002.dcm"):
         ingest(tmp_path / "dup", site=site)
-    make_dicom_series(tmp_path / "gap", 3, numbers=[1, 2, 4], positions=[0.0, 2.5, 7.5])
-    with pytest.raises(InvalidInputError, match=r"missing slices \(InstanceNumber 3\)"):
+    make_dicom_series(tmp_path / "gap", 4, numbers=[1, 2, 3, 4], positions=[0.0, 2.5, 7.5, 10.0])
+    with pytest.raises(InvalidInputError, match="a slice is missing between slice001.dcm and slice002.dcm"):
         ingest(tmp_path / "gap", site=site)
     make_dicom_series(tmp_path / "hole", 4, positions=[0.0, 2.5, 5.0, 12.5])
-    with pytest.raises(InvalidInputError, match="irregular slice positions"):
+    with pytest.raises(InvalidInputError, match="a slice is missing between slice002.dcm and slice003.dcm"):
         ingest(tmp_path / "hole", site=site)
     make_dicom_series(tmp_path / "mixed", 3, sizes=[None, 64, None])
-    with pytest.raises(InvalidInputError, match="mixes image sizes"):
+    with pytest.raises(
+        InvalidInputError,
+        match=r"mixes 2 different image sizes \(Rows/Columns\) \(slice000.dcm, slice002.dcm; slice001.dcm\)",
+    ):
         ingest(tmp_path / "mixed", site=site)
     files = make_dicom_series(tmp_path / "corrupt", 3)
     files[1].write_bytes(files[1].read_bytes()[:2000])
@@ -299,3 +302,65 @@ def test_unknown_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match="no TIFF or DICOM"):
         open_source(tmp_path / "empty")
+
+
+# ---- no silent assumption, duplicates by content ---------------------------------------------------------
+def test_an_array_without_sidecar_is_refused_naming_the_options(tmp_path, site, rng):
+    src = tmp_path / "raw.npy"
+    np.save(src, rng.random((8, 1, 6)).astype("f4"))
+    with pytest.raises(InvalidInputError, match=r"raw.npy: nothing says what this array holds") as info:
+        ingest(src, site=site)
+    msg = str(info.value)
+    assert "--data-kind" in msg and "--geometry" in msg and "raw.npy.yaml" in msg and "fedscan-site.yaml" in msg
+    assert scan_groups(site) == []
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["ingest", str(src), "--site", "site-a", "--store", str(tmp_path)]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2 and "--data-kind" in out.output and len(out.output.strip().splitlines()) == 1
+    out = CliRunner().invoke(app, [*args, "--data-kind", "line_integrals", "--beam", "parallel"])
+    assert out.exit_code == 0, out.output
+
+
+def test_a_site_default_states_the_kind_and_a_sidecar_refines_it(tmp_path, site, rng):
+    incoming = tmp_path / "incoming" / "site-a"
+    incoming.mkdir(parents=True)
+    (incoming / "fedscan-site.yaml").write_text(
+        yaml.safe_dump({"data_kind": "counts", "i0_photons": 5e3, **FAN, "labels": {"protocol": "bench"}})
+    )
+    a = incoming / "a.npy"
+    np.save(a, rng.poisson(100, (12, 1, 16)).astype("u2"))
+    m = site.scan(ingest(a, site=site).scan_id).manifest
+    assert m.data_kind.value == "counts" and m.i0_photons == 5e3 and m.geometry.source_to_detector_mm == 900.0
+    b = incoming / "b.npy"
+    np.save(b, rng.poisson(100, (12, 1, 16)).astype("u2"))
+    write_sidecar(b, {"geometry": {"source_to_detector_mm": 1000.0}, "i0_photons": 2e3})
+    m = site.scan(ingest(b, site=site).scan_id).manifest
+    assert m.geometry.source_to_detector_mm == 1000.0 and m.geometry.source_to_isocenter_mm == 500.0  # merged
+    assert m.i0_photons == 2e3 and m.labels == {"protocol": "bench"}
+
+
+def test_the_same_contents_under_other_names_are_already_ingested(tmp_path, site, rng):
+    src = tmp_path / "first.npy"
+    np.save(src, rng.random((10, 1, 8)).astype("f4"))
+    first = ingest(src, site=site, sidecar=IngestSidecar(**PARALLEL))
+    renamed = tmp_path / "other" / "DOE_JANE.npy"
+    renamed.parent.mkdir()
+    renamed.write_bytes(src.read_bytes())
+    with pytest.raises(AlreadyIngestedError, match=f"already ingested as scan '{first.scan_id}'"):
+        ingest(renamed, site=site, sidecar=IngestSidecar(**PARALLEL))
+    files = make_dicom_series(tmp_path / "dcm", 3)
+    series = ingest(tmp_path / "dcm", site=site)
+    moved = tmp_path / "dcm2"
+    moved.mkdir()
+    for k, f in enumerate(reversed(files)):  # other names, other name order: the same slices in space
+        (moved / f"x{k}.dcm").write_bytes(f.read_bytes())
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = CliRunner().invoke(app, ["ingest", str(moved), "--site", "site-a", "--store", str(tmp_path)])
+    assert out.exit_code == 3 and f"already ingested as scan '{series.scan_id}'" in out.output
+    assert len(scan_groups(site)) == 2

@@ -1,0 +1,170 @@
+"""Does ingest stream? Throughput against a plain read of the same files, and peak memory as views grow.
+
+Two real inputs, each ingested into a fresh site store with :func:`tasks.ingest.ingest`:
+
+* a DICOM CT series: N copies of pydicom-data's ``explicit_VR-UN.dcm`` (512², JPEG 2000 lossless) as one series;
+  the named peer is decoding every file once with pydicom and applying its rescale (``pixel_array``), the least
+  any reader must do;
+* a flat/dark NPY stack (raw views + 8 flats + 8 darks); the peer is one memory-mapped pass over the same files.
+
+``ingest_vs_read_ratio`` = ingest throughput / plain-read throughput (1 = ingest costs one read; ingest reads
+each file twice — once to check every value before anything is written, once to write — and hashes it once).
+Peak memory (tracemalloc, every thread) is measured for the flat/dark stack at N and 4N views:
+``peak_memory_4x_views_ratio`` near 1 means memory does not grow with the scan.
+
+    python benchmarks/ingest.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import yaml
+
+from benchmarks._common import parse_args, print_table, write_json
+
+
+def write_dicom_series(folder: Path, n: int) -> list[Path]:
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    path = get_testdata_file("explicit_VR-UN.dcm")
+    assert isinstance(path, str), "pydicom-data's explicit_VR-UN.dcm is missing"
+    base = pydicom.dcmread(path)
+    series = generate_uid()
+    folder.mkdir(parents=True)
+    files = []
+    for k in range(n):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
+        ds.ImagePositionPatient = [0.0, 0.0, -1.0 * k]
+        path = folder / f"{k:04d}.dcm"
+        ds.save_as(path)
+        files.append(path)
+    return files
+
+
+def write_flat_dark(folder: Path, views: int, rows: int, cols: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    gain = rng.uniform(0.9, 1.1, (rows, cols)).astype(np.float32) * 2e4
+    raw = np.lib.format.open_memmap(folder / "raw.npy", mode="w+", dtype=np.float32, shape=(views, rows, cols))
+    for a in range(0, views, 64):
+        b = min(views, a + 64)
+        line = rng.uniform(0.0, 4.0, (b - a, rows, cols)).astype(np.float32)
+        raw[a:b] = 100.0 + gain * np.exp(-line)
+    raw.flush()
+    del raw
+    np.save(folder / "flats.npy", (100.0 + gain + rng.normal(0, 1, (8, rows, cols))).astype(np.float32))
+    np.save(folder / "darks.npy", (100.0 + rng.normal(0, 1, (8, rows, cols))).astype(np.float32))
+    geometry = {"beam": "parallel", "angular_range_deg": 180.0, "detector_pitch_mm": 1.0}
+    (folder / "raw.npy.yaml").write_text(
+        yaml.safe_dump({"geometry": geometry, "flats": "flats.npy", "darks": "darks.npy"})
+    )
+    return [folder / "raw.npy", folder / "flats.npy", folder / "darks.npy"]
+
+
+def read_dicom(files: list[Path]) -> float:
+    import pydicom
+
+    total = 0.0
+    for f in files:
+        ds = pydicom.dcmread(f)
+        total += float((ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)).sum())
+    return total
+
+
+def read_npy(files: list[Path]) -> float:
+    total = 0.0
+    for f in files:
+        arr = np.load(f, mmap_mode="r")
+        for a in range(0, arr.shape[0], 64):
+            total += float(np.asarray(arr[a : a + 64]).sum(dtype=np.float64))
+    return total
+
+
+def timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ingest_once(source: Path, store: Path, *, trace: bool) -> tuple[float, float | None]:
+    from tasks.ingest import ingest
+    from tasks.storage import SiteStore
+
+    site = SiteStore.create(store, site_id="bench")
+    if trace:
+        tracemalloc.start()
+    start = time.perf_counter()
+    ingest(source, site=site)
+    seconds = time.perf_counter() - start
+    peak = None
+    if trace:
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return seconds, peak
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    n_slices = 8 if args.quick else 32
+    views, rows, cols = (64, 8, 256) if args.quick else (256, 16, 512)
+    rows_out: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        files = write_dicom_series(root / "dicom", n_slices)
+        mb = sum(f.stat().st_size for f in files) / 2**20
+        read_dicom(files[:1])  # warm the decoder
+        t_read = timed(lambda: read_dicom(files))
+        t_ingest, peak = ingest_once(root / "dicom", root / "dicom.zarr", trace=False)
+        rows_out.append(
+            {
+                "case": f"DICOM series {n_slices} x 512² J2K",
+                "files_mb": mb,
+                "read_s": t_read,
+                "ingest_s": t_ingest,
+                "ingest_vs_read_ratio": t_read / t_ingest,
+                "peak_traced_mb": peak,
+            }
+        )
+        for k, n in enumerate((views, 4 * views)):
+            folder = root / f"flatdark{n}"
+            files = write_flat_dark(folder, n, rows, cols, seed=k)
+            mb = sum(f.stat().st_size for f in files) / 2**20
+            t_read = timed(lambda files=files: read_npy(files))
+            t_ingest, _ = ingest_once(folder / "raw.npy", root / f"fd{n}.zarr", trace=False)
+            _, peak = ingest_once(folder / "raw.npy", root / f"fd{n}-traced.zarr", trace=True)
+            rows_out.append(
+                {
+                    "case": f"flat/dark NPY {n} views x {rows} x {cols}",
+                    "files_mb": mb,
+                    "read_s": t_read,
+                    "ingest_s": t_ingest,
+                    "ingest_vs_read_ratio": t_read / t_ingest,
+                    "peak_traced_mb": peak,
+                }
+            )
+    dicom, short, long_ = rows_out
+    ratios = {
+        "dicom_ingest_vs_read_ratio": dicom["ingest_vs_read_ratio"],
+        "flatdark_ingest_vs_read_ratio": long_["ingest_vs_read_ratio"],
+        "peak_memory_4x_views_ratio": long_["peak_traced_mb"] / short["peak_traced_mb"],
+        "peak_memory_over_scan_mb_ratio": long_["peak_traced_mb"] / long_["files_mb"],
+    }
+    print_table(rows_out, ratios)
+    write_json(args.json, rows_out, ratios)
+
+
+if __name__ == "__main__":
+    main()
