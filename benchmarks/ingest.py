@@ -38,12 +38,12 @@ def write_dicom_series(folder: Path, n: int) -> list[Path]:
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
-    path = get_testdata_file("explicit_VR-UN.dcm")
-    assert isinstance(path, str), "pydicom-data's explicit_VR-UN.dcm is missing"
-    base = pydicom.dcmread(path)
+    source = get_testdata_file("explicit_VR-UN.dcm")
+    assert isinstance(source, str), "pydicom-data's explicit_VR-UN.dcm is missing"
+    base = pydicom.dcmread(source)
     series = generate_uid()
     folder.mkdir(parents=True)
-    files = []
+    files: list[Path] = []
     for k in range(n):
         ds = copy.deepcopy(base)
         ds.SeriesInstanceUID, ds.SOPInstanceUID = series, generate_uid()
