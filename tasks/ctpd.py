@@ -25,7 +25,6 @@ mirrored relative to the scanner's own.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,17 +235,10 @@ def check_views(folder: Path, headers: Sequence[tuple[Path, Dataset]]) -> Projec
 
 def read_view(layout: ProjectionLayout, index: int) -> npt.NDArray[np.float32]:
     """View ``index`` (in angle order) as ``(rows, cols)`` float32 line integrals, decoded alone."""
-    import pydicom
+    from tasks.dicom import decode_pixels
 
     path = layout.files[index]
-    from tasks.dicom import values_unvalidated
-
-    try:
-        with warnings.catch_warnings(), values_unvalidated():
-            warnings.simplefilter("ignore", UserWarning)
-            pixels = pydicom.dcmread(path).pixel_array
-    except Exception as exc:  # pydicom and its pixel handlers raise many types on damaged data
-        raise InvalidInputError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
+    pixels = decode_pixels(path)
     if layout.transposed:
         pixels = pixels.T
     if pixels.shape != (layout.rows, layout.cols):

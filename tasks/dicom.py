@@ -280,18 +280,23 @@ def check_series_headers(folder: Path, headers: list[tuple[Path, Dataset]]) -> S
     )
 
 
-def read_slice_hu(layout: SeriesLayout, index: int) -> npt.NDArray[np.float32]:
-    """Slice ``index`` (in spatial order) in HU, ``(rows, cols)`` float32, decoded alone."""
+def decode_pixels(path: Path) -> npt.NDArray[Any]:
+    """One DICOM file's pixel array, decoded alone, with header values unvalidated (pydicom would log them)."""
     import pydicom
 
-    path = layout.files[index]
     try:
         with warnings.catch_warnings(), values_unvalidated():
             # pydicom warns (and corrects) when a JPEG 2000 stream's signedness disagrees with the header.
             warnings.simplefilter("ignore", UserWarning)
-            pixels = pydicom.dcmread(path).pixel_array
+            return np.asarray(pydicom.dcmread(path).pixel_array)
     except Exception as exc:  # pydicom and its pixel handlers raise many types on damaged data
         raise InvalidInputError(f"{path}: cannot decode DICOM pixel data ({type(exc).__name__})") from exc
+
+
+def read_slice_hu(layout: SeriesLayout, index: int) -> npt.NDArray[np.float32]:
+    """Slice ``index`` (in spatial order) in HU, ``(rows, cols)`` float32, decoded alone."""
+    path = layout.files[index]
+    pixels = decode_pixels(path)
     if pixels.shape != (layout.rows, layout.cols):
         raise InvalidInputError(f"{path}: pixel data of shape {pixels.shape}, header says {layout.rows}x{layout.cols}")
     slope, intercept = layout.rescale[index]
