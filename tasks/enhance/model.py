@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from tasks.errors import InvalidInputError, StoreNotFoundError
 
@@ -97,6 +97,7 @@ class ResidualUNet(nn.Module):
         self.merge = nn.ModuleList(_block(2 * widths[i], widths[i], arch.norm) for i in reversed(range(arch.depth)))
         self.head = nn.Conv2d(widths[0], 1, 1)
         nn.init.zeros_(self.head.weight)  # an untrained network is the identity
+        assert self.head.bias is not None
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
