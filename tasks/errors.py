@@ -42,3 +42,7 @@ class DeviceUnavailableError(FedscanError, RuntimeError):
 
 class TransientError(FedscanError):
     """A fault worth retrying (a lost worker, a busy service). The only class Prefect retries."""
+
+
+class TrainingDivergedError(FedscanError, FloatingPointError):
+    """A training loss became NaN or inf; the update is rejected (never saved or averaged)."""
