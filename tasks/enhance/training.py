@@ -119,7 +119,9 @@ def build_pairs(
         missing = [n for n, v in (("counts", counts), ("i0_photons", i0_photons), ("rng", rng)) if v is None]
         if missing:
             raise InvalidInputError(f"the thinning target needs {', '.join(missing)} (a scan with raw counts)")
-        assert counts is not None and i0_photons is not None and rng is not None
+        assert counts is not None
+        assert i0_photons is not None
+        assert rng is not None
         kept, rest = thin_counts(counts, fraction=fraction, rng=rng)
         g = geometry.model_copy(update={"n_detector_rows": counts.shape[1]})
         images = []

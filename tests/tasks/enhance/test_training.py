@@ -54,11 +54,11 @@ def test_training_lowers_the_loss_on_learnable_pairs() -> None:
         model,
         noisy,
         clean,
-        settings=TrainSettings(steps=60, batch_size=4, learning_rate=3e-3),
+        settings=TrainSettings(steps=40, batch_size=4, learning_rate=3e-3),
         generator=torch.Generator().manual_seed(0),
         device=CPU,
     )
-    assert result.metrics["steps"] == 60 and result.metrics["examples"] == 8
+    assert result.metrics["steps"] == 40 and result.metrics["examples"] == 8
     assert result.metrics["loss_last"] < 0.7 * result.metrics["loss_first"]
     with torch.no_grad():
         after = float(torch.mean((model.eval()(torch.as_tensor(noisy)) - torch.as_tensor(clean)) ** 2))
@@ -81,7 +81,7 @@ def test_a_diverging_learning_rate_is_refused() -> None:
             model,
             x,
             x + 50.0,
-            settings=TrainSettings(steps=200, batch_size=2, learning_rate=1e30),
+            settings=TrainSettings(steps=50, batch_size=2, learning_rate=1e30),
             generator=torch.Generator().manual_seed(0),
             device=CPU,
         )
