@@ -32,6 +32,9 @@ minus pooled thinning), ``enhance_time_vs_fbp`` (network on ``--time-size``² sl
 slices with site A's geometry at that size), ``train_bytes_per_round`` (float32 weights down and up, all sites).
 Not measured here: FedAvg + SiloBN, FedProx, SecAgg+ round time (they need the Flower wiring; see the issue).
 
+Torch runs on one thread by default (``--threads``): on the shared 2-core VM a training step of the quick network
+took ~1.2 s on 2 threads under load and ~15 ms on one (OpenMP threads waiting on each other).
+
 Usage::
 
     python benchmarks/upstream.py --quick --json out.json      # 32² slices, 2 seeds
@@ -345,8 +348,12 @@ def main() -> None:
     extra.add_argument("--steps", type=int, help="local training steps per site (default 60 quick / 240)")
     extra.add_argument("--rounds", type=int, help="FedAvg rounds (default 2 quick / 4)")
     extra.add_argument("--time-size", type=int, help="slice side of the timing ratio (default 128 quick / 512)")
+    extra.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
     args = parse_args((__doc__ or "").splitlines()[0], parents=[extra])
     plan = plan_for(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     per_seed: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     infos = []

@@ -159,3 +159,14 @@ def test_enhance_applies_to_an_image_only_scan(tmp_path: Path, checkpoint: Path)
     states = _run_chain(scan, PipelineConfig(enhance=EnhanceConfig(model_path=str(checkpoint))))
     assert states[StageName.ENHANCE] is StageState.DONE and states[StageName.SURROGATE] is StageState.DONE
     assert scan.stage_record("surrogate").inputs == {"enhance": scan.stage_record("enhance").lineage()}
+
+
+@pytest.mark.gpu
+def test_cuda_inference_matches_the_cpu(tmp_path: Path, checkpoint: Path) -> None:
+    scan = _reconstructed(tmp_path)
+    run = stages.run_scan_stage(scan, "enhance", EnhanceConfig(model_path=str(checkpoint)), device=torch.device("cuda"))
+    assert run.record is not None and run.record.metrics["device"] == "cuda"
+    ckpt = load_checkpoint(checkpoint)
+    cpu = enhance_slices(ckpt.model(device=CPU), np.asarray(scan.array("volume")[...]), batch_size=1, device=CPU)
+    # cuDNN may use TF32 for convolutions: agreement to a few HU, not bit-identity
+    np.testing.assert_allclose(scan.array("enhanced")[...], cpu, rtol=0, atol=5.0)
