@@ -10,6 +10,7 @@ paired (same seed, same site).
 
 Arms:
 
+* ``fbp-hann``: FBP, Hann filter at full cutoff, untuned: the networks' input;
 * ``fbp``: FBP with the filter and cutoff chosen per site on its validation scans (Hann, Shepp–Logan, cosine,
   ram-lak × cutoff 1 / 0.7 / 0.5);
 * ``classical``: fedscan's view-similarity denoiser (the pipeline's config, threshold 1 or 2 chosen per site on
@@ -235,6 +236,7 @@ def run_seed(plan: Plan, seed: int, workdir: Path) -> tuple[dict[tuple[str, str]
         results[(site_id, "classical")] = best[1]
         info[f"{site_id}_classical"] = best[2]
         inputs[site_id] = [fbp_hu(s.projections, s) for s in test]  # the networks' input: Hann FBP
+        results[(site_id, "fbp-hann")] = mean_score(inputs[site_id], test)
 
     def score_net(state: dict[str, Any], arm: str, site_ids: list[str]) -> None:
         for scans in sites:
@@ -364,7 +366,7 @@ def main() -> None:
             per_seed[key].append(value)
         infos.append(info)
     sites = sorted({site for site, _ in per_seed})
-    arms = ["fbp", "classical", "local", "pooled", "pooled-splitavg", "pooled-thinning", "fedavg"]
+    arms = ["fbp-hann", "fbp", "classical", "local", "pooled", "pooled-splitavg", "pooled-thinning", "fedavg"]
     rows: list[dict[str, Any]] = []
     for site in sites:
         for arm in arms:
@@ -401,6 +403,7 @@ def main() -> None:
         "psnr_fed_minus_classical_db": ("fedavg", "classical"),
         "psnr_selfsup_minus_supervised_db": ("pooled", "pooled-thinning"),
         "psnr_pooled_minus_fbp_db": ("pooled", "fbp"),
+        "psnr_pooled_minus_its_input_db": ("pooled", "fbp-hann"),
     }.items():
         m, h = t95(mean_over_seen(a, b))
         ratios[name] = round(m, 3)
