@@ -91,7 +91,7 @@ def test_an_interrupted_write_resumes(tmp_path: Path, checkpoint: Path, monkeypa
         return real(*args)
 
     monkeypatch.setattr(storage, "_write_block", flaky)
-    with dask.config.set(scheduler="synchronous"), pytest.raises(OSError, match="No space"):
+    with dask.config.set(scheduler="synchronous"), pytest.raises(OSError):  # or its StoreWriteError wrapping
         stages.run_scan_stage(scan, "enhance", config, device=CPU)
     assert 0 < missing_chunks(scan.array("enhanced")) < 3
     assert not scan.is_done("enhance")
