@@ -318,7 +318,8 @@ def span_sweep(
 
     out: dict[str, dict[str, float]] = {}
     for span in spans:
-        config = best_config().model_copy(update={"group_span_deg": span})
+        update: dict[str, object] = {"views_per_group": 16} if span is None else {"group_span_deg": span}
+        config = best_config().model_copy(update=update)
         gains: dict[str, float] = {}
         for case, geometry, noisy, truth, base_hann in inputs:
             assert case.i0_photons is not None

@@ -13,6 +13,11 @@ bootstrap of the test crops applied to every method (paired), so a difference's 
 either AUC's. FedBN scores each site's test crops with that site's BatchNorm, then one AUC over all.
 
     python benchmarks/federated.py --quick --json out.json
+
+One script, though over 600 lines: every arm (single sites, pooled, each strategy, SecAgg+, DP, compression) trains
+on the same site stores and is scored on the same pooled test set with the same bootstrap indices, which is what
+makes the paired differences paired; splitting the arms into modules would pass that shared state between them.
+The reusable parts live in the package (``tasks.federated``) and in ``benchmarks._crops``.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ run's own), with the same Dask client and the same two-thread bound on scans in 
     artifacts; the flow writes ``report.html``.
 ``direct``
     The named peer: the same stage drivers in a plain loop with no Prefect, doing fedscan's own work product
-    too — the same preview images (``reconstruction_preview``, ``surrogate_preview``) per scan and the same
-    ``report.html`` (``publish_run_report``) — which users want whatever the orchestrator.
+    too — the same preview images (``tasks.previews``: ``reconstruction_preview``, ``surrogate_preview``) per scan
+    and the same ``report.html`` (``publish_run_report``) — which users want whatever the orchestrator. It times
+    the previews and the report themselves (``preview_report_s``: the preview calls' seconds summed over the
+    scans, plus the report's).
 ``bare``
     The stage drivers alone (no previews, no report): the peer of the first definition.
 ``skeleton``
@@ -22,6 +24,10 @@ run's own), with the same Dask client and the same two-thread bound on scans in 
 
 With ``--repeat N`` the modes run N times, interleaved, and each mode's fastest run counts (the machine is shared;
 a burst of load from elsewhere only ever slows a run down); every run's wall time is kept in ``wall_s_all``.
+
+``preview_report_fraction`` = the ``direct`` run's ``preview_report_s`` / its wall time, for the largest size
+run: what the pictures cost of a whole run (the preview slice itself is computed by the reconstruct stage, in
+every mode). ``preview_report_fraction_vs_bare`` = (direct − bare) / direct is the same as a difference of totals.
 
 ``orchestration_skeleton_fraction`` = skeleton / prefect (wall) and ``orchestration_skeleton_cpu_fraction`` (the
 same in CPU seconds, flow process plus API server) are the direct readings.
@@ -36,6 +42,7 @@ row, with the server's own peak RSS (``server_peak_rss_mb``, the Prefect API sub
 process's.
 
     python benchmarks/pipeline.py --quick --json pipeline.json
+    python benchmarks/pipeline.py --size full --slices 16 --scans-per-site 4 --modes bare,direct
     python benchmarks/pipeline.py --size medium --slices 16 --scans-per-site 1,2,4,8 --cache-dir /tmp/bases
 """
 
@@ -73,41 +80,45 @@ def _warm_up() -> None:
     _noop_flow()
 
 
-def _direct(data_root: str, *, product: bool) -> None:
-    """The stage drivers in a plain loop (two scans at a time); with ``product``, previews and the report too."""
+def _direct(data_root: str, *, product: bool) -> float:
+    """The stage drivers in a plain loop (two scans at a time); with ``product``, previews and the report too.
+    Returns the seconds spent in the previews and the report (summed over the scans)."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    import torch
 
     from flows.pipeline import ScanOutcome
     from schemas.pipeline import PipelineConfig
     from schemas.settings import get_settings
+    from schemas.stages import PIPELINE, StageName
     from tasks.cluster import dask_client
-    from tasks.drivers import (
-        denoise_scan,
-        reconstruct_scan,
-        reconstruction_preview,
-        surrogate_preview,
-        surrogate_scan,
-    )
     from tasks.pipeline_support import find_scans, publish_run_report
+    from tasks.previews import reconstruction_preview, surrogate_preview
+    from tasks.stages import run_scan_stage
     from tasks.storage import SiteStore
 
     config = PipelineConfig()
+    lock, spent = threading.Lock(), [0.0]
+
+    def timed(fn: Any, *args: Any) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        with lock:
+            spent[0] += time.perf_counter() - t0
 
     def chain(ref: Any) -> ScanOutcome:
         scan = SiteStore.open(ref.store_uri).scan(ref.scan_id)
-        stage = "denoise"
+        previews = {StageName.RECONSTRUCT: reconstruction_preview, StageName.SURROGATE: surrogate_preview}
+        stage = PIPELINE[0].name
         try:
-            denoise_scan(scan, config.denoise)
-            stage = "reconstruct"
-            reconstruct_scan(scan, config.reconstruct)
-            if product:
-                reconstruction_preview(scan, config.reconstruct)
-            stage = "surrogate"
-            surrogate_scan(scan, config.surrogate)
-            if product:
-                surrogate_preview(scan)
+            for spec in PIPELINE:  # the registry's chain, as nightly runs it
+                stage = spec.name
+                run_scan_stage(scan, stage, config.stage_config(stage), device=torch.device("cpu"))
+                if product and stage in previews:
+                    timed(previews[stage], scan)
         except Exception as exc:  # as nightly: recorded, the other scans go on
-            return ScanOutcome(scan=str(ref), ok=False, failed_stage=stage, error=str(exc)[:500])
+            return ScanOutcome(scan=str(ref), ok=False, failed_stage=stage.value, error=str(exc)[:500])
         return ScanOutcome(scan=str(ref), ok=True)
 
     with dask_client(get_settings().dask), ThreadPoolExecutor(max_workers=2) as pool:  # as nightly's runner
@@ -115,7 +126,8 @@ def _direct(data_root: str, *, product: bool) -> None:
     failed = [o for o in outcomes if not o.ok]
     assert not failed, failed
     if product:
-        publish_run_report(data_root, outcomes, None)
+        timed(publish_run_report, data_root, outcomes, None)
+    return spent[0]
 
 
 def _cpu_s(who: int) -> float:
@@ -141,29 +153,31 @@ def _stub_stage_work(data_root: str) -> None:
     """For the ``skeleton`` mode: every stage of every scan is already done (the stages skip themselves), and the
     previews return a constant markdown of the real size (rendered once here, before the clock starts), so what
     is left of ``nightly`` is orchestration alone: the same task runs, states, logs and artifact API calls."""
-    import tasks.drivers as drivers
     import tasks.pipeline_support as support
-    from schemas.pipeline import PipelineConfig
+    import tasks.previews as previews
+    from schemas.stages import PIPELINE
     from tasks.pipeline_support import find_scans
     from tasks.storage import SiteStore
 
     refs = find_scans(data_root)
     for ref in refs:
         done = SiteStore.open(ref.store_uri, mode="r").scan(ref.scan_id)
-        missing = [s for s in ("denoise", "reconstruct", "surrogate") if done.stage_record(s) is None]
+        missing = [s.name.value for s in PIPELINE if done.stage_record(s.name) is None]
         assert not missing, f"skeleton needs processed stores: {ref} has no {missing}"
     scan = SiteStore.open(refs[0].store_uri).scan(refs[0].scan_id)
-    rec_md = drivers.reconstruction_preview(scan, PipelineConfig().reconstruct)
-    sur_md = drivers.surrogate_preview(scan)
-    drivers.reconstruction_preview = lambda *a, **k: rec_md  # type: ignore[assignment]
-    drivers.surrogate_preview = lambda *a, **k: sur_md  # type: ignore[assignment]
+    rec_preview = previews.reconstruction_preview(scan)
+    sur_preview = previews.surrogate_preview(scan)
+    previews.reconstruction_preview = lambda *a, **k: rec_preview
+    previews.surrogate_preview = lambda *a, **k: sur_preview
     stub_report = Path(data_root) / "report.html"
 
     def publish_run_report(root: str, outcomes: Any, federated: Any) -> str:
-        from prefect.artifacts import create_link_artifact
+        from prefect.artifacts import create_markdown_artifact
 
         stub_report.write_text("skeleton")
-        create_link_artifact(key="fedscan-run-report", link=stub_report.resolve().as_uri(), description="report")
+        shared = [p for p in (sur_preview,) if p is not None]
+        markdown = support.run_summary_markdown(stub_report, outcomes, shared)
+        create_markdown_artifact(key="fedscan-run-report", markdown=markdown, description="report")
         return str(stub_report)
 
     support.publish_run_report = publish_run_report  # type: ignore[assignment]
@@ -197,11 +211,13 @@ def _one(mode: str, data_root: str) -> dict[str, float]:
         import flows.pipeline  # noqa: F401  (same imports as the prefect mode before the clock starts)
 
         cpu0, t0 = _cpu_s(resource.RUSAGE_SELF), time.perf_counter()
-        _direct(data_root, product=mode == "direct")
+        pictures_s = _direct(data_root, product=mode == "direct")
         wall, cpu = time.perf_counter() - t0, _cpu_s(resource.RUSAGE_SELF) - cpu0
         if mode == "direct":
             assert (Path(data_root) / "report.html").is_file()
     out = {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if mode == "direct":
+        out["preview_report_s"] = pictures_s
     if server_peak_mb is not None:
         out["server_peak_rss_mb"] = server_peak_mb
         out["server_cpu_s"] = server_cpu
@@ -224,72 +240,8 @@ def _base(cache: Path, size: str, n_sites: int, n_slices: int, per_site: int, pr
     return base
 
 
-def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print(json.dumps(_one(sys.argv[2], sys.argv[3])))
-        return
-    import argparse
-
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--size", default=None, help="demo grid: tiny | small | medium | full")
-    extra.add_argument("--slices", type=int, default=None, help="slices per scan")
-    extra.add_argument("--scans-per-site", default=None, help="comma list, e.g. 1,2,4,8")
-    extra.add_argument("--cache-dir", type=Path, default=None, help="keep the built demo stores here for reuse")
-    extra.add_argument("--repeat", type=int, default=1, help="runs per mode, interleaved; the fastest counts")
-    args = parse_args(__doc__ or "", image=False, parents=[extra])
-    sizes = sorted(
-        [int(x) for x in args.scans_per_site.split(",")]
-        if args.scans_per_site
-        else ([1, 2] if args.quick else [1, 2, 4, 8])
-    )
-    size = args.size or ("tiny" if args.quick else "medium")
-    n_sites, n_slices = 3, args.slices or (8 if args.quick else 16)
-
-    rows = []
-    env = {
-        **os.environ,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = args.cache_dir or Path(tmp) / "cache"
-        cache.mkdir(parents=True, exist_ok=True)
-        previous = None
-        for per_site in sizes:
-            base = previous = _base(cache, size, n_sites, n_slices, per_site, previous)
-            runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
-            for _ in range(max(1, args.repeat)):  # interleaved, so a burst of load on the machine hits every mode
-                for mode in MODES:
-                    work = Path(tmp) / f"{'prefect' if mode == 'skeleton' else mode}-{per_site}"
-                    if mode != "skeleton":  # the skeleton reruns nightly on the stores the prefect run processed
-                        shutil.copytree(base, work)
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--child", mode, str(work)],
-                        env=env,
-                        capture_output=True,
-                        text=True,
-                    )
-                    if out.returncode:
-                        sys.stderr.write(out.stderr[-4000:])
-                        out.check_returncode()
-                    if mode != "prefect":
-                        shutil.rmtree(work)
-                    runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                    print(mode, per_site, json.dumps(runs[mode][-1]), flush=True)
-            for mode in MODES:
-                res = min(runs[mode], key=lambda r: r["wall_s"])
-                rows.append(
-                    {
-                        "case": f"{per_site} scans/site ({n_sites * per_site} scans, {size}, {n_slices} slices)",
-                        "method": mode,
-                        "scans": n_sites * per_site,
-                        **res,
-                        "s_per_scan": res["wall_s"] / (n_sites * per_site),
-                        "runs": len(runs[mode]),
-                        "wall_s_all": [round(r["wall_s"], 2) for r in runs[mode]],
-                    }
-                )
+def _orchestration_ratios(rows: list[dict[str, Any]], sizes: list[int], n_sites: int) -> dict[str, float]:
+    """The orchestration keys (module docstring); adds the per-size ones to each ``prefect`` row."""
     ratios: dict[str, float] = {}
     for per_site in sizes:
         by = {r["method"]: r for r in rows if r["scans"] == n_sites * per_site}
@@ -324,6 +276,96 @@ def main() -> None:
     ratios["orchestration_cpu_fraction"] = (orch_cpu + largest["server_cpu_s"]) / (
         largest["cpu_s"] + largest["server_cpu_s"]
     )
+    return ratios
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        print(json.dumps(_one(sys.argv[2], sys.argv[3])))
+        return
+    import argparse
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--size", default=None, help="demo grid: tiny | small | medium | full")
+    extra.add_argument("--slices", type=int, default=None, help="slices per scan")
+    extra.add_argument("--scans-per-site", default=None, help="comma list, e.g. 1,2,4,8")
+    extra.add_argument("--cache-dir", type=Path, default=None, help="keep the built demo stores here for reuse")
+    extra.add_argument("--repeat", type=int, default=1, help="runs per mode, interleaved; the fastest counts")
+    extra.add_argument(
+        "--modes", default=",".join(MODES), help="comma list of modes to run (skeleton needs prefect); default all"
+    )
+    args = parse_args(__doc__ or "", image=False, parents=[extra])
+    modes = tuple(m for m in MODES if m in args.modes.split(","))
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown or not modes or ("skeleton" in modes and "prefect" not in modes):
+        raise SystemExit(f"--modes: choose from {', '.join(MODES)} (skeleton needs prefect); got {args.modes!r}")
+    sizes = sorted(
+        [int(x) for x in args.scans_per_site.split(",")]
+        if args.scans_per_site
+        else ([1, 2] if args.quick else [1, 2, 4, 8])
+    )
+    size = args.size or ("tiny" if args.quick else "medium")
+    n_sites, n_slices = 3, args.slices or (8 if args.quick else 16)
+
+    rows = []
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache_dir or Path(tmp) / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        previous = None
+        for per_site in sizes:
+            base = previous = _base(cache, size, n_sites, n_slices, per_site, previous)
+            runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+            for _ in range(max(1, args.repeat)):  # interleaved, so a burst of load on the machine hits every mode
+                for mode in modes:
+                    work = Path(tmp) / f"{'prefect' if mode == 'skeleton' else mode}-{per_site}"
+                    if mode != "skeleton":  # the skeleton reruns nightly on the stores the prefect run processed
+                        shutil.copytree(base, work)
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--child", mode, str(work)],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                    )
+                    if out.returncode:
+                        sys.stderr.write(out.stderr[-4000:])
+                        out.check_returncode()
+                    if mode != "prefect" or "skeleton" not in modes:
+                        shutil.rmtree(work)
+                    runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(mode, per_site, json.dumps(runs[mode][-1]), flush=True)
+            for mode in modes:
+                res = min(runs[mode], key=lambda r: r["wall_s"])
+                rows.append(
+                    {
+                        "case": f"{per_site} scans/site ({n_sites * per_site} scans, {size}, {n_slices} slices)",
+                        "method": mode,
+                        "scans": n_sites * per_site,
+                        **res,
+                        "s_per_scan": res["wall_s"] / (n_sites * per_site),
+                        "runs": len(runs[mode]),
+                        "wall_s_all": [round(r["wall_s"], 2) for r in runs[mode]],
+                    }
+                )
+    ratios: dict[str, float] = {}
+
+    def row(method: str, per_site: int) -> dict[str, Any]:
+        return next(r for r in rows if r["method"] == method and r["scans"] == n_sites * per_site)
+
+    if "direct" in modes:  # what the previews and the report cost of a whole run, largest size
+        direct = row("direct", sizes[-1])
+        ratios["preview_report_fraction"] = direct["preview_report_s"] / direct["wall_s"]
+        if "bare" in modes:
+            ratios["preview_report_fraction_vs_bare"] = (direct["wall_s"] - row("bare", sizes[-1])["wall_s"]) / direct[
+                "wall_s"
+            ]
+    if set(modes) == set(MODES):
+        ratios.update(_orchestration_ratios(rows, sizes, n_sites))
     print_table(rows)
     print({k: round(v, 4) for k, v in ratios.items()})
     if args.json:

@@ -53,6 +53,11 @@ AUC(surrogates) (and ``_iqem``, and their ``_ci95``), ``hide_slices_per_s`` (512
 CPU, the first ``--speed-batch`` size; 8 by default, the surrogate stage's block of 512² slices) and
 ``hide_speedup_vs_full_fft2``: the same calls against :func:`hide_full_spectrum`, the IHM written plainly on the
 whole spectrum, measured alternately in the same run.
+
+One script, though over 600 lines: every row group (privacy, utility, sweep, speed) reads the same crop sites and
+public attack data (built once, or loaded with ``--data``), and the recommendation and ratio keys combine all of
+them into one JSON; ``--only`` runs a group alone. The reusable parts already live in the package
+(``tasks.surrogate.evaluation``, ``benchmarks._crops``); what stays here is the wiring of this one experiment.
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ def load_data(path):
     return sites, z["public"]
 
 
-def site_config(site, *, alpha, beta, iqem=None, device="cpu"):
+def site_config(site, *, alpha, beta, iqem=None):
     from schemas.surrogate import IqemConfig, SurrogateConfig
 
     return SurrogateConfig(
@@ -190,7 +195,6 @@ def site_config(site, *, alpha, beta, iqem=None, device="cpu"):
         input_unit="per_mm",
         water_attenuation_per_mm=site.water,
         iqem=iqem or IqemConfig(),
-        device=device,
     )
 
 
@@ -211,10 +215,10 @@ def site_host(site, shape, config):
     return idx, np.array(load_host(HOST_NAMES[idx], shape))
 
 
-def surrogates_of(site, config, generator=None):
+def surrogates_of(site, config, generator=None, device="cpu"):
     from tasks.surrogate.chunked import surrogate_slices
 
-    return surrogate_slices(site.mu, config=config, site_id=site.site_id, generator=generator)
+    return surrogate_slices(site.mu, config=config, site_id=site.site_id, generator=generator, device=device)
 
 
 def loss_quarters(history):
@@ -241,39 +245,32 @@ def attack_rows(sites, surr, *, alpha, beta, public, settings, rng, rows, case, 
     shape = public.shape[1:]
     out = {}
     private = np.concatenate([s.private for s in sites])
+
+    def attack_row(method, psnr, ssim, hist, t0, **extra):
+        return {
+            "case": case,
+            "method": method,
+            "psnr_db": psnr,
+            "ssim": ssim,
+            "steps": settings.steps,
+            **loss_quarters(hist),
+            **extra,
+            "train_s": time.perf_counter() - t0,
+        }
+
     if not known_only:
         pool = np.stack([np.array(load_host(n, shape)) for n in HOST_NAMES])
         t0 = time.perf_counter()
         net, hist = _train_attack(public, public, settings)
         psnr, ssim = image_metrics(private, predict(net, private))
-        rows.append(
-            {
-                "case": case,
-                "method": "attack-unprotected",
-                "psnr_db": psnr,
-                "ssim": ssim,
-                "steps": settings.steps,
-                **loss_quarters(hist),
-                "train_s": time.perf_counter() - t0,
-            }
-        )
+        rows.append(attack_row("attack-unprotected", psnr, ssim, hist, t0))
         out["unprotected"] = (psnr, ssim)
         t0 = time.perf_counter()
         pool_in = hide(public, pool[rng.integers(len(pool), size=len(public))], alpha=alpha, beta=beta)
         net, hist = _train_attack(pool_in, public, settings)
         rec = np.concatenate([predict(net, surr[s.site_id]) for s in sites])
         psnr, ssim = image_metrics(private, rec)
-        rows.append(
-            {
-                "case": case,
-                "method": "attack-pool-hosts",
-                "psnr_db": psnr,
-                "ssim": ssim,
-                "steps": settings.steps,
-                **loss_quarters(hist),
-                "train_s": time.perf_counter() - t0,
-            }
-        )
+        rows.append(attack_row("attack-pool-hosts", psnr, ssim, hist, t0))
         out["pool"] = (psnr, ssim)
     ps, ss, ns, ph, hists = [], [], [], [], []
     t0 = time.perf_counter()
@@ -292,18 +289,8 @@ def attack_rows(sites, surr, *, alpha, beta, public, settings, rng, rows, case, 
             net, _ = _train_attack(inputs, public, half)
             ph.append(image_metrics(s.private, predict(net, surr[s.site_id]))[0])
     psnr, ssim = float(np.average(ps, weights=ns)), float(np.average(ss, weights=ns))
-    row = {
-        "case": case,
-        "method": "attack-known-host",
-        "psnr_db": psnr,
-        "ssim": ssim,
-        "steps": settings.steps,
-        **loss_quarters(np.mean(hists, axis=0)),
-    }
-    if convergence:
-        row["psnr_db_half_steps"] = float(np.average(ph, weights=ns))
-    row["train_s"] = time.perf_counter() - t0
-    rows.append(row)
+    half_steps = {"psnr_db_half_steps": float(np.average(ph, weights=ns))} if convergence else {}
+    rows.append(attack_row("attack-known-host", psnr, ssim, np.mean(hists, axis=0), t0, **half_steps))
     out["known"] = (psnr, ssim)
     return out
 
@@ -764,8 +751,8 @@ def main() -> None:
     for s in sites:
         _, host = site_host(s, shape, configs[s.site_id])
         result = train_iqem(surr[s.site_id], host, config=p["iqem"], device=dev)
-        cfg = site_config(s, alpha=alpha, beta=beta, iqem=p["iqem"], device=device)
-        surr_iqem[s.site_id] = surrogates_of(s, cfg, generator=result.generator)
+        cfg = site_config(s, alpha=alpha, beta=beta, iqem=p["iqem"])
+        surr_iqem[s.site_id] = surrogates_of(s, cfg, generator=result.generator, device=device)
         host_like.append(
             (
                 image_metrics(np.broadcast_to(host, surr[s.site_id].shape), surr[s.site_id])[0],

@@ -234,6 +234,66 @@ def inspect(
 
 
 # ------------------------------------------------------------------------------------------------
+#: ``fedscan verify`` found a corrupt chunk, document or record.
+EXIT_CORRUPT = 4
+
+
+@app.command()
+@friendly_errors
+def verify(
+    store: Annotated[str, typer.Argument(help="A site store (<site>.zarr, or an fsspec URL) or a folder of them.")],
+    migrate: Annotated[
+        bool, typer.Option("--migrate", help="Then add crc32c checksums to arrays written without them.")
+    ] = False,
+) -> None:
+    """Check every chunk's checksum and every stage record; one line per problem, exit 4 if any."""
+    from tasks.errors import CorruptMetadataError
+    from tasks.storage import find_site_stores, migrate_store, verify_store
+
+    local = Path(store) if "://" not in store else None
+    if local is not None and local.is_dir() and local.suffix != ".zarr" and not (local / "zarr.json").exists():
+        targets: list[str | Path] = list(find_site_stores(local, include_corrupt=True))
+        if not targets:
+            raise fail(f"{store}: no fedscan site stores (*.zarr) in this folder")
+    else:
+        targets = [local if local is not None else store]
+    corrupt = 0
+    for target in targets:
+        try:
+            report = verify_store(target)
+        except CorruptMetadataError as exc:
+            console.print(f"corrupt: {exc}", markup=False, highlight=False, soft_wrap=True)
+            corrupt += 1
+            continue
+        for problem in report.problems:
+            console.print(f"corrupt: {problem.line()}", markup=False, highlight=False, soft_wrap=True)
+        corrupt += len(report.problems)
+        if report.problems:
+            migrated = ""
+        elif migrate and report.without_checksums:
+            done = migrate_store(target)
+            again = verify_store(target)
+            for problem in again.problems:
+                console.print(f"corrupt: {problem.line()}", markup=False, highlight=False, soft_wrap=True)
+            corrupt += len(again.problems)
+            migrated = f"; migrated {len(done.arrays)} arrays ({done.chunks} chunks) to crc32c checksums"
+            report = again
+        elif report.without_checksums:
+            migrated = f"; {len(report.without_checksums)} arrays without checksums (fedscan verify --migrate)"
+        else:
+            migrated = ""
+        console.print(
+            f"site {report.site}  {report.uri}: {report.chunks} chunks of {report.arrays} arrays in {report.scans} "
+            f"scans, {report.records} stage records: {len(report.problems) or 'no'} problems{migrated}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    if corrupt:
+        raise typer.Exit(EXIT_CORRUPT)
+
+
+# ------------------------------------------------------------------------------------------------
 @app.command("demo-data")
 @friendly_errors
 def demo_data(

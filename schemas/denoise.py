@@ -4,13 +4,13 @@ The projections ``(views, rows, cols)`` are cut into blocks of ``views_per_group
 detector tile (``tile_rows`` × ``tile_cols`` bins, or the whole view). Each block, seen as a matrix with one
 row per view, is nearly low rank because neighbouring views are nearly identical; its singular values are kept
 or shrunk by a threshold and the block is rebuilt. Overlapping blocks (``view_stride`` < ``views_per_group``,
-``tile_stride_*`` < ``tile_*``) are averaged. See ``docs`` / METHODS.md §1 for the method and our choices.
+``tile_stride_*`` < ``tile_*``) are averaged. See docs/methods.md §1 for the method and our choices.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -41,11 +41,19 @@ class ViewBoundary(StrEnum):
     MIRROR = "mirror"  # symmetric reflection (view -1 is view 0)
 
 
+#: t where ``views_per_group`` is 'auto' and the geometry unknown; the reference the strides are given against.
+NOMINAL_VIEWS_PER_GROUP = 16
+
+
 class DenoiseConfig(StageConfig):
     """Parameters of the projection denoiser; the defaults are the best mode measured by ``benchmarks/denoise.py``."""
 
-    views_per_group: int = Field(
-        default=16, ge=2, le=512, description="t: consecutive views per block (the block's short side), views."
+    views_per_group: Annotated[int, Field(ge=2, le=512)] | Literal["auto"] = Field(
+        default="auto",
+        description="t: consecutive views per block (the block's short side), views. 'auto': the power of two "
+        "nearest group_span_deg / the scan's angular step, within 4..32 (NOMINAL_VIEWS_PER_GROUP where the "
+        "geometry is unknown), with view_stride and first_pass_view_stride scaled by t / NOMINAL_VIEWS_PER_GROUP "
+        "(resolve_group_size). A number is used as given.",
     )
     view_stride: int = Field(
         default=4,
@@ -53,16 +61,15 @@ class DenoiseConfig(StageConfig):
         le=512,
         description="Views between the first views of consecutive groups, views; equal to views_per_group "
         "gives the paper's non-overlapping groups, smaller values slide the window and average the overlaps. "
-        "Must divide views_per_group.",
+        "Must divide views_per_group (NOMINAL_VIEWS_PER_GROUP when 'auto').",
     )
-    group_span_deg: float | None = Field(
+    group_span_deg: float = Field(
         default=4.0,
         gt=0,
         le=360,
         allow_inf_nan=False,
-        description="Angle a group of views should span, degrees; where the scan's geometry is known, "
-        "views_per_group becomes the power of two nearest span / angular step (4..32) and view_stride keeps "
-        "its ratio to it (resolve_group_size). None: views_per_group as given.",
+        description="With views_per_group 'auto': the angle a group of views should span, degrees. Unused when "
+        "views_per_group is a number.",
     )
     tile_rows: int | None = Field(
         default=16,
@@ -143,7 +150,7 @@ class DenoiseConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
-        t, s = self.views_per_group, self.view_stride
+        t, s = self.group_size, self.view_stride
         if s > t or t % s:
             raise ValueError(f"view_stride ({s}) must divide views_per_group ({t})")
         fs = self.first_pass_view_stride
@@ -169,9 +176,15 @@ class DenoiseConfig(StageConfig):
         return self
 
     @property
+    def group_size(self) -> int:
+        """t as a number: ``views_per_group``, or NOMINAL_VIEWS_PER_GROUP while it is 'auto' (before
+        ``resolve_group_size`` has seen the scan's geometry)."""
+        return NOMINAL_VIEWS_PER_GROUP if self.views_per_group == "auto" else self.views_per_group
+
+    @property
     def view_halo(self) -> int:
         """Views each chunk needs on either side so that chunked results equal whole-array ones."""
-        return (self.views_per_group - 1) * (2 if self.second_pass else 1)
+        return (self.group_size - 1) * (2 if self.second_pass else 1)
 
     @classmethod
     def paper(cls, *, views_per_group: int = 8, **overrides: object) -> DenoiseConfig:
@@ -184,7 +197,6 @@ class DenoiseConfig(StageConfig):
         fields: dict[str, object] = {
             "views_per_group": views_per_group,
             "view_stride": views_per_group,
-            "group_span_deg": None,
             "tile_rows": None,
             "tile_cols": None,
             "tile_stride_rows": None,

@@ -21,7 +21,7 @@ from schemas.base import FrozenModel, StageConfig
 RunConfigValue = str | int | float | bool
 
 #: Run-config keys that say where outputs go (set by the runner per run; not hashed).
-RUNTIME_KEYS: tuple[str, ...] = ("metrics_path", "models_dir", "audit_path")
+RUNTIME_KEYS: tuple[str, ...] = ("metrics_path", "models_dir", "audit_path", "outcome_path")
 #: Run-config key holding :meth:`FederationConfig.config_hash`.
 HASH_KEY = "config_hash"
 
@@ -35,6 +35,19 @@ class StrategyName(StrEnum):
     FEDYOGI = "fedyogi"
     FEDMEDIAN = "fedmedian"  # coordinate-wise median (robust)
     FEDTRIMMEDAVG = "fedtrimmedavg"  # trimmed mean (robust)
+
+
+#: Strategies that aggregate the mean of the updates, the only thing SecAgg+ reveals (tasks/federated/strategies.py
+#: gives exactly these a SecAgg+ factory; a test holds the two together).
+SECAGG_STRATEGIES: frozenset[StrategyName] = frozenset(
+    {StrategyName.FEDAVG, StrategyName.FEDPROX, StrategyName.FEDADAM, StrategyName.FEDYOGI}
+)
+#: Strategies Flower's DP fixed-clipping wrappers are sound around (a FedAvg-style weighted mean).
+DP_STRATEGIES: frozenset[StrategyName] = frozenset({StrategyName.FEDAVG, StrategyName.FEDPROX})
+
+
+def _names(strategies: frozenset[StrategyName]) -> str:
+    return ", ".join(s.value for s in StrategyName if s in strategies)
 
 
 class DpMode(StrEnum):
@@ -151,31 +164,36 @@ class FederationConfig(StageConfig):
                 raise ValueError("secagg quantises the updates itself: set compression to 'none'")
             if self.dp_mode is DpMode.SERVER:
                 raise ValueError("server-side DP clips individual updates, which SecAgg+ hides: use dp_mode 'client'")
-            if self.strategy in (StrategyName.FEDMEDIAN, StrategyName.FEDTRIMMEDAVG):
-                raise ValueError(f"robust aggregation ({self.strategy}) needs individual updates; SecAgg+ hides them")
+            if self.strategy not in SECAGG_STRATEGIES:
+                raise ValueError(
+                    f"strategy {self.strategy.value!r} needs individual updates, which SecAgg+ hides; with secagg use "
+                    f"one of {_names(SECAGG_STRATEGIES)}"
+                )
             if self.secagg_reconstruction_threshold > self.secagg_num_shares:
                 raise ValueError("secagg_reconstruction_threshold must not exceed secagg_num_shares")
             if self.min_available_clients < 2:
                 raise ValueError("secagg needs min_available_clients >= 2")
-        if self.dp_mode is not DpMode.OFF and self.strategy not in (StrategyName.FEDAVG, StrategyName.FEDPROX):
-            raise ValueError("DP fixed clipping wraps a FedAvg-style strategy: use fedavg or fedprox")
+        if self.dp_mode is not DpMode.OFF and self.strategy not in DP_STRATEGIES:
+            raise ValueError(f"DP fixed clipping wraps a FedAvg-style strategy: use one of {_names(DP_STRATEGIES)}")
         return self
 
     # ---- the Flower run config ---------------------------------------------------------------------
     def to_run_config(
-        self, *, metrics_path: str = "", models_dir: str = "", audit_path: str = ""
+        self, *, metrics_path: str = "", models_dir: str = "", audit_path: str = "", outcome_path: str = ""
     ) -> dict[str, RunConfigValue]:
         """The flat run config of this configuration (enum values as strings), its hash and output paths.
 
         ``metrics_path``: JSON-lines file of :class:`RoundRecord`; ``models_dir``: root of
         ``<run_id>/round-<k>``; ``audit_path``: JSON-lines inventory (names, shapes, dtypes; never values) of
-        every message the server receives. Empty: not written.
+        every message the server receives; ``outcome_path``: the :class:`ServerOutcome` the ServerApp writes
+        when it returns (the runner's sign that the rounds are over). Empty: not written.
         """
         out: dict[str, RunConfigValue] = dict(self.model_dump(mode="json"))
         out[HASH_KEY] = self.config_hash()
         out["metrics_path"] = metrics_path
         out["models_dir"] = models_dir
         out["audit_path"] = audit_path
+        out["outcome_path"] = outcome_path
         return out
 
     @classmethod
@@ -217,6 +235,28 @@ class RunConfigMismatchError(ValueError):
     """A Flower run config that is not exactly one :class:`FederationConfig` (schemas import no error classes)."""
 
 
+class FailureReason(StrEnum):
+    """Why a site's reply is missing from a round."""
+
+    TIMEOUT = "timeout"  # no reply within round_timeout_s: the site is dropped from the round
+    ERROR = "error"  # the ClientApp raised (Flower's error reply)
+    REJECTED = "rejected"  # the server refused the update (non-finite, wrong keys or shapes)
+
+
+#: The part of a run a site failed in (``roll-call``: the server's question for each node's site id).
+FailurePhase = Literal["roll-call", "train", "evaluate", "personalise"]
+
+
+class SiteFailure(FrozenModel):
+    """One site that did not contribute to one phase of a round, and why."""
+
+    site: str = Field(description="Site id the node reported at roll call; 'node-<id>' if it never answered.")
+    node_id: int = Field(ge=0, description="Flower node id.")
+    phase: FailurePhase
+    reason: FailureReason
+    detail: str = Field(default="", max_length=500, description="The error message, or the timeout in seconds.")
+
+
 class RoundRecord(FrozenModel):
     """What one round did, as the ServerApp writes it (one JSON line per round)."""
 
@@ -243,6 +283,17 @@ class RoundRecord(FrozenModel):
     array_bytes_up: int = Field(default=0, ge=0, description="Of bytes_up: the array payloads only.")
     seconds: float = Field(ge=0, description="Wall time of the round (train + evaluate), s.")
     model_dir: str | None = Field(default=None, description="Folder of the global model after this round.")
+    failures: tuple[SiteFailure, ...] = Field(
+        default=(), description="Every site that timed out, failed or was rejected in this round, with its reason."
+    )
+
+
+class ServerOutcome(FrozenModel):
+    """What the ServerApp writes when it returns: its rounds are over, whatever the engine does next."""
+
+    status: Literal["completed", "failed"]
+    error: str = Field(default="", max_length=2000, description="Why the ServerApp failed (empty when completed).")
+    rounds: int = Field(ge=0, description="Train rounds recorded.")
 
 
 class FederationReport(FrozenModel):
@@ -255,21 +306,40 @@ class FederationReport(FrozenModel):
     rounds: tuple[RoundRecord, ...]
     final_model_dir: str | None = Field(description="Folder of the last aggregated global model.")
     wall_seconds: float = Field(ge=0)
+    server_outcome: ServerOutcome | None = Field(
+        default=None, description="What the ServerApp reported when it returned (None: it never did)."
+    )
+    engine_stopped_s: float | None = Field(
+        default=None,
+        description="Set when the runner had to stop Flower after the ServerApp returned (a ClientApp still ran, "
+        "e.g. a hung site in the Simulation Engine): seconds it waited first.",
+    )
 
     @property
     def train_rounds(self) -> tuple[RoundRecord, ...]:
         return tuple(r for r in self.rounds if r.phase == "train")
 
+    @property
+    def failures(self) -> tuple[SiteFailure, ...]:
+        """Every site failure of the run, round by round."""
+        return tuple(f for r in self.rounds for f in r.failures)
+
 
 __all__ = [
+    "DP_STRATEGIES",
     "HASH_KEY",
     "RUNTIME_KEYS",
+    "SECAGG_STRATEGIES",
     "CompressionKind",
     "DpMode",
+    "FailurePhase",
+    "FailureReason",
     "FederatedTask",
     "FederationConfig",
     "FederationReport",
     "RoundRecord",
     "RunConfigMismatchError",
+    "ServerOutcome",
+    "SiteFailure",
     "StrategyName",
 ]

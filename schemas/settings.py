@@ -75,7 +75,14 @@ class FlowerSettings(BaseModel):
     )
     root_certificates: Path | None = Field(default=None, description="CA bundle for TLS to the SuperLink.")
     insecure: bool = Field(default=False, description="Plain-text gRPC; loopback tests only.")
-    round_timeout_s: float = Field(default=600.0, gt=0, description="Give up on a round after this, seconds.")
+    round_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400.0,
+        description="The longest a federated round of this deployment waits for a site's reply, s: a run config "
+        "asking for more (FederationConfig.round_timeout_s) is lowered to it; a site that has not answered by then "
+        "is dropped from the round and named in its record.",
+    )
 
 
 class PrefectSettings(BaseModel):
@@ -91,6 +98,21 @@ class PrefectSettings(BaseModel):
     )
     progress_every_s: float = Field(
         default=2.0, gt=0, le=3600, description="Least time between two updates of a progress artifact, seconds."
+    )
+
+
+class PrivacySettings(BaseModel):
+    """What may leave the site (docs/privacy.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    share_images: bool = Field(
+        default=False,
+        description=(
+            "Publish plaintext preview images (raw and stored reconstructions of a scan's central slice) as Prefect "
+            "artifacts. Off: artifacts carry metrics and surrogate images only, and plaintext previews stay in the "
+            "site's store and its report.html. Turn on only where the Prefect server is the site's own."
+        ),
     )
 
 
@@ -111,6 +133,7 @@ class FedscanSettings(BaseSettings):
     dask: DaskSettings = Field(default_factory=DaskSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,4 @@
-"""Configuration of the FESF surrogate stage (arXiv:2403.16473; METHODS.md §3).
+"""Configuration of the FESF surrogate stage (arXiv:2403.16473; docs/methods.md §3).
 
 The Image Hidden Module (IHM) replaces every private slice by a *surrogate*: the inverse FFT of the host
 image's phase with an amplitude that, inside a centred square of low frequencies of half-width
@@ -60,7 +60,7 @@ class IqemConfig(FrozenModel):
 
 
 class SurrogateConfig(StageConfig):
-    """Parameters of the FESF surrogate stage; defaults as in METHODS.md §3 (alpha 0.1, beta 0.5, fixed host)."""
+    """Parameters of the FESF surrogate stage; defaults as in docs/methods.md §3 (alpha 0.1, beta 0.5, fixed host)."""
 
     alpha: float = Field(
         default=0.1,

@@ -1,8 +1,8 @@
 """What the operator sees in the Prefect UI: metric tables and small before/after images per stage.
 
-Images are PNGs embedded in markdown artifacts as data URIs (the UI is local and needs no image server).
-Only derived images are shown: a denoised-vs-raw reconstruction at a site's own Prefect, and in a federated
-context the surrogate alone — never a plaintext image next to federated material.
+Images are PNGs embedded in markdown artifacts as data URIs (the UI needs no image server). Which images may be
+embedded is decided by the site's privacy policy (``tasks.previews.publishable``, docs/privacy.md): surrogates
+always, plaintext reconstructions only with ``FEDSCAN_PRIVACY__SHARE_IMAGES=true``.
 """
 
 from __future__ import annotations

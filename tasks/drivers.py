@@ -6,14 +6,10 @@ chunk by chunk with provenance (``ScanStore.run_stage``). They use the current D
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from schemas.denoise import DenoiseConfig
@@ -45,6 +41,7 @@ def denoise_scan(
     source: str = "projections",
     inputs: Mapping[str, str],
     device: torch.device,
+    force: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``projections`` → ``projections_denoised`` (same chunks), resumable."""
@@ -81,16 +78,12 @@ def denoise_scan(
             )
         ],
         metrics=metrics,
-        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
+        force=force,
         progress=progress,
     )
 
 
 # ------------------------------------------------------------------------------------------------
-def _central(n: int) -> int:
-    return max(0, (n - 1) // 2)
-
-
 def reconstruct_scan(
     scan: ScanStore,
     config: ReconstructConfig,
@@ -98,9 +91,12 @@ def reconstruct_scan(
     source: str,
     inputs: Mapping[str, str],
     device: torch.device,
+    force: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> StageResult:
-    """``projections_denoised`` (or ``projections`` when the scan was not denoised) → ``volume``."""
+    """``projections_denoised`` (or ``projections`` when the scan was not denoised) → ``volume``, and the raw
+    projections' central-slice FBP → ``preview_raw`` (site-only; the previews read it, see tasks/previews.py)."""
+    from tasks.previews import raw_preview_output
     from tasks.reconstruct.chunked import reconstruct_with_config
 
     manifest = scan.manifest
@@ -129,82 +125,16 @@ def reconstruct_scan(
         stage=StageName.RECONSTRUCT,
         config=config,
         inputs=inputs,
-        outputs=[StageOutput("volume", volume, ("slice", "y", "x"), None, {"units": unit})],
+        outputs=[
+            StageOutput("volume", volume, ("slice", "y", "x"), None, {"units": unit}),
+            raw_preview_output(
+                scan.read("projections"), geometry, config, water_attenuation_per_mm=water, device=device
+            ),
+        ],
         metrics=metrics,
-        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
+        force=force,
         progress=progress,
     )
-
-
-#: Raw-data FBP slices already computed in this process, newest last: the UI preview and the run report show the
-#: same slice, and one FBP of one slice costs about as much as a whole block of them (the back-projection
-#: matrices are built per call). Keyed by what the image depends on; a few images of at most 4 MB each.
-_RAW_FBP_CACHE: OrderedDict[tuple[str, ...], npt.NDArray[np.float32]] = OrderedDict()
-_RAW_FBP_CACHE_SIZE = 16
-_RAW_FBP_LOCK = threading.Lock()
-
-
-def _raw_fbp_key(scan: ScanStore, k: int, filter_name: str, output_unit: str) -> tuple[str, ...] | None:
-    ingest = scan.stage_record(StageName.INGEST)
-    if ingest is None:  # projections of unknown provenance: never reuse
-        return None
-    uri = scan.site.uri
-    if "://" not in uri:
-        uri = str(Path(uri).resolve())
-    water = repr(scan.manifest.water_attenuation_per_mm)
-    written = ingest.finished_at.isoformat()  # a forced re-ingest with the same config is another image
-    return (uri, scan.scan_id, ingest.config_hash, written, str(k), filter_name, output_unit, water)
-
-
-def raw_central_fbp(scan: ScanStore, k: int, *, filter_name: str, output_unit: str) -> npt.NDArray[np.float32]:
-    """FBP of the raw projections' detector row ``k`` (one slice), in ``output_unit``; computed once per
-    (scan, ingest, filter, unit) in this process and reused (read-only) by later previews and the report."""
-    from tasks.reconstruct.kernels import attenuation_to_hu, fbp
-
-    key = _raw_fbp_key(scan, k, filter_name, output_unit)
-    if key is not None:
-        with _RAW_FBP_LOCK:
-            hit = _RAW_FBP_CACHE.get(key)
-            if hit is not None:
-                _RAW_FBP_CACHE.move_to_end(key)
-                return hit
-    geometry = scan.manifest.geometry
-    assert geometry is not None
-    raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
-    raw_img = np.asarray(fbp(raw[None], geometry, filter_name=filter_name), dtype=np.float32)[0]  # type: ignore[arg-type]
-    if output_unit == "hu":
-        raw_img = attenuation_to_hu(raw_img, water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm)
-    raw_img.setflags(write=False)
-    if key is not None:
-        with _RAW_FBP_LOCK:
-            _RAW_FBP_CACHE[key] = raw_img
-            while len(_RAW_FBP_CACHE) > _RAW_FBP_CACHE_SIZE:
-                _RAW_FBP_CACHE.popitem(last=False)
-    return raw_img
-
-
-def _central_slices(
-    scan: ScanStore, *, filter_name: str, output_unit: str
-) -> tuple[int, npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """The central slice index, the FBP of the raw projections there and the stored volume's slice (same unit)."""
-    geometry = scan.manifest.geometry
-    assert geometry is not None
-    k = _central(geometry.n_detector_rows)
-    raw_img = raw_central_fbp(scan, k, filter_name=filter_name, output_unit=output_unit)
-    return k, raw_img, np.asarray(scan.array("volume")[k], dtype=np.float32)
-
-
-def reconstruction_preview(scan: ScanStore, config: ReconstructConfig) -> str | None:
-    """Markdown with the central slice: raw-data FBP next to the stored (denoised) reconstruction."""
-    from tasks.artifacts import montage_png, png_markdown
-
-    if scan.manifest.geometry is None or "volume" not in scan.array_names():
-        return None
-    k, raw_img, stored = _central_slices(scan, filter_name=config.filter_name, output_unit=config.output_unit)
-    label = "denoised" if scan.is_done(StageName.DENOISE) else "stored"
-    window = (-200.0, 300.0) if config.output_unit == "hu" else None
-    png = montage_png([("raw FBP", raw_img), (f"{label} FBP", stored)], window=window)
-    return png_markdown(f"{scan.site.site_id}/{scan.scan_id} slice {k}", png, "Same filter, same window.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,6 +145,7 @@ def surrogate_scan(
     source: str = "volume",
     inputs: Mapping[str, str],
     device: torch.device,
+    force: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``volume`` → ``surrogate`` (slice k of the surrogate keeps label k), resumable."""
@@ -238,59 +169,6 @@ def surrogate_scan(
             DEVICE_METRIC: device.type,
             "slices_per_s": volume.shape[0] / seconds if seconds > 0 else None,
         },
-        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
+        force=force,
         progress=progress,
     )
-
-
-def _surrogate_png(scan: ScanStore) -> tuple[int, bytes]:
-    from tasks.artifacts import montage_png
-
-    arr = scan.array("surrogate")
-    k = _central(arr.shape[0])
-    return k, montage_png([("surrogate", np.asarray(arr[k], dtype=np.float32))])
-
-
-def surrogate_preview(scan: ScanStore) -> str | None:
-    """Markdown with the central surrogate slice alone (never beside the private image)."""
-    from tasks.artifacts import png_markdown
-
-    if "surrogate" not in scan.array_names():
-        return None
-    k, png = _surrogate_png(scan)
-    return png_markdown(f"{scan.site.site_id}/{scan.scan_id} surrogate, slice {k}", png)
-
-
-def report_images(data_root: str) -> list[tuple[str, bytes]]:
-    """For the local run report: per site, the first reconstructed scan's central slice (truth where known, raw
-    FBP, stored FBP, in HU), then its surrogate."""
-    from tasks.artifacts import montage_png
-    from tasks.reconstruct.kernels import attenuation_to_hu
-    from tasks.storage import SiteStore, find_site_stores
-
-    images = []
-    for path in find_site_stores(data_root):
-        site = SiteStore.open(path, mode="r")
-        for scan in site.scans():
-            if scan.manifest.geometry is None or not scan.is_done(StageName.RECONSTRUCT):
-                continue
-            rec = scan.stage_record(StageName.RECONSTRUCT)
-            assert rec is not None
-            unit = str(rec.config.get("output_unit", "attenuation"))
-            k, raw_img, stored = _central_slices(
-                scan, filter_name=str(rec.config.get("filter_name", "hann")), output_unit=unit
-            )
-            water = scan.manifest.water_attenuation_per_mm
-            panels = []
-            if "volume_truth" in scan.array_names():
-                truth = np.asarray(scan.array("volume_truth")[k], dtype=np.float32)
-                panels.append(("truth", attenuation_to_hu(truth, water_attenuation_per_mm=water)))
-            denoised = scan.is_done(StageName.DENOISE)
-            for name, img in (("raw FBP", raw_img), ("denoised FBP" if denoised else "FBP", stored)):
-                panels.append((name, img if unit == "hu" else attenuation_to_hu(img, water_attenuation_per_mm=water)))
-            images.append((f"{site.site_id}/{scan.scan_id} slice {k}", montage_png(panels, window=(-200.0, 300.0))))
-            if "surrogate" in scan.array_names():
-                ks, png = _surrogate_png(scan)
-                images.append((f"{site.site_id}/{scan.scan_id} surrogate, slice {ks}", png))
-            break
-    return images

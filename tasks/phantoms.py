@@ -22,6 +22,17 @@ import numpy as np
 from schemas.geometry import DetectorShape, Geometry, ReconGrid
 from tasks.errors import InvalidInputError
 
+__all__ = [
+    "WATER_ATTENUATION_PER_MM",
+    "Ellipse",
+    "chord_integrals",
+    "disk",
+    "line_integrals",
+    "parallel_line_integrals",
+    "render",
+    "shepp_logan",
+]
+
 WATER_ATTENUATION_PER_MM = 0.0192
 
 # value, semi-axis x, semi-axis y, centre x, centre y, angle (deg), in units of the phantom radius.

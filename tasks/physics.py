@@ -1,9 +1,11 @@
-"""Small physical conversions shared by ingest, demo data and the stages (pure numpy)."""
+"""Detected photon counts to line integrals, shared by ingest and the demo data (pure numpy)."""
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = ["counts_to_line_integrals"]
 
 
 def counts_to_line_integrals(
@@ -27,8 +29,3 @@ def counts_to_line_integrals(
         raise ValueError(f"i0_photons ({i0_photons}) and counts_floor ({counts_floor}) must be positive")
     c = np.maximum(np.asarray(counts, dtype=np.float32), np.float32(counts_floor))
     return np.log(np.float32(i0_photons) / c).astype(np.float32, copy=False)
-
-
-def line_integrals_to_counts(line_integrals: npt.ArrayLike, *, i0_photons: float) -> npt.NDArray[np.float32]:
-    """Expected counts ``I0 · exp(-p)``."""
-    return (np.float32(i0_photons) * np.exp(-np.asarray(line_integrals, dtype=np.float32))).astype(np.float32)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -24,11 +24,13 @@ from prefect.states import State
 from schemas.base import FrozenModel, StageConfig
 from schemas.ids import IdKind, validate_id
 from schemas.ingest import IngestSidecar
-from schemas.reconstruct import ReconstructConfig
 from schemas.refs import ScanRef, StageReport
 from schemas.stages import PIPELINE, StageName, StageState
 from tasks.errors import AlreadyIngestedError, InvalidInputError, TransientError
 from tasks.storage import ScanStore, SiteStore, StageResult, site_store_uri
+
+if TYPE_CHECKING:
+    from tasks.previews import Preview
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -73,7 +75,7 @@ def stage_report(scan: ScanRef, stage: str, result: StageResult) -> StageReport:
 
 @task(
     name="ingest",
-    task_run_name="ingest-{site_id}",  # never the file name: names at scanner consoles can identify
+    task_run_name="ingest-{site_id}",  # never the file name: it may identify a patient
     retries=2,
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_only_transient,
@@ -238,12 +240,15 @@ def _open_scan(ref: ScanRef) -> ScanStore:
     return SiteStore.open(ref.store_uri).scan(ref.scan_id)
 
 
-def _publish(report: StageReport, markdown: Callable[[], str | None] | None = None) -> None:
+def _publish(report: StageReport, preview: Callable[[], Preview | None] | None = None) -> None:
     """Log one line and attach the stage's card (its metrics table and, for stages that have one, the image
-    ``markdown()`` renders; only inside a run) to the task run in the UI: one artifact per stage."""
+    ``preview()`` renders, when the site's privacy policy lets it leave: :func:`tasks.previews.publishable`;
+    only inside a run) to the task run in the UI: one artifact per stage."""
     from prefect.artifacts import create_markdown_artifact
 
+    from schemas.settings import get_settings
     from tasks.artifacts import artifact_key, in_prefect_run, stage_card
+    from tasks.previews import publishable
 
     logger = run_logger()
     logger.info(
@@ -257,10 +262,10 @@ def _publish(report: StageReport, markdown: Callable[[], str | None] | None = No
     )
     if not in_prefect_run():  # called as task.fn() outside a run: nothing to attach to
         return
-    image = markdown() if markdown is not None else None
+    image = publishable(preview(), get_settings().privacy) if preview is not None else None
     publish_soon(
         create_markdown_artifact,
-        markdown=stage_card(report, image),
+        markdown=stage_card(report, image.markdown() if image is not None else None),
         key=artifact_key(report.stage, report.scan.site_id, report.scan.scan_id),
         description=f"{report.stage} of scan {report.scan}" + (": metrics and central slice" if image else ""),
     )
@@ -274,13 +279,11 @@ class StageOutcome(FrozenModel):
     state: StageState
 
 
-def _previews() -> dict[StageName, Callable[[ScanStore, StageConfig], str | None]]:
-    from tasks.drivers import reconstruction_preview, surrogate_preview
+def _previews() -> dict[StageName, tuple[bool, Callable[[ScanStore], Preview | None]]]:
+    """Each stage's card image: (is it plaintext, how to draw it from stored arrays)."""
+    from tasks.previews import reconstruction_preview, surrogate_preview
 
-    return {
-        StageName.RECONSTRUCT: lambda scan, config: reconstruction_preview(scan, cast(ReconstructConfig, config)),
-        StageName.SURROGATE: lambda scan, _config: surrogate_preview(scan),
-    }
+    return {StageName.RECONSTRUCT: (True, reconstruction_preview), StageName.SURROGATE: (False, surrogate_preview)}
 
 
 @task(name="stage", task_run_name="{stage}-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
@@ -291,6 +294,7 @@ def scan_stage(
     data kind has nothing for it, disabled when its config turns it off."""
     import torch
 
+    from schemas.settings import get_settings
     from tasks.stages import run_scan_stage
 
     scan = _open_scan(ref)
@@ -300,8 +304,9 @@ def scan_stage(
     if run.result is None:
         run_logger().info("%s %s: %s (%s scan)", stage, ref, run.state.value, scan.manifest.data_kind.value)
     else:
-        preview = _previews().get(StageName(stage))
-        _publish(stage_report(ref, stage, run.result), None if preview is None else lambda: preview(scan, config))
+        plaintext, draw = _previews().get(StageName(stage), (False, None))
+        wanted = draw is not None and (not plaintext or get_settings().privacy.share_images)  # never drawn to drop
+        _publish(stage_report(ref, stage, run.result), (lambda: draw(scan)) if wanted and draw else None)
     return StageOutcome(scan=ref, stage=StageName(stage), state=run.state)
 
 
@@ -343,8 +348,11 @@ def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any
             "bytes_up": rec.bytes_up,
             "bytes_down": rec.bytes_down,
             "seconds": round(rec.seconds, 2),
+            "failed_sites": ", ".join(f"{f.site} ({f.phase}: {f.reason.value})" for f in rec.failures),
         }
         rounds.append(row)
+        for f in rec.failures:
+            logger.warning("round %s: site %s dropped (%s): %s: %s", rec.round, f.site, f.phase, f.reason, f.detail)
         logger.info(
             "round %s (%s): %d ok, %d failed, %d rejected; AUC %s, %d bytes up",
             rec.round,

@@ -2,7 +2,8 @@
 decides whether a stage of a scan runs, is skipped (done) or does not apply.
 
 A driver builds its Dask graph and writes through :meth:`~tasks.storage.ScanStore.run_stage`; it never asks
-whether it is done: :func:`run_scan_stage` asks the store once, before any graph is built.
+whether it is done itself: :func:`run_scan_stage` asks the store (``ScanStore.is_done``) before any graph is
+built, and ``run_stage`` asks the same again once it holds the (scan, stage) lease.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ __all__ = ["STAGES", "Stage", "StageRun", "disabled_stages", "pending_stages", "
 ProgressFn = Callable[[float], None]
 
 
-#: ``driver(scan, config, *, source, inputs, device, progress) -> StageResult``: build the stage's graph over
-#: the ``source`` array and write it with :meth:`~tasks.storage.ScanStore.run_stage`, recording ``inputs`` (the
-#: upstream stage's config hash) and the ``device`` it ran on. ``config`` is the stage's own config type.
+#: ``driver(scan, config, *, source, inputs, device, force, progress) -> StageResult``: build the stage's graph
+#: over the ``source`` array and write it with :meth:`~tasks.storage.ScanStore.run_stage` (passing ``force``),
+#: recording ``inputs`` (the upstream record's lineage) and the ``device`` it ran on. ``config`` is the stage's
+#: own config type. ``run_stage`` asks the store's same question again under the (scan, stage) lease, so a
+#: second run that waited for the first finds the work done instead of redoing it.
 Driver = Callable[..., StageResult]
 
 
@@ -120,7 +123,7 @@ def run_scan_stage(
         assert rec is not None
         skipped = StageResult(rec, skipped=True, chunks_written=0, chunks_present=0)
         return StageRun(spec.name, StageState.SKIPPED, skipped)
-    result = entry.driver(scan, config, source=source, inputs=inputs, device=device, progress=progress)
+    result = entry.driver(scan, config, source=source, inputs=inputs, device=device, force=force, progress=progress)
     return StageRun(spec.name, StageState.DONE, result)
 
 

@@ -150,13 +150,28 @@ def test_denoise_quick(tmp_path):
 
 
 def test_storage_quick(tmp_path):
-    out = run_benchmark("storage.py", "--quick", "--repeats", "1", json_path=tmp_path / "storage.json", timeout=120)
+    out = run_benchmark(
+        "storage.py",
+        "--quick",
+        "--repeats",
+        "1",
+        "--integrity-repeats",
+        "1",
+        json_path=tmp_path / "storage.json",
+        timeout=180,
+    )
     chosen = "blosc-zstd1-bitshuffle"
     cases = ("projections_f32", "counts_u16", "volume_f32")
     assert_finite_ratios(
         out["ratios"],
-        tuple(f"{chosen}_ratio_{c}" for c in cases) + tuple(f"{chosen}_write_speed_vs_none_{c}" for c in cases),
+        tuple(f"{chosen}_ratio_{c}" for c in cases)
+        + tuple(f"{chosen}_write_speed_vs_none_{c}" for c in cases)
+        + ("checksum_write_overhead", "checksum_read_overhead")
+        + tuple(f"checksum_{op}_overhead_{c}" for op in ("write", "read") for c in cases)
+        + ("lease_overhead_s", "lease_stage_run_s", "lease_acquire_release_s"),
     )
+    # a lease is taken and given back at least once per stage run: its direct cost is a real, positive time
+    assert 0 < out["ratios"]["lease_acquire_release_s"] <= out["ratios"]["lease_stage_run_s"]
 
 
 @pytest.mark.slow

@@ -132,7 +132,7 @@ def denoise_dask(
     record = DenoiseRecord(
         config_hash=given.config_hash(),
         noise_sigma=noise_sigma,
-        views_per_group=config.views_per_group,
+        views_per_group=config.group_size,
         view_stride=config.view_stride,
         periodic_views=periodic,
         view_halo=config.view_halo,

@@ -7,7 +7,8 @@ The site store comes from the node, never from the server:
   sites, so the runner puts the list of store paths in the environment variable :data:`SIMULATION_STORES_ENV`
   of the simulation processes and partition ``i`` reads store ``i``.
 
-Messages handled (Message API): ``train`` (local training, reply = updated shared arrays + metrics),
+Messages handled (Message API): ``query.site`` (roll call: the site id of this node, so that the server can
+name a site that later times out or fails), ``train`` (local training, reply = updated shared arrays + metrics),
 ``evaluate`` (held-out metrics of the global model; with ``local_bn_statistics`` after re-estimating the
 BatchNorm statistics on the site's training slices) and ``train.personalise`` (local fine-tuning after the
 global rounds; only metrics leave). With ``secagg`` the server runs Flower's legacy SecAgg+ workflow, whose
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -42,11 +44,19 @@ from tasks.federated.data import SiteData, load_site_data, split_holdout
 from tasks.federated.model import build_model, get_arrays, model_signature, set_arrays, shared_keys
 from tasks.federated.training import evaluate as evaluate_model
 from tasks.federated.training import recalibrate_batchnorm, train_local
+from tasks.storage import SiteStore
 
 #: Environment variable holding a JSON list of site-store paths, indexed by simulation partition id.
 SIMULATION_STORES_ENV = "FEDSCAN_SIMULATION_SITE_STORES"
 #: Node-config key of the site store (Deployment Engine).
 NODE_STORE_KEY = "site-store"
+#: Fault injection for tests only: a JSON object ``{site_id: seconds}``; a ClientApp of a listed site sleeps that
+#: long before it trains (a hung site). Read on every train message; unset in any real run.
+TEST_SLEEP_ENV = "FEDSCAN_TEST_CLIENT_SLEEP_S"
+#: Message type of the roll call, and the record/key of its reply.
+ROLL_CALL = "query.site"
+SITE_RECORD = "site"
+SITE_KEY = "site-id"
 #: Keys in the train/evaluate ConfigRecord the server sends.
 CONFIG_HASH = "config-hash"
 SIGNATURE = "model-signature"
@@ -82,6 +92,16 @@ def site_store_path(context: Context) -> str:
     raise InvalidInputError(
         f"this node has no site store: start the SuperNode with --node-config \"{NODE_STORE_KEY}='PATH'\""
     )
+
+
+def _injected_sleep(site_id: str) -> None:
+    """The test hook :data:`TEST_SLEEP_ENV`: sleep as a hung site would (never set outside tests)."""
+    raw = os.environ.get(TEST_SLEEP_ENV)
+    if not raw:
+        return
+    seconds = json.loads(raw).get(site_id)
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def _site_split(context: Context, cfg: FederationConfig) -> tuple[SiteData, SiteData]:
@@ -150,6 +170,7 @@ def _train(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, float | int]]:
     cfg, model, keys, train, _ = _receive_global(arrays, config, context)
+    _injected_sleep(train.site_id)
     anchor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
     stats = train_local(
         model,
@@ -323,6 +344,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     received = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
     metrics = _evaluate(received, _single_config(msg), context)
     return Message(RecordDict({"metrics": MetricRecord(dict(metrics))}), reply_to=msg)
+
+
+@app.query("site")
+def site(msg: Message, context: Context) -> Message:
+    """Roll call: this node's site id (no data is read beyond the store's own attributes)."""
+    site_id = SiteStore.open(site_store_path(context), mode="r").site_id
+    return Message(RecordDict({SITE_RECORD: ConfigRecord({SITE_KEY: site_id})}), reply_to=msg)
 
 
 @app.train("personalise")

@@ -2,14 +2,16 @@
 
 A ClientApp calls :func:`load_site_data` with the path from its node config and gets only what the surrogate
 stage wrote (``surrogate``, ``labels``, and ``lesion_masks`` for segmentation); plaintext volumes and
-projections in the same store are never read. :func:`split_holdout` keeps a deterministic share of the slices
+projections in the same store are never read. A scan counts only once its surrogate stage is done (its
+provenance record, written after the last chunk, names the array): a surrogate that is still being written, or
+whose writer died, is skipped and the reason logged. :func:`split_holdout` keeps a deterministic share of the slices
 for the site's local evaluation. :func:`write_site_surrogates` builds such stores for tests and benchmarks
 from demo scans.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,13 +25,16 @@ from schemas.base import StageConfig
 from schemas.federation import FederatedTask
 from schemas.geometry import ReconGrid
 from schemas.manifest import DataKind, ScanManifest
+from schemas.stages import StageName, spec_of
 from tasks.errors import InvalidInputError
-from tasks.storage import SiteStore, StageOutput
+from tasks.storage import ScanStore, SiteStore, StageOutput
 
-SURROGATE_STAGE = "surrogate"
-SURROGATE_ARRAY = "surrogate"
+#: The stage whose output federated training reads, and that output (from the stage registry).
+SURROGATE_STAGE = StageName.SURROGATE.value
+SURROGATE_ARRAY = spec_of(StageName.SURROGATE).writes[0]
 LABELS_ARRAY = "labels"
 MASKS_ARRAY = "lesion_masks"
+LOG = logging.getLogger("fedscan.federated.data")
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,9 @@ class SiteData:
 
 
 def load_site_data(store_path: str | Path, *, task: FederatedTask | str) -> SiteData:
-    """Read every scan of a site store that has surrogates and targets.
+    """Read every scan of a site store whose surrogate stage is done and that has targets.
 
-    Scans without them are skipped with a warning (their surrogate stage has not run yet).
+    Other scans are skipped, each with a logged reason (:func:`unusable_reason`).
 
     Raises
     ------
@@ -66,8 +71,9 @@ def load_site_data(store_path: str | Path, *, task: FederatedTask | str) -> Site
     index: list[npt.NDArray[np.int32]] = []
     skipped: list[str] = []
     for k, scan in enumerate(site.scans()):
-        names = set(scan.array_names())
-        if SURROGATE_ARRAY not in names or target_name not in names:
+        reason = unusable_reason(scan, target_name)
+        if reason:
+            LOG.warning("site %s: scan %s skipped: %s", site.site_id, scan.scan_id, reason)
             skipped.append(scan.scan_id)
             continue
         x = np.asarray(scan.array(SURROGATE_ARRAY)[...], dtype=np.float32)
@@ -83,11 +89,9 @@ def load_site_data(store_path: str | Path, *, task: FederatedTask | str) -> Site
         index.append(np.full(x.shape[0], k, dtype=np.int32))
     if not images:
         raise InvalidInputError(
-            f"site store {site.uri} (site {site.site_id!r}) has no scan with both {SURROGATE_ARRAY!r} and "
-            f"{target_name!r}; run the surrogate stage first"
+            f"site store {site.uri} (site {site.site_id!r}) has no scan with a completed {SURROGATE_STAGE!r} stage "
+            f"and {target_name!r}; run the surrogate stage first"
         )
-    if skipped:
-        warnings.warn(f"site {site.site_id!r}: {len(skipped)} scans without surrogates skipped", stacklevel=2)
     shapes = {im.shape[1:] for im in images}
     if len(shapes) > 1:
         raise InvalidInputError(f"site {site.site_id!r} mixes slice shapes {sorted(shapes)}")
@@ -97,6 +101,24 @@ def load_site_data(store_path: str | Path, *, task: FederatedTask | str) -> Site
         targets=np.concatenate(targets),
         scan_index=np.concatenate(index),
     )
+
+
+def unusable_reason(scan: ScanStore, target_name: str) -> str:
+    """Why a scan cannot be trained on (empty when it can): no completed surrogate stage, or no targets."""
+    names = set(scan.array_names())
+    if not scan.is_done(SURROGATE_STAGE):
+        if SURROGATE_ARRAY in names:
+            return (
+                f"{SURROGATE_ARRAY!r} has no completed {SURROGATE_STAGE!r} stage record "
+                "(being written, or its writer stopped half-way)"
+            )
+        return f"no {SURROGATE_ARRAY!r} yet (the {SURROGATE_STAGE!r} stage has not run)"
+    record = scan.stage_record(SURROGATE_STAGE)
+    if record is None or SURROGATE_ARRAY not in record.outputs:
+        return f"the {SURROGATE_STAGE!r} stage record does not list {SURROGATE_ARRAY!r}"
+    if target_name not in names:
+        return f"no {target_name!r}"
+    return ""
 
 
 def split_holdout(data: SiteData, *, fraction: float, seed: int) -> tuple[SiteData, SiteData]:

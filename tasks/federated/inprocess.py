@@ -22,7 +22,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from schemas.federation import FederationConfig, RoundRecord
 from tasks.federated import client_app as ca
 from tasks.federated import server_app as sa
+from tasks.federated.grid import AuditingGrid
 from tasks.federated.model import build_model, model_signature, shared_keys
+from tasks.federated.rounds import RoundWriter
 
 #: ``tamper(reply) -> reply``: alters one node's replies (fault injection in tests).
 Tamper = Callable[[Message], Message]
@@ -72,18 +74,20 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
         raise NotImplementedError("use send_and_receive")
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError("use send_and_receive")
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Late replies: none (a ``down`` node never answers)."""
+        return []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
+        for sent in messages:
+            node = sent.metadata.dst_node_id
+            sent.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do on push
             if node in self.down:
                 continue
             # Each node gets its own copy, as after serialisation (mods such as secaggplus_mod mutate records).
-            msg = Message(copy.deepcopy(msg.content), dst_node_id=node, message_type=msg.metadata.message_type)
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            msg = Message(copy.deepcopy(sent.content), dst_node_id=node, message_type=sent.metadata.message_type)
+            msg.metadata.__dict__["_message_id"] = sent.metadata.message_id
             TaskIdentity.node_id = node
             try:
                 reply = ca.app(msg, self.contexts[node])
@@ -114,8 +118,8 @@ def run_in_process(
     grid.down.update(down)
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
     signature = model_signature(model, shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics))
-    writer = sa.RoundWriter(cfg, rc, 1, signature)
-    audited = sa.AuditingGrid(grid, audit_path=str(rc["audit_path"]))
+    writer = RoundWriter(cfg, rc, 1, signature)
+    audited = AuditingGrid(grid, audit_path=str(rc["audit_path"]))
     base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: signature})
     if cfg.secagg:
         context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)

@@ -1,420 +1,89 @@
 """Flower ServerApp (wiring only): rounds, aggregation by Flower's strategies, records and checkpoints.
 
-Without SecAgg+ the rounds run on the Message API: the strategy from ``flwr.serverapp.strategy`` (optionally
-wrapped by Flower's DP fixed-clipping wrappers) samples the nodes and aggregates; this module waits for the
-nodes with a deadline (Flower's own sampling waits forever), decodes compressed updates, refuses non-finite or
-mis-shaped updates, evaluates on the sites' held-out slices, writes one :class:`~schemas.federation.RoundRecord`
-per round and saves the global model under ``<models_dir>/<run_id>/round-<k>``. A round whose updates fall
-short of ``min_available_clients`` keeps the previous global model and says so in its record.
+Without SecAgg+ Flower's ``Strategy.start`` runs the rounds on the Message API. The strategy comes from the
+registry in :mod:`tasks.federated.strategies` (optionally wrapped by Flower's DP fixed-clipping wrappers) and
+is wrapped once more by :class:`~tasks.federated.rounds.ScreeningStrategy`, fedscan's side of a round: it
+waits for the nodes with a deadline (Flower's own sampling waits forever), decodes compressed updates, refuses
+non-finite or mis-shaped updates, names every site that times out, fails or is rejected, evaluates on the sites
+that answered, writes one :class:`~schemas.federation.RoundRecord` per round and saves the global model under
+``<models_dir>/<run_id>/round-<k>``. A round whose updates fall short of ``min_available_clients`` keeps the
+previous global model and says so in its record. Before the first round a roll call asks each node for its
+site id, so that failures are named by site.
 
 With SecAgg+ Flower only offers the legacy workflow (``LegacyContext`` + ``DefaultWorkflow`` with
-``SecAggPlusWorkflow``), so that path uses the legacy strategies; a delegating strategy records the rounds.
+``SecAggPlusWorkflow``), so that path keeps its own driver over the legacy strategy of the same registry; a
+delegating strategy records the rounds.
 
-Every message the server receives passes :class:`AuditingGrid`, which counts bytes and (when ``audit_path`` is
-set) logs each message's array names, shapes and dtypes — never values.
+Every message the server receives passes :class:`~tasks.federated.grid.AuditingGrid`, which counts bytes,
+(when ``audit_path`` is set) logs each message's array names, shapes and dtypes — never values — and keeps
+nodes that have not answered their last message out of later rounds until they do.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp import strategy as fs
 
 from schemas.federation import (
-    CompressionKind,
     DpMode,
+    FailureReason,
     FederationConfig,
     RoundRecord,
-    StrategyName,
+    SiteFailure,
 )
-from tasks.errors import FedscanError, InvalidInputError
-from tasks.federated.client_app import COMPRESSION_RECORD, CONFIG_HASH, ROUND, SIGNATURE
-from tasks.federated.compression import decode_update
+from tasks.federated.client_app import CONFIG_HASH, ROUND, SIGNATURE
+from tasks.federated.grid import AuditingGrid, wait_for_nodes
 from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
+from tasks.federated.rounds import (
+    RoundWriter,
+    ScreeningStrategy,
+    log_failure,
+    record_of,
+    roll_call,
+    site_of,
+    sort_replies,
+    weighted_metrics,
+)
+from tasks.federated.strategies import build_strategy, secagg_strategy
 
 LOG = logging.getLogger("fedscan.federated.server")
 app = ServerApp()
 
 
-class NotEnoughNodesError(FedscanError, TimeoutError):
-    """Fewer than ``min_available_clients`` nodes connected within ``wait_for_nodes_s``."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Grid wrapper: bytes and audit
-# ------------------------------------------------------------------------------------------------
-def _array_inventory(msg: Message) -> list[dict[str, Any]]:
-    if msg.has_error() or not msg.has_content():
-        return []
-    out = []
-    for rname, record in msg.content.array_records.items():
-        for aname, arr in record.items():
-            out.append({"record": rname, "name": aname, "shape": list(arr.shape), "dtype": str(arr.dtype)})
-    for rname, crec in msg.content.config_records.items():
-        for cname, value in crec.items():
-            if isinstance(value, bytes | list):
-                size = len(value) if isinstance(value, bytes) else sum(len(v) for v in value if isinstance(v, bytes))
-                out.append({"record": rname, "name": cname, "shape": [size], "dtype": "bytes"})
-    return out
-
-
-def _array_bytes(msg: Message) -> int:
-    """Payload bytes of a message: array values (no names, shapes or headers), plus the ``bytes`` values of its
-    config records (SecAgg+ sends keys, shares and its masked vectors that way)."""
-    if msg.has_error() or not msg.has_content():
-        return 0
-    total = 0
-    for rec in msg.content.array_records.values():
-        for arr in rec.values():
-            if arr.dtype:  # a numpy array
-                total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-            else:  # legacy (SecAgg+ workflow) parameters: opaque serialized bytes
-                total += len(arr.data)
-    for crec in msg.content.config_records.values():
-        for value in crec.values():
-            items = value if isinstance(value, list) else [value]
-            total += sum(len(v) for v in items if isinstance(v, bytes))
-    return int(total)
-
-
-def wire_bytes(msg: Message) -> int:
-    """Serialized size of the whole message (Flower's protobuf ``Message``: metadata, every record, keys,
-    array headers, metrics, configs) — what a transport carries before framing and TLS."""
-    from flwr.common.serde import message_to_proto
-
-    return int(message_to_proto(msg).ByteSize())
-
-
-class AuditingGrid(Grid):
-    """A :class:`Grid` that counts the bytes it sends and receives (serialized messages and their array payloads)
-    and logs what it receives."""
-
-    def __init__(self, grid: Grid, *, audit_path: str = "") -> None:
-        self._grid = grid
-        self._audit = Path(audit_path) if audit_path else None
-        self.bytes_down = 0
-        self.bytes_up = 0
-        self.array_bytes_down = 0
-        self.array_bytes_up = 0
-
-    def _count_down(self, msgs: list[Message]) -> None:
-        self.bytes_down += sum(wire_bytes(m) for m in msgs)
-        self.array_bytes_down += sum(_array_bytes(m) for m in msgs)
-
-    # delegation -----------------------------------------------------------------------------
-    def set_run(self, run: Any) -> None:  # pragma: no cover - the inner grid is already set up
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        msgs = list(messages)
-        self._count_down(msgs)
-        return self._grid.push_messages(msgs)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self._grid.pull_messages(message_ids))
-        self._record(replies)
-        return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        msgs = list(messages)
-        self._count_down(msgs)
-        replies = list(self._grid.send_and_receive(msgs, timeout=timeout))
-        self._record(replies)
-        return replies
-
-    def _record(self, replies: list[Message]) -> None:
-        self.bytes_up += sum(wire_bytes(m) for m in replies)
-        self.array_bytes_up += sum(_array_bytes(m) for m in replies)
-        if self._audit is None:
-            return
-        with self._audit.open("a", encoding="utf-8") as fh:
-            for m in replies:
-                entry = {
-                    "src_node_id": int(m.metadata.src_node_id),
-                    "message_type": m.metadata.message_type,
-                    "error": m.has_error(),
-                    "arrays": _array_inventory(m),
-                }
-                fh.write(json.dumps(entry) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------
-# Outputs
-# ------------------------------------------------------------------------------------------------
-class RoundWriter:
-    """Appends round records to the metrics file and saves global models."""
-
-    def __init__(self, cfg: FederationConfig, run_config: Mapping[str, Any], run_id: int, signature: str) -> None:
-        self.cfg = cfg
-        self.run_id = str(run_id)
-        self.signature = signature
-        metrics = str(run_config.get("metrics_path", ""))
-        models = str(run_config.get("models_dir", ""))
-        self.metrics_path = Path(metrics) if metrics else None
-        self.models_root = Path(models) / self.run_id if models else None
-
-    def save_model(self, server_round: int, arrays: Mapping[str, npt.NDArray[np.float32]]) -> str | None:
-        if self.models_root is None:
-            return None
-        folder = self.models_root / f"round-{server_round}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "model.pt.tmp"
-        torch.save({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}, tmp)
-        tmp.replace(folder / "model.pt")
-        meta = {
-            "run_id": self.run_id,
-            "round": server_round,
-            "task": self.cfg.task.value,
-            "base_channels": self.cfg.base_channels,
-            "fedbn": self.cfg.fedbn,
-            "local_bn_statistics": self.cfg.local_bn_statistics,
-            "config_hash": self.cfg.config_hash(),
-            "model_signature": self.signature,
-            "config": self.cfg.model_dump(mode="json"),
-        }
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        return str(folder)
-
-    def write(self, record: RoundRecord) -> None:
-        LOG.info(
-            "round %d: %d ok, %d failed, %d rejected, auc=%s, %.1f s",
-            record.round,
-            record.replies_ok,
-            record.replies_failed,
-            record.replies_rejected,
-            record.eval_auc,
-            record.seconds,
-        )
-        if self.metrics_path is None:
-            return
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(record.model_dump_json() + "\n")
-
-
-def weighted_metrics(rows: Sequence[Mapping[str, Any]], *, weight_key: str = "num-examples") -> dict[str, float]:
-    """Weighted mean of every numeric, finite metric over the rows (a metric missing in a row is skipped)."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for row in rows:
-        w = float(row.get(weight_key, 1) or 0)
-        for k, v in row.items():
-            if k == weight_key or isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                continue
-            sums[k] = sums.get(k, 0.0) + w * float(v)
-            weights[k] = weights.get(k, 0.0) + w
-    return {k: sums[k] / weights[k] for k in sums if weights[k] > 0}
-
-
-# ------------------------------------------------------------------------------------------------
-# Message-API path
-# ------------------------------------------------------------------------------------------------
-def wait_for_nodes(grid: Grid, *, minimum: int, timeout_s: float) -> list[int]:
-    """Node ids once at least ``minimum`` are connected; :class:`NotEnoughNodesError` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= minimum:
-            return nodes
-        if time.monotonic() > deadline:
-            raise NotEnoughNodesError(f"{len(nodes)} nodes connected after {timeout_s:.0f} s; need {minimum}")
-        time.sleep(0.5)
-
-
-def make_strategy(cfg: FederationConfig, *, num_sampled: int) -> fs.Strategy:
-    """The Message-API strategy of ``cfg`` (evaluation is done by this module, not by the strategy)."""
-    common: dict[str, Any] = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": 0.0,
-        "min_train_nodes": cfg.min_available_clients,
-        "min_available_nodes": cfg.min_available_clients,
-    }
-    base: fs.Strategy
-    if cfg.strategy is StrategyName.FEDAVG:
-        base = fs.FedAvg(**common)
-    elif cfg.strategy is StrategyName.FEDPROX:
-        base = fs.FedProx(proximal_mu=cfg.proximal_mu, **common)
-    elif cfg.strategy is StrategyName.FEDADAM:
-        base = fs.FedAdam(eta=cfg.server_learning_rate, **common)
-    elif cfg.strategy is StrategyName.FEDYOGI:
-        base = fs.FedYogi(eta=cfg.server_learning_rate, **common)
-    elif cfg.strategy is StrategyName.FEDMEDIAN:
-        base = fs.FedMedian(**common)
-    else:
-        base = fs.FedTrimmedAvg(beta=cfg.trimmed_fraction, **common)
-    if cfg.dp_mode is DpMode.SERVER:
-        return fs.DifferentialPrivacyServerSideFixedClipping(
-            base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled
-        )
-    if cfg.dp_mode is DpMode.CLIENT:
-        return fs.DifferentialPrivacyClientSideFixedClipping(
-            base, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sampled
-        )
-    return base
-
-
-def screen_update(
-    reply: Message, reference: Mapping[str, npt.NDArray[np.float32]]
-) -> dict[str, npt.NDArray[np.float32]]:
-    """The model arrays of one train reply (decoded when compressed), checked against the global model.
-
-    Raises
-    ------
-    InvalidInputError
-        Not exactly one ArrayRecord, keys or shapes that differ from the global model, or NaN/inf values.
-    """
-    records = list(reply.content.array_records.values())
-    if len(records) != 1:
-        raise InvalidInputError(f"a train reply holds one ArrayRecord, got {len(records)}")
-    encoded = {k: v.numpy() for k, v in records[0].items()}
-    kind = CompressionKind.NONE
-    if COMPRESSION_RECORD in reply.content.config_records:
-        kind = CompressionKind(str(reply.content.config_records[COMPRESSION_RECORD]["kind"]))
-    if kind is CompressionKind.NONE:
-        if set(encoded) != set(reference):
-            raise InvalidInputError("update keys differ from the global model's (model mismatch)")
-        decoded = {}
-        for k, ref in reference.items():
-            if encoded[k].shape != ref.shape:
-                raise InvalidInputError(f"update {k!r} has shape {encoded[k].shape}, the model {ref.shape}")
-            decoded[k] = np.asarray(encoded[k], dtype=np.float32)
-    else:
-        for v in encoded.values():
-            if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-                raise InvalidInputError("update holds NaN or inf")
-        decoded = decode_update(encoded, reference, kind=kind)
-    for k, v in decoded.items():
-        if not np.isfinite(v).all():
-            raise InvalidInputError(f"update {k!r} holds NaN or inf")
-    return decoded
-
-
-def _arrays_of(record: ArrayRecord) -> dict[str, npt.NDArray[np.float32]]:
-    return {k: np.asarray(v.numpy(), dtype=np.float32) for k, v in record.items()}
-
-
-def _record_of(arrays: Mapping[str, npt.NDArray[np.float32]]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def _evaluate_round(
-    grid: AuditingGrid, nodes: list[int], arrays: ArrayRecord, config: ConfigRecord, timeout: float
-) -> dict[str, float]:
-    msgs = [
-        Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n, message_type=MessageType.EVALUATE)
-        for n in nodes
-    ]
-    replies = grid.send_and_receive(msgs, timeout=timeout)
-    rows = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error() and "metrics" in r.content]
-    for r in replies:
-        if r.has_error():
-            LOG.warning("evaluation failed on node %d: %s", r.metadata.src_node_id, r.error.reason)
-    return weighted_metrics(rows)
-
-
 def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, base: ConfigRecord) -> None:
-    """All rounds on the Message API, then the optional personalisation phase."""
+    """Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` runs the rounds of the configured strategy
+    inside :class:`ScreeningStrategy`; then the optional personalisation phase."""
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
-    arrays = _record_of(get_arrays(model, keys))
-    strategy: fs.Strategy | None = None
-    for rnd in range(1, cfg.num_rounds + 1):
-        t0 = time.perf_counter()
-        down0, up0, adown0, aup0 = grid.bytes_down, grid.bytes_up, grid.array_bytes_down, grid.array_bytes_up
-        nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
-        if strategy is None:
-            strategy = make_strategy(
-                cfg, num_sampled=max(cfg.min_available_clients, int(len(nodes) * cfg.fraction_train))
-            )
-        config = ConfigRecord(dict(base))
-        config[ROUND] = rnd
-        messages = list(strategy.configure_train(rnd, arrays, config, grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
-        reference = _arrays_of(arrays)
-        ok: list[Message] = []
-        failed = len(messages) - len(replies)
-        rejected = 0
-        losses: list[dict[str, Any]] = []
-        for reply in replies:
-            if reply.has_error():
-                failed += 1
-                LOG.warning("node %d failed round %d: %s", reply.metadata.src_node_id, rnd, reply.error.reason)
-                continue
-            try:
-                decoded = screen_update(reply, reference)
-            except InvalidInputError as exc:
-                rejected += 1
-                LOG.warning("update of node %d rejected in round %d: %s", reply.metadata.src_node_id, rnd, exc)
-                continue
-            metrics = reply.content["metrics"] if "metrics" in reply.content else MetricRecord({})
-            reply.content = RecordDict({"arrays": _record_of(decoded), "metrics": metrics})
-            losses.append(dict(metrics))
-            ok.append(reply)
-        aggregated = False
-        if len(ok) >= cfg.min_available_clients:
-            new_arrays, _ = strategy.aggregate_train(rnd, ok)
-            if new_arrays is not None:
-                arrays, aggregated = new_arrays, True
-        else:
-            LOG.warning(
-                "round %d: %d usable updates < %d; global model unchanged", rnd, len(ok), cfg.min_available_clients
-            )
-        # Evaluate on the nodes that answered this round: a node that timed out or crashed would make the
-        # evaluation wait for the full timeout again.
-        answered = sorted({int(r.metadata.src_node_id) for r in replies if not r.has_error()})
-        evals = _evaluate_round(grid, answered, arrays, base, cfg.round_timeout_s)
-        model_dir = writer.save_model(rnd, _arrays_of(arrays)) if aggregated else None
-        train_m = weighted_metrics(losses)
-        writer.write(
-            RoundRecord(
-                run_id=writer.run_id,
-                round=rnd,
-                nodes_sampled=len(messages),
-                replies_ok=len(ok),
-                replies_failed=failed,
-                replies_rejected=rejected,
-                aggregated=aggregated,
-                train_loss=train_m.get("train_loss"),
-                eval_loss=evals.get("loss"),
-                eval_auc=evals.get("auc"),
-                eval_accuracy=evals.get("accuracy"),
-                eval_dice=evals.get("dice"),
-                bytes_down=grid.bytes_down - down0,
-                bytes_up=grid.bytes_up - up0,
-                array_bytes_down=grid.array_bytes_down - adown0,
-                array_bytes_up=grid.array_bytes_up - aup0,
-                seconds=time.perf_counter() - t0,
-                model_dir=model_dir,
-            )
-        )
+    initial = record_of(get_arrays(model, keys))
+    nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
+    inner = build_strategy(cfg, num_sampled=max(cfg.min_available_clients, int(len(nodes) * cfg.fraction_train)))
+    screening = ScreeningStrategy(inner, grid=grid, cfg=cfg, writer=writer)
+    screening.start(
+        grid,
+        initial,
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout_s,
+        train_config=ConfigRecord(dict(base)),
+        evaluate_config=base,
+    )
     if cfg.personalisation_epochs > 0:
-        personalise(grid, cfg, writer, arrays, base)
+        personalise(grid, cfg, writer, screening.arrays or initial, base, sites=screening.sites)
 
 
 def personalise(
-    grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, arrays: ArrayRecord, base: ConfigRecord
+    grid: AuditingGrid,
+    cfg: FederationConfig,
+    writer: RoundWriter,
+    arrays: ArrayRecord,
+    base: ConfigRecord,
+    *,
+    sites: Mapping[int, str],
 ) -> None:
     """Ask every node to fine-tune the final global model locally; record held-out metrics before/after."""
     t0 = time.perf_counter()
@@ -425,7 +94,10 @@ def personalise(
         for n in nodes
     ]
     replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
-    rows = [dict(r.content.metric_records["metrics"]) for r in replies if not r.has_error()]
+    good, failures = sort_replies(
+        msgs, replies, phase="personalise", server_round=0, sites=sites, timeout_s=cfg.round_timeout_s
+    )
+    rows = [dict(r.content.metric_records["metrics"]) for r in good]
     m = weighted_metrics(rows)
     writer.write(
         RoundRecord(
@@ -447,6 +119,7 @@ def personalise(
             array_bytes_down=grid.array_bytes_down - adown0,
             array_bytes_up=grid.array_bytes_up - aup0,
             seconds=time.perf_counter() - t0,
+            failures=tuple(failures),
         )
     )
 
@@ -467,7 +140,28 @@ def run_secagg(
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = ndarrays_to_parameters(list(get_arrays(model, keys).values()))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
+    sites, pending = roll_call(grid, nodes, timeout_s=cfg.wait_for_nodes_s)
     state: dict[str, Any] = {"t0": time.perf_counter(), "down": 0, "up": 0, "adown": 0, "aup": 0, "fit": {}}
+    state["pending"] = pending
+
+    def named(server_round: int, failures: Sequence[Any]) -> list[SiteFailure]:
+        """The legacy workflow's failures ((proxy, result) or an exception), named where the node is known."""
+        out = []
+        for f in failures:
+            node = int(f[0].node_id) if isinstance(f, tuple) else 0
+            detail = str(f[1].status.message) if isinstance(f, tuple) else f"{type(f).__name__}: {f}"
+            out.append(
+                SiteFailure(
+                    site=site_of(sites, node) if node else "unknown",
+                    node_id=node,
+                    phase="train",
+                    reason=FailureReason.ERROR,
+                    detail=detail[-500:],
+                )
+            )
+        for x in out:
+            log_failure(x, server_round)
+        return out
 
     def fit_config(server_round: int) -> dict[str, Any]:
         state["t0"], state["down"], state["up"] = time.perf_counter(), grid.bytes_down, grid.bytes_up
@@ -494,15 +188,7 @@ def run_secagg(
         "fit_metrics_aggregation_fn": fit_metrics,
         "evaluate_metrics_aggregation_fn": eval_metrics,
     }
-    inner: Any
-    if cfg.strategy is StrategyName.FEDPROX:
-        inner = ls.FedProx(proximal_mu=cfg.proximal_mu, **common)
-    elif cfg.strategy is StrategyName.FEDADAM:
-        inner = ls.FedAdam(eta=cfg.server_learning_rate, **common)
-    elif cfg.strategy is StrategyName.FEDYOGI:
-        inner = ls.FedYogi(eta=cfg.server_learning_rate, **common)
-    else:
-        inner = ls.FedAvg(**common)
+    inner = secagg_strategy(cfg, common)
     if cfg.dp_mode is DpMode.CLIENT:
         inner = ls.DifferentialPrivacyClientSideFixedClipping(
             inner, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, max(cfg.min_available_clients, len(nodes))
@@ -522,6 +208,7 @@ def run_secagg(
             state["fit"] = {
                 "ok": len(results),
                 "failed": len(failures),
+                "failures": (*state.pop("pending", ()), *named(server_round, failures)),
                 "metrics": metrics or {},
                 "aggregated": params is not None and len(results) >= cfg.min_available_clients,
                 "params": params,
@@ -559,6 +246,7 @@ def run_secagg(
                     array_bytes_up=grid.array_bytes_up - state["aup"],
                     seconds=time.perf_counter() - state["t0"],
                     model_dir=model_dir,
+                    failures=tuple(fit.get("failures", ())),
                 )
             )
             return loss, metrics
@@ -596,7 +284,12 @@ def main(grid: Grid, context: Context) -> None:
     writer = RoundWriter(cfg, context.run_config, context.run_id, signature)
     audited = AuditingGrid(grid, audit_path=str(context.run_config.get("audit_path", "")))
     base = ConfigRecord({CONFIG_HASH: cfg.config_hash(), SIGNATURE: signature})
-    if cfg.secagg:
-        run_secagg(audited, context, cfg, writer, base)
-    else:
-        run_message_api(audited, cfg, writer, base)
+    try:
+        if cfg.secagg:
+            run_secagg(audited, context, cfg, writer, base)
+        else:
+            run_message_api(audited, cfg, writer, base)
+    except Exception as exc:
+        writer.finish(exc)
+        raise
+    writer.finish(None)

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import IO, Self
 
 import httpx
+import psutil
 
 from tasks.errors import FedscanError
 
@@ -116,18 +117,39 @@ def _spawn(
     return proc, log
 
 
-def _stop(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
-    """SIGTERM the process group we started, then SIGKILL after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live process below ``pid`` (children, their children, ...); empty when ``pid`` is gone."""
     try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group we started and every process below it, then SIGKILL what is left after
+    ``grace_s``.
+
+    The tree is listed before any signal: Ray puts some of its processes (raylet, gcs_server, workers) in
+    process groups of their own, and once their parent dies they are no longer below ours.
+    """
+    tree = descendants(proc.pid)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    proc.wait(timeout=grace_s)
 
 
 @dataclass

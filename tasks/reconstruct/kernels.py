@@ -21,6 +21,10 @@ linear interpolation on the detector (the standard discretisation of the FBP int
 adjoint would leave ray-spacing artefacts). The sparse matrices are built per chunk of views, on the
 device, and small ones are cached per geometry.
 
+One module, though over 600 lines: the Joseph operator (behind the projector, its adjoint, SIRT and SART) and the
+FBP back-projection map pixels to the detector with the same per-view frames and pixel-column function
+(``_view_frames``, ``_pixel_columns_of``); the conventions above are stated once, here, for all of them.
+
 References
 ----------
 Kak, A. C. & Slaney, M., *Principles of Computerized Tomographic Imaging*, IEEE Press (1988), ch. 3 (FBP
@@ -37,12 +41,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal, TypeVar
+from typing import TypeVar, get_args
 
 import numpy as np
 import torch
 
 from schemas.geometry import DetectorShape, Geometry
+from schemas.reconstruct import FilterName
 from tasks.device import to_numpy
 from tasks.errors import InvalidInputError
 
@@ -58,8 +63,19 @@ with warnings.catch_warnings():
         check_invariants=False,
     )
 
-FilterName = Literal["ram-lak", "shepp-logan", "cosine", "hann"]
-FILTER_NAMES: tuple[str, ...] = ("ram-lak", "shepp-logan", "cosine", "hann")
+__all__ = [
+    "FilterName",
+    "attenuation_to_hu",
+    "back_project",
+    "check_finite_sinograms",
+    "fbp",
+    "forward_project",
+    "hu_to_attenuation",
+    "sart",
+    "sirt",
+]
+
+_FILTER_NAMES: tuple[str, ...] = get_args(FilterName)
 ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 #: Entries per sparse chunk; bounds the working memory of one chunk (~12 bytes per entry while built).
@@ -805,8 +821,8 @@ def fbp(
         The detector does not cover the grid's inscribed circle (says by how many mm); a fan-beam
         angular range shorter than 180 deg + fan angle.
     """
-    if filter_name not in FILTER_NAMES:
-        raise InvalidInputError(f"filter_name must be one of {FILTER_NAMES}, got {filter_name!r}")
+    if filter_name not in _FILTER_NAMES:
+        raise InvalidInputError(f"filter_name must be one of {_FILTER_NAMES}, got {filter_name!r}")
     if not (0 < frequency_cutoff <= 1):
         raise InvalidInputError(f"frequency_cutoff must be in (0, 1], got {frequency_cutoff!r}")
     y, was_numpy, was_2d, _ = _checked_sinograms(sinograms, geometry, device)
@@ -865,6 +881,30 @@ def _start(
     return _images_to_columns(x0)
 
 
+def _iterative_start(
+    sinograms: np.ndarray | torch.Tensor,
+    geometry: Geometry,
+    *,
+    iterations: int,
+    relaxation: float,
+    initial: np.ndarray | torch.Tensor | None,
+    device: torch.device | None,
+) -> tuple[torch.Tensor, bool, bool, _Operator, torch.Tensor]:
+    """What SIRT and SART check and set up first: the sinograms block (with whether it came as numpy and 2-D),
+    the system matrix on its device and the start image as pixel columns."""
+    _check_iterative(iterations, relaxation)
+    y, was_numpy, was_2d, dev = _checked_sinograms(sinograms, geometry, device)
+    return y, was_numpy, was_2d, _Operator(geometry, dev), _start(initial, y.shape[0], geometry, dev)
+
+
+def _columns_as_output(
+    x: torch.Tensor, geometry: Geometry, *, was_numpy: bool, was_2d: bool
+) -> np.ndarray | torch.Tensor:
+    """Pixel columns ``(ny · nx, slices)`` back to images of the caller's kind and rank."""
+    grid = geometry.grid
+    return _as_output(_columns_to_images(x, grid.ny_pixels, grid.nx_pixels), was_numpy=was_numpy, was_2d=was_2d)
+
+
 def _view_order(n_views: int) -> list[int]:
     """A deterministic, well-spread order of the views (golden-ratio sequence) for SART."""
     golden = (math.sqrt(5) - 1) / 2
@@ -903,11 +943,11 @@ def sirt(
     -------
     ``(slices, ny, nx)`` attenuation, 1/mm, float32.
     """
-    _check_iterative(iterations, relaxation)
-    y, was_numpy, was_2d, dev = _checked_sinograms(sinograms, geometry, device)
-    op = _Operator(geometry, dev)
+    y, was_numpy, was_2d, op, x = _iterative_start(
+        sinograms, geometry, iterations=iterations, relaxation=relaxation, initial=initial, device=device
+    )
+    dev = y.device
     b = y.reshape(y.shape[0], -1).T.contiguous()
-    x = _start(initial, y.shape[0], geometry, dev)
     ones_pix = torch.ones(x.shape[0], 1, device=dev)
     ones_ray = torch.ones(b.shape[0], 1, device=dev)
     inv_row = _safe_reciprocal(_project(op, ones_pix))
@@ -916,8 +956,7 @@ def sirt(
         x += relaxation * inv_col * _back(op, inv_row * (b - _project(op, x)))
         if nonnegative:
             x.clamp_(min=0)
-    grid = geometry.grid
-    return _as_output(_columns_to_images(x, grid.ny_pixels, grid.nx_pixels), was_numpy=was_numpy, was_2d=was_2d)
+    return _columns_as_output(x, geometry, was_numpy=was_numpy, was_2d=was_2d)
 
 
 def sart(
@@ -955,13 +994,13 @@ def sart(
     -------
     ``(slices, ny, nx)`` attenuation, 1/mm, float32.
     """
-    _check_iterative(iterations, relaxation)
-    y, was_numpy, was_2d, dev = _checked_sinograms(sinograms, geometry, device)
-    op = _Operator(geometry, dev)
+    y, was_numpy, was_2d, op, x = _iterative_start(
+        sinograms, geometry, iterations=iterations, relaxation=relaxation, initial=initial, device=device
+    )
+    dev = y.device
     grid, ncols = geometry.grid, geometry.n_detector_cols
     nx, ny, width = grid.nx_pixels, grid.ny_pixels, ncols + 2
     yp = torch.nn.functional.pad(y.permute(1, 2, 0), (0, 0, 1, 1))  # (views, cols + 2, slices)
-    x = _start(initial, y.shape[0], geometry, dev)
     # The image lives zero-padded, as the rows of A index it; the update matrix relaxation * C_v A_v^T is
     # stored with empty rows for the pad pixels so that one in-place sparse addmm applies it.
     xp = torch.zeros(ny + 3, nx + 3, y.shape[0], device=dev, dtype=torch.float32)
@@ -996,6 +1035,4 @@ def sart(
             xp_cols.addmm_(update, resid)
             if nonnegative:
                 xp_cols.clamp_(min=0)
-    x = interior.reshape(nx * ny, -1)
-    grid = geometry.grid
-    return _as_output(_columns_to_images(x, grid.ny_pixels, grid.nx_pixels), was_numpy=was_numpy, was_2d=was_2d)
+    return _columns_as_output(interior.reshape(nx * ny, -1), geometry, was_numpy=was_numpy, was_2d=was_2d)

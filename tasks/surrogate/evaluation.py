@@ -1,4 +1,4 @@
-"""Privacy and utility of FESF surrogates, measured (METHODS.md §3): plain torch, seeded, CPU-sized.
+"""Privacy and utility of FESF surrogates, measured (docs/methods.md §3): plain torch, seeded, CPU-sized.
 
 Privacy
     * :func:`image_metrics`: PSNR / SSIM (``skimage.metrics``) between each surrogate and its private slice.

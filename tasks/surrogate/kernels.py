@@ -41,6 +41,18 @@ import torch
 from tasks.device import to_numpy
 from tasks.errors import InvalidInputError
 
+__all__ = [
+    "CHUNK_BYTES",
+    "GROUP_CHUNKS",
+    "Method",
+    "check_strengths",
+    "hide",
+    "hide_reference",
+    "low_frequency_half_width",
+    "low_frequency_mask",
+    "to_unit_range",
+]
+
 FloatArray = npt.NDArray[np.float32]
 ArrayT = TypeVar("ArrayT", FloatArray, torch.Tensor)
 
@@ -133,7 +145,7 @@ def _low_rows(h: int, b: int, device: torch.device) -> torch.Tensor:
 CHUNK_BYTES = 2 << 20
 #: The partial-DFT (matmul) path is used when the kept columns are at most this fraction of the width
 #: (``method="auto"``); measured crossover on 2 CPU cores at 512² (benchmarks/surrogate.py, ``speed`` rows).
-MATMUL_MAX_COLUMN_FRACTION = 0.015
+_MATMUL_MAX_COLUMN_FRACTION = 0.015
 
 #: Chunks per group on the fft path with one shared host: a group's real FFTs along x run back to back, its column
 #: work is one call per step, and a group is read whole before its surrogates are written. 4 (8 slices at 512²)
@@ -160,7 +172,7 @@ class _Plan:
         self.rows = _low_rows(h, b, device)
         self.n_cols = min(b, w // 2) + 1
         if method == "auto":
-            method = "matmul" if self.n_cols <= MATMUL_MAX_COLUMN_FRACTION * w else "fft"
+            method = "matmul" if self.n_cols <= _MATMUL_MAX_COLUMN_FRACTION * w else "fft"
         self.method = method
         if method == "matmul":
             n = torch.arange(w, dtype=torch.float64)
@@ -413,7 +425,7 @@ def hide(
     method : {"auto", "fft", "matmul"}
         How the mask's block of the spectrum is computed and synthesised: pruned FFTs, or partial DFTs as
         matrix products (faster only for very small masks); ``"auto"`` picks by the kept fraction of columns
-        (:data:`MATMUL_MAX_COLUMN_FRACTION`). All equal :func:`hide_reference` to float32 precision.
+        (:data:`_MATMUL_MAX_COLUMN_FRACTION`). All equal :func:`hide_reference` to float32 precision.
     out : numpy.ndarray or torch.Tensor, optional
         Where to write the surrogates, and then the return value: ``images``' shape, float32, C-contiguous, a
         writeable numpy array or a tensor on the compute device. It may be ``images`` itself (the slices are read

@@ -1,11 +1,10 @@
 """What keeps Prefect's own cost down without losing what the operator sees: the stage tag only when a limit on
-it exists, the raw-data FBP slice computed once for the preview and the report, no artifact calls outside a run."""
+it exists, no artifact calls outside a run (previews read stored arrays: tests/tasks/test_previews.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tasks.storage import SiteStore
@@ -59,44 +58,6 @@ def _reconstructed_scan(root: Path):
     scan = site.scans()[0]
     run_scan_stage(scan, "reconstruct", PipelineConfig().reconstruct, device=torch.device("cpu"))
     return scan
-
-
-def test_raw_fbp_slice_is_computed_once_for_preview_and_report(tmp_path, monkeypatch):
-    import tasks.drivers as drivers
-    import tasks.reconstruct.kernels as kernels
-    from schemas.pipeline import PipelineConfig
-
-    scan = _reconstructed_scan(tmp_path)
-    calls: list[tuple[int, ...]] = []
-    real_fbp = kernels.fbp
-
-    def counting_fbp(sinograms, *args, **kwargs):
-        calls.append(tuple(np.shape(sinograms)))
-        return real_fbp(sinograms, *args, **kwargs)
-
-    monkeypatch.setattr(kernels, "fbp", counting_fbp)
-    monkeypatch.setattr(drivers, "_RAW_FBP_CACHE", type(drivers._RAW_FBP_CACHE)())
-    config = PipelineConfig().reconstruct
-    preview = drivers.reconstruction_preview(scan, config)
-    assert preview is not None
-    assert "data:image/png;base64," in preview
-    assert calls == [(1, 90, 32)]  # one slice, all views
-    images = drivers.report_images(str(tmp_path))
-    assert images  # the report still shows the central slice and its FBPs
-    assert len(calls) == 1  # reused, not recomputed
-    # the cached image is the FBP of the raw central row, read-only so no caller can change it for the next
-    k = (scan.manifest.geometry.n_detector_rows - 1) // 2
-    cached = drivers.raw_central_fbp(scan, k, filter_name=config.filter_name, output_unit=config.output_unit)
-    assert not cached.flags.writeable
-    raw = np.asarray(scan.array("projections")[:, k, :], dtype=np.float32)
-    expected = kernels.attenuation_to_hu(
-        np.asarray(real_fbp(raw[None], scan.manifest.geometry, filter_name=config.filter_name))[0],
-        water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm,
-    )
-    np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-3)
-    # another filter is another image
-    drivers.raw_central_fbp(scan, k, filter_name="ram-lak", output_unit=config.output_unit)
-    assert len(calls) == 2
 
 
 def test_outside_a_run_no_artifact_is_attempted(tmp_path, monkeypatch):
@@ -236,9 +197,9 @@ def test_nightly_stage_artifacts_and_progress_reach_the_api(tmp_path, prefect_ha
     assert set(cards) == {"denoise-q-q-0", "reconstruct-q-q-0", "surrogate-q-q-0"}  # one artifact per stage
     assert all("| metric | value |" in card and "| seconds |" in card for card in cards.values())
     assert "| noise_sigma |" in cards["denoise-q-q-0"]
-    assert (
-        "data:image/png;base64," in cards["reconstruct-q-q-0"] and "data:image/png;base64," in cards["surrogate-q-q-0"]
-    )
+    # by default (FEDSCAN_PRIVACY__SHARE_IMAGES unset) only the surrogate's image leaves: no plaintext slice
+    assert "data:image/png;base64," not in cards["reconstruct-q-q-0"]
+    assert "data:image/png;base64," in cards["surrogate-q-q-0"]
     assert not any(a.type == "table" for a in mine)
     assert all(a.task_run_id is not None for a in mine)  # attached to the stage's task run, not the flow
     progress = [a for a in mine if a.type == "progress"]

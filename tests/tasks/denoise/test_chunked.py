@@ -23,15 +23,12 @@ CONFIGS = {
         view_stride=2,
         tile_cols=8,
         tile_stride_cols=4,
-        group_span_deg=None,  # t = 8 fixed: groups not aligned with the chunks
     ),
     # t from the angular step: 45 views over 360 deg (or 180) resolve to t = 4, stride 1 (halo 6)
     "best-log-span": DenoiseConfig(domain=DenoiseDomain.LOG, group_span_deg=4.0, tile_cols=8, tile_stride_cols=4),
     "paper": DenoiseConfig.paper(views_per_group=6),  # 45 views: groups not aligned with the scan's end
     # detector-row tiles (2 rows, stride 1) over 3 rows: tiles mirrored past the last row, rows chunked anyhow
-    "row-tiles": DenoiseConfig(
-        views_per_group=4, view_stride=2, tile_rows=2, tile_stride_rows=1, tile_cols=8, group_span_deg=None
-    ),
+    "row-tiles": DenoiseConfig(views_per_group=4, view_stride=2, tile_rows=2, tile_stride_rows=1, tile_cols=8),
     "anscombe-one-pass": DenoiseConfig(
         views_per_group=4, view_stride=4, tile_cols=5, tile_stride_cols=None, second_pass=False
     ),

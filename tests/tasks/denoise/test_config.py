@@ -34,7 +34,7 @@ def test_paper_preset_is_non_overlapping_rank1_whole_views() -> None:
     assert paper.threshold_mode is ThresholdMode.RELATIVE and paper.threshold_value == 1.0
     assert paper.domain is DenoiseDomain.LOG and not paper.second_pass
     assert paper.view_halo == 9
-    assert DenoiseConfig().view_halo == 2 * (DenoiseConfig().views_per_group - 1)
+    assert DenoiseConfig().view_halo == 2 * (DenoiseConfig().group_size - 1) == 30  # nominal t = 16 until resolved
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,8 @@ def test_bad_values_are_refused(fields: dict[str, object], message: str) -> None
 
 
 def test_group_size_follows_the_angular_step() -> None:
-    """t is the power of two nearest span/step (clamped), the stride keeps its ratio, None/no geometry: unchanged."""
+    """'auto': t is the power of two nearest span/step (clamped), the stride keeps its ratio, no geometry: the
+    nominal 16; a number: used as given, whatever the span."""
     from schemas.geometry import Geometry
     from tasks.denoise.kernels import resolve_group_size
 
@@ -72,7 +73,8 @@ def test_group_size_follows_the_angular_step() -> None:
             grid={"nx_pixels": 8, "ny_pixels": 8, "pixel_size_mm": 1.0},
         )
 
-    config = DenoiseConfig(views_per_group=16, view_stride=4, group_span_deg=4.0)
+    config = DenoiseConfig(views_per_group="auto", view_stride=4, group_span_deg=4.0)
+    assert DenoiseConfig().views_per_group == "auto"  # the default, stated
     fine = resolve_group_size(config, geometry(1440, 360.0))  # 0.25 deg per view -> 16 views
     coarse = resolve_group_size(config, geometry(360, 360.0))  # 1 deg -> 4 views
     assert (fine.views_per_group, fine.view_stride) == (16, 4)
@@ -80,7 +82,10 @@ def test_group_size_follows_the_angular_step() -> None:
     assert coarse.view_halo == 6  # the halo follows the resolved t
     assert resolve_group_size(config, geometry(36, 360.0)).views_per_group == 4  # 10 deg per view: clamped
     assert resolve_group_size(config, geometry(7200, 360.0)).views_per_group == 32  # 0.05 deg: clamped
-    assert resolve_group_size(config, None) == config
-    fixed = config.model_copy(update={"group_span_deg": None})
-    assert resolve_group_size(fixed, geometry(360, 360.0)) == fixed
+    nominal = resolve_group_size(config, None)
+    assert (nominal.views_per_group, nominal.view_stride) == (16, 4)
+    fixed = config.model_copy(update={"views_per_group": 16})
+    assert resolve_group_size(fixed, geometry(360, 360.0)) == fixed  # a number is never replaced
+    with pytest.raises(ValidationError, match="views_per_group"):
+        DenoiseConfig(views_per_group="sometimes")
     assert resolve_group_size(DenoiseConfig.paper(), geometry(360, 360.0)).views_per_group == 8  # paper: as given

@@ -83,7 +83,7 @@ def test_auto_threshold_removes_nearly_all_pure_noise(rng: np.random.Generator) 
     noise = (0.1 * rng.standard_normal((256, 1, 128))).astype(np.float32)
     config = BEST.model_copy(update={"second_pass": False})
     y = denoise_projections(noise, config=config, periodic=True)
-    assert float(np.var(y) / np.var(noise)) < 1.0 / config.views_per_group
+    assert float(np.var(y) / np.var(noise)) < 1.0 / config.group_size
 
 
 def test_noise_sigma_estimate_matches_the_truth(rng: np.random.Generator) -> None:
@@ -185,7 +185,7 @@ def test_non_overlapping_groups_equal_a_per_block_svd(
     tr = min(config.tile_rows or shape[1], shape[1])
     tc = min(config.tile_cols or shape[2], shape[2])
     reference = _svd_blocks_reference(
-        x, t=config.views_per_group, tr=tr, tc=tc, keep=config.threshold_value, periodic=periodic
+        x, t=config.group_size, tr=tr, tc=tc, keep=config.threshold_value, periodic=periodic
     )
     assert float(np.abs(reference - x).mean()) > 0.01  # it does denoise
     np.testing.assert_allclose(y, reference, rtol=0, atol=1e-5)
@@ -341,29 +341,27 @@ def _noisy_scan(rng: np.random.Generator, views: int = 64, rows: int = 5, cols: 
     ],
     ids=["default", "rows2", "rows4-overlap", "cols-overlap", "one-pass", "unweighted", "auto-hard", "whole-view"],
 )
-def test_banded_filter_equals_per_block_rebuild(
-    overrides: dict[str, object], rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The banded path (cell-major end to end, and pass by pass) equals rebuilding every block and averaging."""
-    import tasks.denoise.kernels as kernels
+def test_banded_filter_equals_per_block_rebuild(overrides: dict[str, object], rng: np.random.Generator) -> None:
+    """The banded path (cell-major end to end) equals rebuilding every block and averaging."""
+    from tasks.denoise.kernels._blocks import per_block_denoise
 
     x = _noisy_scan(rng, views=70)  # not a multiple of the group; 5 rows x 45 cols: tiles reach past the edges
-    config = DenoiseConfig(group_span_deg=None, **overrides)  # type: ignore[arg-type]
-    fast = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)  # cell-major, both passes
-    monkeypatch.setattr(kernels, "_CELL_MAJOR", False)
-    pass_by_pass = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
-    monkeypatch.setattr(kernels, "_banded_pass", kernels._lowrank_pass)
-    reference = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
+    config = DenoiseConfig.model_validate({"views_per_group": 16, **overrides})
+    fast = denoise_projections(x, config=config, periodic=True, i0_photons=2e3)
+    sigma = estimate_noise_sigma_of(x, config=config, i0_photons=2e3)
+    padded = torch.from_numpy(pad_views(x, halo=config.view_halo, periodic=True))
+    reference = per_block_denoise(
+        padded, first_view=0, halo=config.view_halo, config=config, noise_sigma=sigma, i0_photons=2e3
+    ).numpy()
     assert float(np.abs(reference - x).mean()) > 0.01  # it does denoise
-    np.testing.assert_allclose(pass_by_pass, reference, rtol=0, atol=2e-5)
     np.testing.assert_allclose(fast, reference, rtol=0, atol=2e-5)
 
 
 def test_row_tiles_on_a_sinogram_are_single_rows(rng: np.random.Generator) -> None:
     """A 2-D sinogram (one detector row): the default 16-row tile is clipped to that row."""
     x = _noisy_scan(rng, rows=1)
-    tiled = denoise_projections(x, config=DenoiseConfig(group_span_deg=None), periodic=False, i0_photons=2e3)
-    single = DenoiseConfig(group_span_deg=None, tile_rows=1)
+    tiled = denoise_projections(x, config=DenoiseConfig(views_per_group=16), periodic=False, i0_photons=2e3)
+    single = DenoiseConfig(views_per_group=16, tile_rows=1)
     np.testing.assert_array_equal(tiled, denoise_projections(x, config=single, periodic=False, i0_photons=2e3))
 
 
@@ -373,7 +371,7 @@ def test_row_tiles_share_the_noise_reduction_across_rows(rng: np.random.Generato
     noisy = (clean + rng.normal(0.0, 0.02, clean.shape)).astype(np.float32)  # ... with independent noise per row
     errors = []
     for rows in (1, 8):
-        config = DenoiseConfig(group_span_deg=None, domain=DenoiseDomain.LOG, tile_rows=rows)
+        config = DenoiseConfig(views_per_group=16, domain=DenoiseDomain.LOG, tile_rows=rows)
         out = denoise_projections(noisy, config=config, periodic=True)
         errors.append(float(np.mean((out - clean) ** 2)))
     assert errors[1] < 0.8 * errors[0]
@@ -393,11 +391,12 @@ def test_cells_written_one_by_one_equal_the_whole_layout(
     rows: int, cols: int, overrides: dict[str, object], rng: np.random.Generator
 ) -> None:
     """The final pass hands each cell straight to the result (``put_cell``): the same bins as ``from_cells``."""
-    from tasks.denoise.kernels import _block_axes, _Cells
+    from tasks.denoise.kernels._banded import Cells
+    from tasks.denoise.kernels._blocks import block_axes
 
-    config = DenoiseConfig(group_span_deg=None, **overrides)  # type: ignore[arg-type]
-    _, rax, cax = _block_axes(config, rows, cols, pilot=False)
-    cells = _Cells.of(rax, cax, rows, cols)
+    config = DenoiseConfig.model_validate({"views_per_group": 16, **overrides})
+    _, rax, cax = block_axes(config, rows, cols, pilot=False)
+    cells = Cells.of(rax, cax, rows, cols)
     values = torch.from_numpy(rng.standard_normal((cells.n_cells, 12, cells.m)).astype(np.float32))
     expected = cells.from_cells(values, 3, 7)
     res = torch.full((7, rows, cols), float("nan"))
@@ -419,7 +418,7 @@ def test_cells_written_one_by_one_equal_the_whole_layout(
 def test_cuda_matches_cpu_in_the_default_mode(periodic: bool, rng: np.random.Generator) -> None:
     """The default (Anscombe, two passes, banded, cell by cell into the result) on CUDA, with edge cells."""
     x = _noisy_scan(rng, views=70)  # 5 rows x 45 cols: the tiles reach past both edges
-    config = DenoiseConfig(group_span_deg=None)
+    config = DenoiseConfig(views_per_group=16)
     cpu = denoise_projections(x, config=config, periodic=periodic, i0_photons=2e3)
     gpu = denoise_projections(x, config=config, periodic=periodic, i0_photons=2e3, device="cuda")
     assert float(np.abs(cpu - x).mean()) > 0.01  # it does denoise

@@ -133,5 +133,7 @@ def test_deployment_survives_a_killed_node_which_rejoins(tmp_path):
     assert rounds[0].replies_ok == 3, timing
     # the round with the dead node completed with the rest (the dead node's message failed or timed out)
     assert rounds[1].replies_failed >= 1 and rounds[1].replies_ok >= 2, timing
+    # ... and is named: site C, timed out or lost (never a phantom site for the SuperLink's own error reply)
+    assert {f.site for f in rounds[1].failures if f.phase == "train"} == {"C"}, rounds[1].failures
     assert rounds[-1].replies_ok == 3, timing  # the restarted node took part again (the dead one cannot reply)
     _assert_no_images(next((tmp_path / "out" / "runs").glob("*/audit.jsonl")))

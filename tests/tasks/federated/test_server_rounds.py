@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from schemas.federation import FederationConfig, RoundRecord
 from tasks.errors import InvalidInputError
 from tasks.federated import client_app as ca
 from tasks.federated import server_app as sa
+from tasks.federated.grid import AuditingGrid
 from tasks.federated.inprocess import InProcessGrid, run_in_process
 from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
+from tasks.federated.rounds import RoundWriter
 
 
 @pytest.fixture(autouse=True)
@@ -105,24 +107,135 @@ def test_a_site_without_surrogates_fails_alone(site_stores, tmp_path):
     _, records = run_rounds(small(num_rounds=1), [*site_stores[:2], empty], tmp_path)
     (r,) = records
     assert r.replies_failed == 1 and r.replies_ok == 2 and r.aggregated
+    # the failed site is named with the ClientApp's error, not just counted
+    (failure,) = r.failures
+    assert (failure.site, failure.phase, failure.reason.value) == ("E", "train", "error")
+    assert "run the surrogate stage first" in failure.detail
+
+
+class _DownAfterRollCall(InProcessGrid):
+    """Node 102 answers the roll call, then is gone (listed, sampled, never answers)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        msgs = list(messages)
+        replies = super().send_and_receive(msgs, timeout=timeout)
+        if msgs and msgs[0].metadata.message_type == ca.ROLL_CALL:
+            self.down.add(102)
+        return replies
 
 
 def test_a_dropped_node_does_not_stall_the_round(site_stores, tmp_path):
     cfg = small(num_rounds=1)
-    grid = InProcessGrid(list(site_stores), cfg.to_run_config())
-    grid.down.add(102)  # gone after being listed: sampled, never answers
+    grid = _DownAfterRollCall(list(site_stores), cfg.to_run_config())
     grid.get_node_ids = lambda: list(grid.contexts)
     model = build_model("classify", base_channels=4, seed=0)
     keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
-    writer = sa.RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
     sa.run_message_api(
-        sa.AuditingGrid(grid),
+        AuditingGrid(grid),
         cfg,
         writer,
         ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)}),
     )
     (r,) = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert r.nodes_sampled == 3 and r.replies_failed == 1 and r.replies_ok == 2 and r.aggregated
+    # node 102 went down after the roll call: it is named by its site, with the reason
+    (failure,) = r.failures
+    assert (failure.site, failure.node_id, failure.phase, failure.reason.value) == ("C", 102, "train", "timeout")
+
+
+def test_a_site_that_never_answered_is_not_asked_again_until_it_does(site_stores, tmp_path):
+    cfg = small(num_rounds=2)
+    grid = _DownAfterRollCall(list(site_stores), cfg.to_run_config())
+    model = build_model("classify", base_channels=4, seed=0)
+    keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    audited = AuditingGrid(grid)
+    base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)})
+    sa.run_message_api(audited, cfg, writer, base)
+    r1, r2 = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert r1.nodes_sampled == 3 and r1.replies_failed == 1
+    # round 2 leaves C out (a hung ClientApp would get one more message per round) and says so
+    assert r2.nodes_sampled == 2 and r2.replies_ok == 2 and r2.replies_failed == 0 and r2.aggregated
+    (busy,) = r2.failures
+    assert (busy.site, busy.reason.value) == ("C", "timeout")
+    assert busy.detail == "not asked: its round-1 train message is still unanswered"
+    assert audited.busy_nodes() == {102: "round-1 train"}
+
+
+def _lost_by_the_superlink(reply: Message) -> Message:
+    """The SuperLink's answer for a node it lost: an error whose source is the SuperLink (node 1), not the node."""
+    if reply.metadata.message_type != "train":
+        return reply
+    lost = Message(Error(code=0, reason="Node Unavailable"), reply_to=reply)
+    lost.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+    lost.metadata.__dict__["_src_node_id"] = 1
+    return lost
+
+
+def test_an_error_the_superlink_sends_for_a_lost_node_names_that_node(site_stores, tmp_path):
+    _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={102: _lost_by_the_superlink})
+    (r,) = records
+    assert r.replies_failed == 1 and r.replies_ok == 2  # one failure, not a timeout of C plus an error of "node 1"
+    (failure,) = r.failures
+    assert (failure.site, failure.node_id, failure.reason.value) == ("C", 102, "error")
+    assert failure.detail == "Node Unavailable"
+
+
+class _JoinsAfterRoundOne(InProcessGrid):
+    """Node 102 connects only after round 1 (a site restarted with a new node id)."""
+
+    rounds_seen = 0
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n != 102 or self.rounds_seen >= 1]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        msgs = list(messages)
+        replies = super().send_and_receive(msgs, timeout=timeout)
+        self.rounds_seen += any(m.metadata.message_type == "evaluate" for m in msgs)
+        return replies
+
+
+def test_a_node_that_joins_later_is_asked_its_site_and_named(site_stores, tmp_path):
+    cfg = small(num_rounds=2)
+    grid = _JoinsAfterRoundOne(list(site_stores), cfg.to_run_config(), tamper={102: poison})
+    model = build_model("classify", base_channels=4, seed=0)
+    keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)})
+    sa.run_message_api(AuditingGrid(grid), cfg, writer, base)
+    r1, r2 = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert r1.nodes_sampled == 2 and not r1.failures
+    assert r2.nodes_sampled == 3 and r2.replies_rejected == 1
+    assert [(f.site, f.node_id, f.reason.value) for f in r2.failures] == [("C", 102, "rejected")]
+    roll_calls = [m for m in grid.received if m.metadata.message_type == ca.ROLL_CALL]
+    assert sorted(int(m.metadata.src_node_id) for m in roll_calls) == [100, 101, 102]  # each node asked once
+
+
+def test_too_few_free_sites_fail_the_run_naming_the_busy_one(site_stores, tmp_path):
+    from tasks.federated.grid import NotEnoughNodesError
+
+    cfg = small(num_rounds=2, wait_for_nodes_s=1)
+    grid = _DownAfterRollCall(list(site_stores), cfg.to_run_config())  # C answers the roll call, then hangs
+    model = build_model("classify", base_channels=4, seed=0)
+    keys = shared_keys(model, fedbn=False, local_statistics=cfg.local_bn_statistics)
+    writer = RoundWriter(cfg, {"metrics_path": str(tmp_path / "m.jsonl")}, 1, model_signature(model, keys))
+    base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: model_signature(model, keys)})
+    grid.down.add(101)  # B is gone from the start: it never answers, so it is never named
+    busy = r"need 2; busy: node-101 \(no reply to its roll call\), C \(no reply to its round-1 train\)"
+    with pytest.raises(NotEnoughNodesError, match=busy):
+        sa.run_message_api(AuditingGrid(grid), cfg, writer, base)
+    (r1,) = [RoundRecord.model_validate_json(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert not r1.aggregated and {f.site for f in r1.failures} == {"node-101", "C"}
+
+
+def test_a_rejected_update_is_named(site_stores, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="fedscan.federated.server")
+    _, records = run_rounds(small(num_rounds=1), site_stores, tmp_path, tamper={101: poison})
+    (failure,) = records[0].failures
+    assert (failure.site, failure.reason.value) == ("B", "rejected") and "NaN" in failure.detail
+    assert any("site B" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
 
 
 def _site_context(store, cfg: FederationConfig, *, node_id: int) -> Context:
