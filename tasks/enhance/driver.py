@@ -105,6 +105,7 @@ def enhance_scan(
     source: str = "volume",
     inputs: Mapping[str, str],
     device: torch.device,
+    force: bool = False,
     progress: Callable[[float], None] | None = None,
 ) -> StageResult:
     """``volume`` → ``enhanced`` (HU, chunks of ``slice_block`` slices), resumable; provenance names the model."""
@@ -151,6 +152,6 @@ def enhance_scan(
             )
         ],
         metrics=metrics,
-        force=True,  # tasks.stages.run_scan_stage has asked the store whether it is done
+        force=force,  # run_stage asks again under the (scan, stage) lease
         progress=progress,
     )
