@@ -126,3 +126,19 @@ def test_build_pairs_for_both_targets() -> None:
         assert abs(float(img[:, inside].mean() - truth_hu[:, inside].mean())) < 40
     with pytest.raises(InvalidInputError, match="needs counts, i0_photons"):
         build_pairs(projections, g, target="thinning", water_attenuation_per_mm=WATER, device=CPU)
+
+
+def test_a_proximal_term_keeps_the_weights_near_their_start() -> None:
+    clean = _phantoms(4)
+    noisy = clean + np.random.default_rng(1).normal(0, 100, clean.shape).astype(np.float32)
+    start = build_model(ARCH, generator=torch.Generator().manual_seed(0)).state_dict()
+
+    def drift(mu: float) -> float:
+        model = build_model(ARCH, generator=torch.Generator().manual_seed(0))
+        settings = TrainSettings(steps=15, batch_size=2, learning_rate=3e-3, proximal_mu=mu)
+        state = train_enhance(
+            model, noisy, clean, settings=settings, generator=torch.Generator().manual_seed(0), device=CPU
+        ).state_dict
+        return sum(float(torch.sum((state[k] - start[k]) ** 2)) for k in start)
+
+    assert drift(1e4) < 0.5 * drift(0.0)  # FedProx: a strong pull towards the global weights
