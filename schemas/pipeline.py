@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError
 
 from schemas.base import FrozenModel, StageConfig
 from schemas.denoise import DenoiseConfig
+from schemas.enhance import EnhanceConfig
 from schemas.federation import FederationConfig
 from schemas.reconstruct import ReconstructConfig
 from schemas.settings import Device
@@ -37,6 +38,7 @@ class PipelineConfig(FrozenModel):
     )
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     reconstruct: ReconstructConfig = Field(default_factory=_reconstruct_default)
+    enhance: EnhanceConfig = Field(default_factory=EnhanceConfig)
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
 

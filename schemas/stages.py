@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field
 
 from schemas.base import FrozenModel, StageConfig
 from schemas.denoise import DenoiseConfig
+from schemas.enhance import EnhanceConfig
 from schemas.manifest import DataKind
 from schemas.reconstruct import ReconstructConfig
 from schemas.surrogate import SurrogateConfig
@@ -29,6 +30,7 @@ class StageName(StrEnum):
     INGEST = "ingest"
     DENOISE = "denoise"
     RECONSTRUCT = "reconstruct"
+    ENHANCE = "enhance"
     SURROGATE = "surrogate"
 
 
@@ -82,9 +84,19 @@ PIPELINE: tuple[StageSpec, ...] = (
         summary="FBP / SART / SIRT of the (denoised) projections into the scan's volume.",
     ),
     StageSpec(
+        name=StageName.ENHANCE,
+        config_type=EnhanceConfig,
+        reads=("volume",),
+        writes=("enhanced",),
+        # Every kind: an image-only site's volume is a reconstruction too (the scanner's), and a network trained
+        # on the projection sites is what such a site has no other way to get.
+        data_kinds=frozenset(DataKind),
+        summary="The federally trained post-reconstruction network, slice by slice (off unless a model is set).",
+    ),
+    StageSpec(
         name=StageName.SURROGATE,
         config_type=SurrogateConfig,
-        reads=("volume",),
+        reads=("enhanced", "volume"),
         writes=("surrogate",),
         data_kinds=frozenset(DataKind),
         summary="FESF surrogates of the scan's volume: the only images federated training sees.",

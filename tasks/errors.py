@@ -86,3 +86,7 @@ class LeaseHeldError(TransientError):
 
     Transient: a retry after the other writer finished either skips the stage (same config) or redoes it alone.
     """
+
+
+class TrainingDivergedError(FedscanError, FloatingPointError):
+    """A training loss became NaN or inf; the update is rejected (never saved or averaged)."""

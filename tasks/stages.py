@@ -59,10 +59,12 @@ class StageRun:
 
 def _registry() -> dict[StageName, Stage]:
     from tasks import drivers
+    from tasks.enhance.driver import enhance_scan
 
     bound: dict[StageName, Driver] = {
         StageName.DENOISE: drivers.denoise_scan,
         StageName.RECONSTRUCT: drivers.reconstruct_scan,
+        StageName.ENHANCE: enhance_scan,
         StageName.SURROGATE: drivers.surrogate_scan,
     }
     missing = [spec.name.value for spec in PIPELINE if spec.name not in bound]

@@ -59,7 +59,8 @@ def test_work_written_on_the_cpu_is_skipped_not_redone_on_a_gpu_worker(
     config = PipelineConfig()
     fedscan_device("cpu")
     _, cpu = resolve_run(config, None)
-    for spec in PIPELINE:
+    enabled = [spec for spec in PIPELINE if config.stage_config(spec.name).enabled]  # not enhance: no model
+    for spec in enabled:
         run = run_scan_stage(scan, spec.name, config.stage_config(spec.name), device=torch.device(cpu))
         assert run.state is StageState.DONE
         assert run.record is not None and run.record.metrics["device"] == "cpu"
@@ -69,7 +70,7 @@ def test_work_written_on_the_cpu_is_skipped_not_redone_on_a_gpu_worker(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     auto_config, gpu = resolve_run(PipelineConfig(device=Device.AUTO), None)
     assert gpu == "cuda"
-    for spec in PIPELINE:
+    for spec in enabled:
         run = run_scan_stage(scan, spec.name, auto_config.stage_config(spec.name), device=torch.device(gpu))
         assert run.state is StageState.SKIPPED, spec.name  # a redo would need CUDA, which this machine lacks
     assert scan.provenance() == before

@@ -11,6 +11,7 @@ import pytest
 from schemas.geometry import Geometry, ReconGrid
 from schemas.ingest import IngestConfig
 from schemas.manifest import ScanManifest
+from schemas.stages import PIPELINE
 from tasks.phantoms import parallel_line_integrals, shepp_logan
 from tasks.storage import SiteStore, StageOutput
 
@@ -88,14 +89,13 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
             "cpu"
         ] * 3
         assert all("device" not in scan.stage_record(st).config for st in ("denoise", "reconstruct", "surrogate"))
-    assert {o.scan: o.stages for o in report.scans}["B/B-1"] == {
-        "denoise": "failed",
-        "reconstruct": "not-run",
-        "surrogate": "not-run",
-    }
-    assert {o.scan: o.stages for o in report.scans}["A/A-0"] == dict.fromkeys(
-        ("denoise", "reconstruct", "surrogate"), "done"
+    stage_names = [spec.name.value for spec in PIPELINE]
+    assert {o.scan: o.stages for o in report.scans}["B/B-1"] == {"denoise": "failed"} | dict.fromkeys(
+        stage_names[1:], "not-run"
     )
+    assert {o.scan: o.stages for o in report.scans}["A/A-0"] == dict.fromkeys(stage_names, "done") | {
+        "enhance": "disabled"  # optional, off without a model
+    }
     # a rerun touches only what is left (B-1, which fails again); finished stages keep their records
     with pytest.raises(PipelineFailedError) as again_raised:
         nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
@@ -159,9 +159,9 @@ def test_process_scan_from_a_scanner_file(tmp_path, prefect_harness, rng, entry,
 
     flow_runs, task_runs = asyncio.run(runs())
     mine = [t for t in task_runs if t.flow_run_id == run_id]
-    # ingest and the three stages run in the entry flow's own run: no subflow (each flow run costs API calls
-    # and a heartbeat-thread join at teardown)
-    assert sorted(t.name.split("-")[0] for t in mine) == ["denoise", "ingest", "reconstruct", "surrogate"]
+    # ingest and every stage (a disabled one too) run in the entry flow's own run: no subflow (each flow run
+    # costs API calls and a heartbeat-thread join at teardown)
+    assert sorted(t.name.split("-")[0] for t in mine) == sorted(["ingest", *(spec.name.value for spec in PIPELINE)])
     assert not [r for r in flow_runs if r.parent_task_run_id in {t.id for t in mine}]
     scan = SiteStore.open(tmp_path / "data" / "S.zarr").scan("fan-1")
     for stage in ("ingest", "denoise", "reconstruct", "surrogate"):

@@ -53,11 +53,12 @@ def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, d
     args = ["run", "--config", str(config), "--no-federated", "--no-report", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    order = [spec.name for spec in PIPELINE]
+    order = [spec.name for spec in PIPELINE if spec.name is not StageName.ENHANCE]  # enhance: off, no model
     assert [name for scan, name in calls if scan == "K-0"] == order  # the registry's order
     assert [name for scan, name in calls if scan == "img-1"] == [StageName.SURROGATE]
-    assert "K/img-1: ok (denoise not-applicable, reconstruct not-applicable, surrogate done)" in result.output
-    assert "K/K-0: ok (denoise done, reconstruct done, surrogate done)" in result.output
+    out = " ".join(result.output.split())  # the console wraps long lines
+    assert "K/img-1: ok (denoise not-applicable, reconstruct not-applicable, enhance disabled, surrogate done)" in out
+    assert "K/K-0: ok (denoise done, reconstruct done, enhance disabled, surrogate done)" in out
     img = SiteStore.open(tmp_path / "K.zarr").scan("img-1")
     assert set(img.provenance()) == {"ingest", "surrogate"}
 
@@ -74,5 +75,42 @@ def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, d
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert [name for _scan, name in calls] == order
-    assert "K/K-0: ok (denoise done, reconstruct done, surrogate done)" in result.output
+    out = " ".join(result.output.split())
+    assert "K/K-0: ok (denoise done, reconstruct done, enhance disabled, surrogate done)" in out
     assert "img-1" not in result.output
+
+
+@pytest.mark.slow
+def test_run_with_an_enhance_model_runs_four_stages(tmp_path: Path, prefect_harness, device_setting_cpu) -> None:
+    import numpy as np
+    import torch
+
+    from tasks.enhance.model import Architecture, build_model, save_checkpoint
+    from tasks.enhance.training import TrainSettings, build_pairs, train_enhance
+
+    site = make_site(tmp_path, site_id="K", n_scans=1, cols=32, views=64)
+    scan = site.scans()[0]
+    assert scan.manifest.geometry is not None
+    cpu = torch.device("cpu")
+    x, y = build_pairs(
+        np.asarray(scan.array("projections")[...]),
+        scan.manifest.geometry,
+        target="noise2inverse",
+        water_attenuation_per_mm=scan.manifest.water_attenuation_per_mm,
+        device=cpu,
+    )
+    model = build_model(Architecture(channels=4, depth=1), generator=torch.Generator().manual_seed(0))
+    train_enhance(model, x, y, settings=TrainSettings(steps=5, batch_size=2), generator=torch.Generator(), device=cpu)
+    checkpoint = tmp_path / "models" / "enhance.pt"
+    sha = save_checkpoint(checkpoint, model, grid=(32, 32))
+    config = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    config["enhance"] = {"model_path": str(checkpoint), "model_sha256": sha}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["run", "--config", str(path), "--no-federated", "--no-report", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "K/K-0: ok (denoise done, reconstruct done, enhance done, surrogate done)" in " ".join(result.output.split())
+    scan = SiteStore.open(tmp_path / "K.zarr").scan("K-0")
+    assert scan.stage_record("enhance").metrics["model_sha256"] == sha
+    assert scan.stage_record("surrogate").inputs == {"enhance": scan.stage_record("enhance").lineage()}

@@ -56,9 +56,11 @@ def test_the_chain_is_the_registry_filtered_by_data_kind(kind: DataKind) -> None
     assert [s.name for s in chain] == [s.name for s in PIPELINE if kind in s.data_kinds]
     names = [s.name for s in chain]
     if kind in PROJECTION_KINDS:
-        assert names == [StageName.DENOISE, StageName.RECONSTRUCT, StageName.SURROGATE]
+        assert names == [s.name for s in PIPELINE]  # every stage applies to a scan with projections
     else:
-        assert names == [StageName.SURROGATE]
+        assert names == [s.name for s in PIPELINE if s.data_kinds == frozenset(DataKind)]
+        assert StageName.DENOISE not in names and StageName.RECONSTRUCT not in names
+        assert names[-1] is StageName.SURROGATE
 
 
 def test_an_image_only_scan_runs_surrogate_only(tmp_path: Path) -> None:
@@ -72,6 +74,7 @@ def test_an_image_only_scan_runs_surrogate_only(tmp_path: Path) -> None:
     }
     assert runs[StageName.DENOISE].state is StageState.NOT_APPLICABLE
     assert runs[StageName.RECONSTRUCT].state is StageState.NOT_APPLICABLE
+    assert runs[StageName.ENHANCE].state is StageState.DISABLED  # optional, off without a model
     assert runs[StageName.SURROGATE].state is StageState.DONE
     assert set(scan.provenance()) == {"ingest", "surrogate"}  # nothing recorded for the stages that do not apply
     assert scan.stage_record("surrogate").inputs == {"ingest": scan.stage_record("ingest").lineage()}
@@ -104,11 +107,8 @@ def test_reconstruct_reads_the_denoised_projections_once_they_exist(tmp_path: Pa
     scan = make_site(tmp_path, site_id="R", rows=2, cols=32, views=90).scans()[0]
     config = PipelineConfig()
     assert stages.source_of(scan, spec_of("reconstruct"))[0] == "projections"
-    assert stages.pending_stages(scan, {s.name: config.stage_config(s.name) for s in PIPELINE}) == [
-        StageName.DENOISE,
-        StageName.RECONSTRUCT,
-        StageName.SURROGATE,
-    ]
+    enabled = [s.name for s in PIPELINE if config.stage_config(s.name).enabled]
+    assert stages.pending_stages(scan, {s.name: config.stage_config(s.name) for s in PIPELINE}) == enabled
     stages.run_scan_stage(scan, "denoise", config.denoise, device=CPU)
     source, upstream = stages.source_of(scan, spec_of("reconstruct"))
     assert (source, upstream.stage) == ("projections_denoised", "denoise")
@@ -148,7 +148,7 @@ def test_a_disabled_stage_is_reported_and_its_old_output_not_read(tmp_path: Path
     assert stages.run_scan_stage(scan, "denoise", off, device=CPU).state is StageState.DISABLED
     configs = {s.name: config.stage_config(s.name) for s in PIPELINE} | {StageName.DENOISE: off}
     disabled = stages.disabled_stages(configs)
-    assert disabled == {"denoise"}
+    assert disabled == {"denoise", "enhance"}  # enhance: off by default (no model)
     assert stages.pending_stages(scan, configs) == [StageName.RECONSTRUCT, StageName.SURROGATE]
     run = stages.run_scan_stage(scan, "reconstruct", config.reconstruct, device=CPU, disabled=disabled)
     assert run.record is not None and run.record.metrics["source"] == "projections"  # not the stale denoised one
