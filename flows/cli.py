@@ -153,14 +153,23 @@ def ingest(
 
 
 # ------------------------------------------------------------------------------------------------
-def _chain_line(scan: Any, prov: dict[str, Any]) -> str:
-    """Each registry stage's state for this scan: done, pending or not applicable to its data kind."""
+def _chain_line(scan: Any, config: PipelineConfig) -> str:
+    """Each registry stage's state for this scan under ``config``: done, pending, disabled, or not applicable to
+    its data kind (what ``fedscan run`` with that config would do)."""
     from schemas.stages import PIPELINE
+    from tasks.stages import disabled_stages, pending_stages
 
     kind = scan.manifest.data_kind
+    configs = {spec.name: config.stage_config(spec.name) for spec in PIPELINE}
+    pending, disabled = set(pending_stages(scan, configs)), disabled_stages(configs)
     parts = []
     for spec in PIPELINE:
-        state = "not-applicable" if not spec.applies_to(kind) else ("done" if spec.name in prov else "pending")
+        if not spec.applies_to(kind):
+            state = "not-applicable"
+        elif spec.name in disabled:
+            state = "disabled"
+        else:
+            state = "pending" if spec.name in pending else "done"
         parts.append(f"{spec.name.value} {state}")
     return ", ".join(parts)
 
@@ -173,8 +182,13 @@ def _format_shape(shape: tuple[int, ...]) -> str:
 @friendly_errors
 def inspect(
     store: Annotated[Path, typer.Argument(help="A site store (<site>.zarr) or a folder of site stores.")],
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Pipeline config whose stages the chain line judges (default: built-in)."),
+    ] = None,
 ) -> None:
-    """Print sites, scans (labelled or not), arrays, shapes, stages done and their provenance."""
+    """Print sites, scans (labelled or not), arrays, shapes, each stage's state and the records' provenance."""
+    pipeline = PipelineConfig.from_yaml(config) if config is not None else PipelineConfig()
     from tasks.labels import is_labelled
     from tasks.storage import SiteStore, find_site_stores
 
@@ -222,7 +236,7 @@ def inspect(
                 )
             console.print(table)
             prov = scan.provenance()
-            console.print(f"    chain: {_chain_line(scan, prov)}", highlight=False)
+            console.print(f"    chain: {_chain_line(scan, pipeline)}", highlight=False)
             if not prov:
                 console.print("    stages done: none")
             for stage, rec in prov.items():

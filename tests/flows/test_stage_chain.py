@@ -114,3 +114,22 @@ def test_run_with_an_enhance_model_runs_four_stages(tmp_path: Path, prefect_harn
     scan = SiteStore.open(tmp_path / "K.zarr").scan("K-0")
     assert scan.stage_record("enhance").metrics["model_sha256"] == sha
     assert scan.stage_record("surrogate").inputs == {"enhance": scan.stage_record("enhance").lineage()}
+
+
+def test_inspect_shows_each_stage_state_under_the_config(tmp_path: Path) -> None:
+    import torch
+
+    from schemas.pipeline import PipelineConfig
+
+    site = make_site(tmp_path, site_id="I", n_scans=1)
+    add_image_scan(site, "img-1")
+    stages.run_scan_stage(site.scan("I-0"), "denoise", PipelineConfig().denoise, device=torch.device("cpu"))
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "I.zarr")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "chain: denoise done, reconstruct pending, enhance disabled, surrogate pending" in text
+    assert "chain: denoise not-applicable, reconstruct not-applicable, enhance disabled, surrogate pending" in text
+    other = tmp_path / "other.yaml"
+    other.write_text("denoise:\n  threshold_value: 2.0\n")
+    result = CliRunner().invoke(app, ["inspect", "--config", str(other), str(tmp_path / "I.zarr")])
+    assert "chain: denoise pending, reconstruct pending" in " ".join(result.output.split())
