@@ -1,9 +1,11 @@
-# Sourced by scripts/test.sh: system tools some tests use — Chromium (the Prefect UI check) and the Debian
-# docker-compose (static validation of infra/compose.yaml). Installed with apt when we are root and they are
-# missing; otherwise those checks are skipped and say so.
+# Sourced by scripts/test.sh: system tools some tests use — Chromium (the Prefect UI check), the Debian
+# docker-compose (static validation of infra/compose.yaml) and PostgreSQL (the Prefect server's database in the
+# integration tests and benchmarks/arrivals.py, started by scripts/postgres.sh). Installed with apt when we are
+# root and they are missing; otherwise those checks are skipped and say so (under CI=true the PostgreSQL tests fail).
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "fedscan: installing ${need[*]} (apt)" >&2
