@@ -4,19 +4,23 @@ it, the work pool, the four deployments, the automations, a process worker and t
 The bash block under "### Against a Prefect server (one host)" runs unchanged; the test only points the
 variables that block reads (PGDATA, PGPORT, PREFECT_SERVER_API_PORT, FEDSCAN_DATA_ROOT, FEDSCAN_INCOMING) at free
 ports and its own folders. Then a scan lands in the incoming folder and must be processed, and a run whose worker
-is SIGKILLed must become Crashed within the bound the README states. Everything started is stopped.
+is SIGKILLed must become Crashed within the bound the README states; both a failed and that crashed run reach the
+webhook of `fedscan notify-failures`. Everything started is stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -202,7 +206,58 @@ def _worker_process(recipe: Recipe) -> psutil.Process:
     raise AssertionError(f"no prefect worker left by the recipe\n{recipe.log()}")
 
 
-def test_run_whose_worker_is_killed_is_crashed_within_the_bound(recipe):
+class Webhook(http.server.ThreadingHTTPServer):
+    """A webhook receiver on 127.0.0.1 that keeps every JSON body posted to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(handler) -> None:
+                length = int(handler.headers.get("Content-Length", 0))
+                self.bodies.append(json.loads(handler.rfile.read(length) or b"{}"))
+                handler.send_response(200)
+                handler.end_headers()
+
+            def log_message(handler, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+    def wait_for(self, *words: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in self.bodies:
+                if all(w in json.dumps(body) for w in words):
+                    return body
+            time.sleep(1)
+        raise AssertionError(f"no notice with {words} after {timeout:.0f} s; got {self.bodies}")
+
+
+@pytest.fixture(scope="module")
+def webhook(recipe) -> Iterator[Webhook]:
+    """A receiver, and `fedscan notify-failures` pointing the server's failure notices at it."""
+    hook = Webhook()
+    thread = threading.Thread(target=hook.serve_forever, daemon=True)
+    thread.start()
+    env = {**base_env(recipe.work), "PREFECT_API_URL": recipe.api}
+    out = subprocess.run(
+        ["fedscan", "notify-failures", hook.url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr
+    try:
+        yield hook
+    finally:
+        hook.shutdown()
+        hook.server_close()
+
+
+def _start_sleepy_run(recipe: Recipe, *, seconds: float):
+    """Deploy tests/integration/sleepy_flow.py with fedscan's tag and heartbeats; start one run; its id."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tests.integration.sleepy_flow import sleep_for
@@ -212,15 +267,34 @@ def test_run_whose_worker_is_killed_is_crashed_within_the_bound(recipe):
         deployment_id = flow.deploy(
             name="sleepy",
             work_pool_name=recipe.pool,
+            tags=["fedscan"],
             job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}},
             print_next_steps=False,
         )
 
     async def start() -> object:
         async with _client(recipe.api) as client:
-            return (await client.create_flow_run_from_deployment(deployment_id)).id
+            run = await client.create_flow_run_from_deployment(deployment_id, parameters={"seconds": seconds})
+            return run.id
 
-    run_id = asyncio.run(start())
+    return asyncio.run(start())
+
+
+def test_failed_fedscan_run_notifies_the_webhook(recipe, webhook):
+    run_id = _start_sleepy_run(recipe, seconds=-1)  # time.sleep(-1) raises: the run fails
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        run = asyncio.run(_read_run(recipe.api, run_id))
+        if run.state is not None and run.state.is_final():
+            break
+        time.sleep(2)
+    assert run.state.is_failed(), run.state
+    body = webhook.wait_for(run.name, "Failed")
+    assert "fedscan:" in body["subject"], body
+
+
+def test_run_whose_worker_is_killed_is_crashed_within_the_bound(recipe, webhook):
+    run_id = _start_sleepy_run(recipe, seconds=600)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         run = asyncio.run(_read_run(recipe.api, run_id))
@@ -248,3 +322,4 @@ def test_run_whose_worker_is_killed_is_crashed_within_the_bound(recipe):
     took = time.monotonic() - killed_at
     assert run.state.is_crashed(), f"{run.state} {took:.0f} s after the kill"
     assert took <= CRASH_BOUND_S, f"Crashed only {took:.0f} s after the kill (bound {CRASH_BOUND_S:.0f} s)"
+    webhook.wait_for(run.name, "Crashed")
