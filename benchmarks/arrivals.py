@@ -187,19 +187,19 @@ class StallProbe(threading.Thread):
     def __init__(self, api: str, every_s: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.api, self.every_s, self.worst_s, self.calls = api, every_s, 0.0, 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             start = time.monotonic()
             with contextlib.suppress(Exception):  # a failed call counts with the time it took
                 _api(self.api, "POST", "/flow_runs/filter", {"limit": 1}, timeout=120)
             took = time.monotonic() - start
             self.worst_s, self.calls = max(self.worst_s, took), self.calls + 1
-            self._stop.wait(max(0.0, self.every_s - took))
+            self._halt.wait(max(0.0, self.every_s - took))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=130)
 
 

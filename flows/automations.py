@@ -11,10 +11,9 @@ from __future__ import annotations
 from uuid import UUID
 
 from prefect import get_client
-from prefect.automations import Automation
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.events.actions import SendNotification
-from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 
 __all__ = ["BLOCK_NAME", "NOTICE_NAME", "failure_notice", "install_failure_notice"]
@@ -29,9 +28,9 @@ BODY = (
 )
 
 
-def failure_notice(block_document_id: UUID) -> Automation:
+def failure_notice(block_document_id: UUID) -> AutomationCore:
     """The automation: any fedscan-tagged flow run entering Failed or Crashed sends one notification."""
-    return Automation(
+    return AutomationCore(
         name=NOTICE_NAME,
         description="Notifies the operator when a fedscan flow run fails or crashes.",
         trigger=EventTrigger(
