@@ -123,6 +123,7 @@ def base_env(workdir: Path) -> dict[str, str]:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_HOME=str(workdir / "flwr-home"),
         FEDSCAN_PROJECT_DIR=str(ROOT),
+        FEDSCAN_PREFECT__WORK_POOL="fedscan-process",  # prefect.yaml's work pool
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env
