@@ -266,6 +266,7 @@ def test_deployed_topology_on_loopback(tmp_path):
             report = (data_root / "report.html").read_text()
             assert "Federated rounds" in report
             assert "Failed scans" not in report
+            assert not list((work / "prefect-home").glob("*.db")), "the server wrote a SQLite database"
         finally:
             for node in nodes:
                 node.stop()
