@@ -390,18 +390,20 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"arrivals.py: unknown database(s) {sorted(unknown)}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="fedscan-arrivals-"))
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for kind in kinds:
-            rows.append(run_one(kind, n_scans, base / kind, window_s=args.window_s, timeout_s=timeout_s))
+            load = os.getloadavg()[0]
+            row = run_one(kind, n_scans, base / kind, window_s=args.window_s, timeout_s=timeout_s)
+            rows.append({**row, "load_1m_before": load, "load_1m_after": os.getloadavg()[0]})
+            databases = {r["database"]: {k: r[k] for k in KEYS} for r in rows}
+            ratios = {f"{db}_{k}": v for db, values in databases.items() for k, v in values.items()}
+            write_json(args.json, rows, ratios, databases=databases)  # after each database: a partial run counts
             print(f"{kind}: done", file=sys.stderr)
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
-    databases = {row["database"]: {k: row[k] for k in KEYS} for row in rows}
-    ratios = {f"{db}_{k}": v for db, values in databases.items() for k, v in values.items()}
     print_table(rows)
-    write_json(args.json, rows, ratios, databases=databases, load_avg_1m=os.getloadavg()[0])
 
 
 if __name__ == "__main__":
