@@ -106,7 +106,7 @@ def test_every_fedscan_setting_the_readme_names_exists_and_is_read_by_code():
 def _server_section() -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index("### Against a Prefect server (one host)")
-    return text[start : text.index("\n**Dask worker processes.**", start)]
+    return text[start : text.index("\n### ", start + 1)]
 
 
 def test_readme_server_section_documents_every_deployment_and_works_on_one_host():
