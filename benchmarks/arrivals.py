@@ -263,7 +263,9 @@ def _wait_health(api: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"prefect server not healthy after {timeout_s:.0f} s")
 
 
-def run_one(kind: str, n_scans: int, work: Path, *, window_s: float, timeout_s: float) -> dict[str, Any]:
+def run_one(
+    kind: str, n_scans: int, work: Path, *, window_s: float, timeout_s: float, idle_s: float = 180.0
+) -> dict[str, Any]:
     """Start everything on ``kind`` (sqlite | sqlite-lean | postgres), drop the scans, measure, stop everything."""
     work.mkdir(parents=True)
     incoming, data_root = work / "incoming", work / "data"
@@ -320,13 +322,19 @@ def run_one(kind: str, n_scans: int, work: Path, *, window_s: float, timeout_s: 
             arrived = _drop(scans, incoming, window_s)
             deadline = time.monotonic() + timeout_s
             runs: list[dict[str, Any]] = []
+            seen, changed_at = -1, time.monotonic()
             while time.monotonic() < deadline:
                 try:
                     runs = _runs(api)
                 except OSError:  # a stalled API (the probe records how long); ask again
                     continue
                 finals = [r for r in runs if r["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}]
-                if len({r["parameters"].get("path") for r in finals}) >= len(arrived):
+                done = len({r["parameters"].get("path") for r in finals})
+                if done >= len(arrived):
+                    break
+                if done != seen or len(finals) < len(runs):
+                    seen, changed_at = done, time.monotonic()
+                elif time.monotonic() - changed_at > idle_s:  # every run is final: an arrival never became one
                     break
                 time.sleep(3)
             probe.stop()
