@@ -442,6 +442,24 @@ def run_pipeline(
         console.print(f"{len(result.scans)} scans done under {data_root}")
 
 
+@app.command("notify-failures")
+@friendly_errors
+def notify_failures(
+    url: Annotated[
+        str, typer.Argument(help="Webhook that gets a JSON POST {subject, text} per failed or crashed fedscan run.")
+    ],
+) -> None:
+    """Notify a webhook whenever a fedscan flow run ends Failed or Crashed (on the server at PREFECT_API_URL)."""
+    from prefect.settings import get_current_settings
+
+    from flows.automations import NOTICE_NAME, install_failure_notice
+
+    if not get_current_settings().api.url:
+        raise fail("PREFECT_API_URL is not set: the automation would go to a throw-away server")
+    automation_id = install_failure_notice(url)
+    console.print(f"automation '{NOTICE_NAME}' ({automation_id}) notifies the webhook")
+
+
 @app.command()
 @friendly_errors
 def watch(

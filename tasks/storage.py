@@ -83,6 +83,7 @@ from tasks.errors import (
     StoreWriteError,
     StoreWriteInterruptedError,
 )
+from tasks.extras import require_store_protocol
 
 STORE_KIND = "fedscan-site-store"
 _CREATE_LOCK = threading.Lock()
@@ -823,6 +824,7 @@ class ScanStore:
 # Site
 # ------------------------------------------------------------------------------------------------
 def _open_group(store: StoreLike, mode: Literal["r", "r+", "w-"]) -> zarr.Group:
+    require_store_protocol(store)  # a missing optional extra (s3fs) is one line naming it, not a traceback
     if isinstance(store, Path):
         store = str(store)
     return zarr.open_group(store=store, mode=mode, zarr_format=3)

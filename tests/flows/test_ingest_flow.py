@@ -44,3 +44,17 @@ def test_ingest_flow_runs_on_prefect(prefect_harness, tmp_path, rng):
     site = SiteStore.open(refs[0].store_uri)
     assert sorted(site.scan_ids()) == sorted(r.scan_id for r in refs)
     assert all(s.is_done("ingest") for s in site.scans())
+
+
+@pytest.mark.slow
+def test_ingest_flow_without_data_root_writes_into_the_setting(prefect_harness, tmp_path, rng, monkeypatch):
+    from schemas.settings import get_settings
+
+    root = tmp_path / "from-setting"
+    monkeypatch.setenv("FEDSCAN_DATA_ROOT", str(root))
+    get_settings.cache_clear()
+    try:
+        (ref,) = ingest_scans(IngestRequest(site_id="site-y", sources=(_source(tmp_path, rng),)))
+    finally:
+        get_settings.cache_clear()
+    assert ref.store_uri.startswith(str(root)) and (root / "site-y.zarr").is_dir()

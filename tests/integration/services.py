@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +123,38 @@ def base_env(workdir: Path) -> dict[str, str]:
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_HOME=str(workdir / "flwr-home"),
         FEDSCAN_PROJECT_DIR=str(ROOT),
+        FEDSCAN_PREFECT__WORK_POOL="fedscan-process",  # prefect.yaml's work pool
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env
+
+
+def require_postgres() -> None:
+    """Fail under CI (scripts/_system_deps.sh installs PostgreSQL there) and skip with the reason elsewhere."""
+    if glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"):
+        return
+    reason = "PostgreSQL is not installed (apt-get install postgresql; scripts/_system_deps.sh does it as root)"
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 from scripts/postgres.sh; yields Prefect's connection URL.
+
+    The cluster lives under /tmp, not pytest's private tmp_path: as root it runs as the system user ``postgres``.
+    """
+    require_postgres()
+    parent = Path(tempfile.mkdtemp(prefix="fedscan-pg-"))
+    parent.chmod(0o711)
+    env = {**os.environ, "PGDATA": str(parent / "data"), "PGPORT": str(free_port()), "PGDATABASE": "prefect"}
+    script = str(ROOT / "scripts" / "postgres.sh")
+    try:
+        out = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=180, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"scripts/postgres.sh start failed ({out.returncode}):\n{out.stderr}")
+        yield out.stdout.strip()
+    finally:
+        subprocess.run([script, "destroy"], env=env, capture_output=True, timeout=120, check=False)
+        shutil.rmtree(parent, ignore_errors=True)

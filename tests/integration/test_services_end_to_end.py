@@ -1,5 +1,5 @@
-"""The deployed topology on 127.0.0.1, with real processes: Prefect server + process worker, a Dask scheduler with
-two workers, a Flower SuperLink with one SuperNode per site, and the folder watcher.
+"""The deployed topology on 127.0.0.1, with real processes: Prefect server on PostgreSQL + process worker, a Dask
+scheduler with two workers, a Flower SuperLink with one SuperNode per site, and the folder watcher.
 
 It deploys from prefect.yaml, drops a scan into the watched folder, waits for the event-triggered run to
 complete with its artifacts (checked through the Prefect API and in a real headless Chromium), then runs the
@@ -20,7 +20,7 @@ import pytest
 
 from schemas.settings import WORKER_ALLOCATOR_ENVIRON
 from tests.integration.browser import chromium, chromium_path, evaluate_when_ready
-from tests.integration.services import base_env, free_port, http_ok, services, wait_until
+from tests.integration.services import base_env, free_port, http_ok, postgres, services, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -95,8 +95,8 @@ def test_deployed_topology_on_loopback(tmp_path):
     staged = make_scanner_output(work / "staging", n_sites=1, scans_per_site=1, n_slices=4, size=DemoSize.TINY, seed=9)
     env = base_env(work)
 
-    with services(work, env) as svc:
-        # --- Prefect server -------------------------------------------------------------------
+    with postgres() as database_url, services(work, env) as svc:
+        # --- Prefect server on PostgreSQL (the long-running path; SQLite locks under load) -----------
         port = free_port()
         api = f"http://127.0.0.1:{port}/api"
         server = svc.start(
@@ -108,7 +108,10 @@ def test_deployed_topology_on_loopback(tmp_path):
             "127.0.0.1",
             "--port",
             str(port),
-            env={"PREFECT_UI_API_URL": api},  # the UI's own calls go to this server, not the default port
+            env={
+                "PREFECT_UI_API_URL": api,  # the UI's own calls go to this server, not the default port
+                "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+            },
         )
         wait_until(lambda: http_ok(f"{api}/health"), timeout=180, what="prefect server", proc=server)
         svc.env["PREFECT_API_URL"] = api
@@ -263,6 +266,7 @@ def test_deployed_topology_on_loopback(tmp_path):
             report = (data_root / "report.html").read_text()
             assert "Federated rounds" in report
             assert "Failed scans" not in report
+            assert not list((work / "prefect-home").glob("*.db")), "the server wrote a SQLite database"
         finally:
             for node in nodes:
                 node.stop()
