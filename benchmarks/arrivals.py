@@ -96,7 +96,8 @@ class Processes:
     """Long-running processes of one run, each in its own process group, stopped by PID."""
 
     def __init__(self, work: Path, env: dict[str, str]) -> None:
-        self.work, self.env, self.procs = work, env, []
+        self.work, self.env = work, env
+        self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, *cmd: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.work / f"{name}.log").open("wb")
@@ -354,10 +355,10 @@ def run_one(
     latencies = []
     completed = 0
     for path, t_arrived in arrived.items():
-        done = [r for r in by_path.get(path, []) if r["state_type"] == "COMPLETED" and r.get("end_time")]
-        if done:
+        finished = [r for r in by_path.get(path, []) if r["state_type"] == "COMPLETED" and r.get("end_time")]
+        if finished:
             completed += 1
-            end = min(datetime.fromisoformat(r["end_time"]).timestamp() for r in done)
+            end = min(datetime.fromisoformat(r["end_time"]).timestamp() for r in finished)
             latencies.append(end - t_arrived)
     latencies.sort()
     p95 = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)] if latencies else math.nan
