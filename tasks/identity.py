@@ -15,13 +15,13 @@ Scan ids (the rule, decided here):
   ID number) and no vowels (no words), about 69 bits.
 * The source's own names go to the id map (``identity/scans/<scan_id>``), for the site's operators only.
 
-The site secret is 32 random bytes made on first use. Two processes making it at the same instant can each use
-their own (the later write wins): the scans they ingest keep the ids they were given, only recomputing such an
-id from its content would differ. Label keys a site adds are stored here too (:meth:`SiteIdentity.allow_label_keys`).
+The site secret is 32 random bytes made on first use, under the identity group's lease: of two processes making
+it at the same instant, the second reads the first's, so every id stays recomputable from its content. Label keys a site adds are stored here too (:meth:`SiteIdentity.allow_label_keys`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -51,6 +51,10 @@ def _keyed_id(secret: bytes, source_sha256: str) -> str:
     return "scan-" + "".join(letters)
 
 
+#: How long a writer of the identity group waits for another (an update takes milliseconds), seconds.
+_IDENTITY_WAIT_S = 60.0
+
+
 class SiteIdentity:
     """The identity group of one site store (created on first write)."""
 
@@ -65,15 +69,25 @@ class SiteIdentity:
         meta = group.attrs.get(_ATTR) if group is not None else None
         return dict(meta) if isinstance(meta, Mapping) else {}
 
+    def _lease(self) -> contextlib.AbstractContextManager[None]:
+        """One writer of the identity group at a time, across processes (concurrent ingests of one site create
+        and update it together; zarr's require_group is a check-then-create)."""
+        return self.site.lease(IDENTITY_GROUP, "write", wait_s=_IDENTITY_WAIT_S)
+
     def _update(self, **fields: Any) -> None:
-        group = self._group()
-        group.update_attributes({_ATTR: {**self._meta(), **fields}})
+        with self._lease():
+            group = self._group()
+            group.update_attributes({_ATTR: {**self._meta(), **fields}})
 
     def _secret(self) -> bytes:
         key = self._meta().get("scan_id_key")
-        if not isinstance(key, str) or len(key) != 64:
-            key = secrets.token_hex(32)
-            self._update(scan_id_key=key)
+        if isinstance(key, str) and len(key) == 64:
+            return bytes.fromhex(key)
+        with self._lease():  # read again under the lease: the first writer's key wins, every id stays stable
+            key = self._meta().get("scan_id_key")
+            if not isinstance(key, str) or len(key) != 64:
+                key = secrets.token_hex(32)
+                self._update(scan_id_key=key)
         return bytes.fromhex(key)
 
     def keyed_scan_id(self, source_sha256: str) -> str:
@@ -84,8 +98,9 @@ class SiteIdentity:
     def record_source(self, scan_id: str, *, source: str, names: Sequence[str]) -> None:
         """Keep where a scan came from (path as given, file names) in the site's id map."""
         validate_id(IdKind.SCAN, scan_id, error=InvalidInputError)
-        scans = self._group().require_group("scans")
-        scans.require_group(scan_id).update_attributes({_ATTR: {"source": source, "names": list(names)}})
+        with self._lease():
+            scans = self._group().require_group("scans")
+            scans.require_group(scan_id).update_attributes({_ATTR: {"source": source, "names": list(names)}})
 
     def source_of(self, scan_id: str) -> dict[str, Any] | None:
         """What the id map holds for ``scan_id`` (``source`` path and file ``names``), or None."""

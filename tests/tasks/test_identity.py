@@ -170,3 +170,31 @@ def test_ima_files_are_read_as_dicom(tmp_path, site):
     for i in range(2):
         shutil.copy(_identified_series(tmp_path / f"s{i}", 2, suffix=".ima")[i], folder / f"{i}.ima")
     assert open_source(folder).shape[0] == 2
+
+
+def _identity_worker(store: str, k: int) -> tuple[str, str]:
+    from tasks.identity import SiteIdentity
+    from tasks.storage import SiteStore
+
+    site = SiteStore.open(store)
+    identity = SiteIdentity(site)
+    scan_id = identity.keyed_scan_id("ab" * 32)  # the same content at the same site: one id
+    identity.record_source(f"scan-{k}", source=f"in/{k}.npy", names=[f"{k}.npy"])
+    return scan_id, SiteIdentity(SiteStore.open(store)).keyed_scan_id("ab" * 32)
+
+
+def test_concurrent_ingest_processes_share_one_site_secret_and_lose_no_id_map_entry(tmp_path):
+    import multiprocessing
+
+    from tasks.identity import SiteIdentity
+    from tasks.storage import SiteStore
+
+    store = str(tmp_path / "site-c.zarr")
+    SiteStore.create(store, site_id="site-c")
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        results = pool.starmap(_identity_worker, [(store, k) for k in range(12)])
+    ids = {first for first, _ in results} | {again for _, again in results}
+    assert len(ids) == 1  # every process saw the secret the first one made
+    identity = SiteIdentity(SiteStore.open(store))
+    assert identity.keyed_scan_id("ab" * 32) in ids
+    assert all(identity.source_of(f"scan-{k}") == {"source": f"in/{k}.npy", "names": [f"{k}.npy"]} for k in range(12))
