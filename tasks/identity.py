@@ -16,7 +16,8 @@ Scan ids (the rule, decided here):
 * The source's own names go to the id map (``identity/scans/<scan_id>``), for the site's operators only.
 
 The site secret is 32 random bytes made on first use, under the identity group's lease: of two processes making
-it at the same instant, the second reads the first's, so every id stays recomputable from its content. Label keys a site adds are stored here too (:meth:`SiteIdentity.allow_label_keys`).
+it at the same instant, the second reads the first's, so every id stays recomputable from its content. Label
+keys a site adds are stored here too (:meth:`SiteIdentity.allow_label_keys`).
 """
 
 from __future__ import annotations
