@@ -1,11 +1,45 @@
-"""Shared base classes of fedscan's schemas."""
+"""Shared base classes of fedscan's schemas, and the one loader of YAML files into them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class YamlFileError(ValueError):
+    """A YAML file that cannot be read or validated; the message names the file and the key."""
+
+
+def describe_validation_error(exc: ValidationError, *, limit: int = 3) -> str:
+    """The first ``limit`` errors, each as ``location: message`` (an unknown key as ``unknown key 'a.b'``)."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        parts.append(f"unknown key {loc!r}" if err["type"] == "extra_forbidden" else f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_yaml_model(model: type[M], path: str | Path, *, what: str, error: type[ValueError] = YamlFileError) -> M:
+    """Parse a YAML mapping file into ``model``; a file that cannot be read, is not a mapping or does not
+    validate raises ``error`` with one line naming the file (and the key)."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise error(f"{p}: cannot read the {what} ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{p}: the {what} must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{p}: invalid {what}: {describe_validation_error(exc)}") from exc
 
 
 class FrozenModel(BaseModel):

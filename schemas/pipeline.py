@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from schemas.base import FrozenModel, StageConfig
+from schemas.base import FrozenModel, StageConfig, YamlFileError, load_yaml_model
 from schemas.denoise import DenoiseConfig
 from schemas.enhance import EnhanceConfig
 from schemas.federation import FederationConfig
@@ -17,7 +16,7 @@ from schemas.stages import StageName
 from schemas.surrogate import SurrogateConfig
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(YamlFileError):
     """A pipeline config file that cannot be read or validated; the message names the file and the key."""
 
 
@@ -52,18 +51,4 @@ class PipelineConfig(FrozenModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
         """Parse a YAML file; an unknown key or an out-of-range value is refused naming the file and the key."""
-        p = Path(path)
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigFileError(f"{p}: cannot read the pipeline config: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigFileError(f"{p}: a pipeline config is a mapping of sections, got {type(raw).__name__}")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-            if err["type"] == "extra_forbidden":
-                raise ConfigFileError(f"{p}: unknown key {key!r}") from exc
-            raise ConfigFileError(f"{p}: {key}: {err['msg']}") from exc
+        return load_yaml_model(cls, path, what="pipeline config", error=ConfigFileError)

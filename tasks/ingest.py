@@ -25,9 +25,9 @@ import dask
 import dask.array as da
 import numpy as np
 import numpy.typing as npt
-import yaml
 from pydantic import ValidationError
 
+from schemas.base import describe_validation_error, load_yaml_model
 from schemas.geometry import Geometry, ReconGrid
 from schemas.ids import check_chosen_scan_id
 from schemas.ingest import GeometrySpec, IngestConfig, IngestSidecar
@@ -133,25 +133,8 @@ def checksum_sources(
 # ------------------------------------------------------------------------------------------------
 # Sidecars and geometry
 # ------------------------------------------------------------------------------------------------
-def _first_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def load_sidecar(path: Path) -> IngestSidecar:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidInputError(f"{path}: cannot read the YAML sidecar ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise InvalidInputError(f"{path}: the sidecar must be a YAML mapping")
-    try:
-        return IngestSidecar.model_validate(raw)
-    except ValidationError as exc:
-        raise InvalidInputError(f"{path}: invalid sidecar: {_first_error(exc)}") from exc
+    return load_yaml_model(IngestSidecar, path, what="sidecar", error=InvalidInputError)
 
 
 def resolve_geometry(spec: GeometrySpec, shape: tuple[int, int, int], *, where: str) -> Geometry:
@@ -175,7 +158,7 @@ def resolve_geometry(spec: GeometrySpec, shape: tuple[int, int, int], *, where: 
     try:
         return Geometry(**fields, grid=grid)
     except ValidationError as exc:
-        raise InvalidInputError(f"{where}: impossible geometry: {_first_error(exc)}") from exc
+        raise InvalidInputError(f"{where}: impossible geometry: {describe_validation_error(exc)}") from exc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,7 +354,7 @@ def ingest(
             labels=sidecar.labels,
         )
     except ValidationError as exc:
-        raise InvalidInputError(f"{src}: {_first_error(exc)}") from exc
+        raise InvalidInputError(f"{src}: {describe_validation_error(exc)}") from exc
     if is_images:
         n_slices, image_shape = stack.shape[0], stack.shape[1:]
     else:
