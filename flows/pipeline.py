@@ -21,7 +21,8 @@ from schemas.settings import get_settings
 from schemas.stages import PIPELINE, StageState
 from tasks.cluster import dask_client
 from tasks.device import resolve_device
-from tasks.errors import InvalidInputError
+from tasks.errors import InvalidInputError, TransientError
+from tasks.pipeline_support import Discovery, KnownFailure
 from tasks.prefect_tasks import StageOutcome, flush_artifacts, ingest_scan, run_logger, stage_tasks
 from tasks.stages import disabled_stages
 from tasks.watch import check_arrival
@@ -37,6 +38,7 @@ class ScanOutcome(FrozenModel):
     stages: dict[str, StageState] = Field(
         default_factory=dict, description="Each pipeline stage's state for this scan, in pipeline order."
     )
+    transient: bool = Field(default=False, description="Failed for a transient reason (a lease, a service).")
 
 
 class PipelineReport(FrozenModel):
@@ -45,6 +47,9 @@ class PipelineReport(FrozenModel):
     scans: tuple[ScanOutcome, ...]
     report_path: str | None = None
     federated: dict[str, object] | None = None
+    known_failures: tuple[KnownFailure, ...] = Field(
+        default=(), description="Scans skipped: their next stage failed before under the same inputs."
+    )
 
     @property
     def failed(self) -> list[ScanOutcome]:
@@ -77,6 +82,9 @@ class NightlyRequest(FrozenModel):
     )
     federated: bool = Field(default=True, description="Run a federated round after the scans.")
     report: bool = Field(default=True, description="Write report.html next to the stores.")
+    retry_known_failures: bool = Field(
+        default=False, description="Retry scans that failed before under the same inputs (default: list them)."
+    )
 
 
 class PipelineFailedError(RuntimeError):
@@ -92,13 +100,16 @@ class PipelineFailedError(RuntimeError):
 
 
 @task(name="discover-scans", task_run_name="discover-scans")
-def discover_scans(data_root: str, sites: tuple[str, ...] | None, config: PipelineConfig) -> list[ScanRef]:
+def discover_scans(
+    data_root: str, sites: tuple[str, ...] | None, config: PipelineConfig, retry_known_failures: bool = False
+) -> Discovery:
     """The ingested scans of the chosen sites with a stage of their chain still to do under this config (a read
-    of each scan's provenance records; a night with nothing new starts no stage task)."""
-    from tasks.pipeline_support import find_scans
+    of each scan's provenance records; a night with nothing new starts no stage task), less those that already
+    failed that stage under the same inputs (listed as known failures)."""
+    from tasks.pipeline_support import discover
 
     configs = {spec.name: config.stage_config(spec.name) for spec in PIPELINE}
-    return find_scans(data_root, sites, pending_for=configs)
+    return discover(data_root, sites, configs, retry_known_failures=retry_known_failures)
 
 
 def _failure_message(report: PipelineReport) -> str | None:
@@ -129,12 +140,18 @@ def _publish_summary(report: PipelineReport, flow_name: str) -> None:
         }
         for o in report.scans
     ]
+    rows += [  # reported once per run, not as new failures: the run that first saw them was red
+        {"scan": k.scan, "ok": False, "failed_stage": k.stage, "error": f"known failure since {k.since}: {k.error}"}
+        for k in report.known_failures
+    ]
     failed = len(report.failed)
     create_table_artifact(
         table=rows or [{"scan": "(no scan had a stage left to do)"}],
         key=f"{flow_name}-outcomes",
         description=f"{flow_name}: {len(report.scans) - failed} scans ok, {failed} failed"
-        + (f"; federated: {(report.federated or {}).get('status')}" if report.federated else ""),
+        + (f", {len(report.known_failures)} still failing (known)" if report.known_failures else "")
+        + (f"; federated: {(report.federated or {}).get('status')}" if report.federated else "")
+        + (f"; report {report.report_path}" if report.report_path else ""),
     )
 
 
@@ -214,7 +231,12 @@ def _run_chains(refs: list[ScanRef], config: PipelineConfig, device: str, *, in_
             states[key].update({name: StageState.NOT_RUN for name in order[k + 1 :]})
             error = str(state.message or state.name)[:500]
             outcomes[key] = ScanOutcome(
-                scan=key, ok=False, failed_stage=order[k].value, error=error, stages=states[key]
+                scan=key,
+                ok=False,
+                failed_stage=order[k].value,
+                error=error,
+                stages=states[key],
+                transient=_is_transient(state),
             )
             continue
         states[key][order[k]] = cast(StageOutcome, state.result()).state
@@ -223,6 +245,14 @@ def _run_chains(refs: list[ScanRef], config: PipelineConfig, device: str, *, in_
         else:
             outcomes[key] = ScanOutcome(scan=key, ok=True, stages=states[key])
     return tuple(outcomes[str(ref)] for ref in refs)
+
+
+def _is_transient(state: Any) -> bool:
+    """Whether a failed stage's exception is a :class:`TransientError` (a lease held elsewhere, a service down)."""
+    try:
+        return isinstance(state.result(raise_on_failure=False), TransientError)
+    except Exception:  # the exception is not at hand (e.g. a result never persisted): treat it as data
+        return False
 
 
 def _process_one(request: ProcessScanRequest) -> PipelineReport:
@@ -284,14 +314,19 @@ def on_scan_arrived(
 def nightly(request: NightlyRequest) -> PipelineReport:
     """Every scan with a stage left to do, in parallel (bounded), then a federated round. A failed scan stops
     only itself; the run then ends Failed, naming the failures, with the whole report attached."""
-    from tasks.pipeline_support import publish_run_report
+    from tasks.pipeline_support import publish_run_report, record_failures
 
     settings = get_settings()
     root = request.data_root or settings.data_root
     config, device = resolve_run(request.config, request.config_path)  # refused before a cluster starts
     with dask_client(settings.dask), _artifacts_flushed():
-        refs = discover_scans(root, request.sites, config)
-        outcomes = _run_chains(refs, config, device, in_flight=NIGHTLY_SCANS_IN_FLIGHT)
+        found = discover_scans(root, request.sites, config, request.retry_known_failures)
+        outcomes = _run_chains(found.todo, config, device, in_flight=NIGHTLY_SCANS_IN_FLIGHT)
+    record_failures(found.todo, outcomes, {spec.name: config.stage_config(spec.name) for spec in PIPELINE})
+    for known in found.known_failures:
+        get_run_logger().warning(
+            "%s: still failing in %s since %s (same inputs; skipped)", known.scan, known.stage, known.since
+        )
     federated = None
     if request.federated and any(o.ok for o in outcomes):
         from flows.federated import FederatedRequest, federated_training
@@ -303,5 +338,12 @@ def nightly(request: NightlyRequest) -> PipelineReport:
             federated = fed.model_dump(mode="json")
         except Exception as exc:  # recorded in the report; the scans' results stand
             federated = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500], "rounds": []}
-    report_path = publish_run_report(root, outcomes, federated) if request.report else None
-    return _finish(PipelineReport(scans=outcomes, report_path=report_path, federated=federated), "nightly")
+    report_path = (
+        publish_run_report(root, outcomes, federated, known_failures=found.known_failures, up_to_date=found.up_to_date)
+        if request.report
+        else None
+    )
+    report = PipelineReport(
+        scans=outcomes, report_path=report_path, federated=federated, known_failures=tuple(found.known_failures)
+    )
+    return _finish(report, "nightly")

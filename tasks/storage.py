@@ -641,6 +641,23 @@ class ScanStore:
 
         self._update_meta(drop)
 
+    def failure(self) -> dict[str, Any] | None:
+        """The marker a run left when a stage of this scan failed (``tasks.pipeline_support``), or None."""
+        raw = self._meta().get("failure")
+        return dict(raw) if isinstance(raw, Mapping) else None
+
+    def set_failure(self, marker: Mapping[str, Any] | None) -> None:
+        """Record (``None``: clear) the scan's failure marker, in its metadata document under the metadata lease."""
+        new = dict(marker) if marker is not None else None
+
+        def put(meta: dict[str, Any]) -> None:
+            if new is None:
+                meta.pop("failure", None)
+            else:
+                meta["failure"] = new
+
+        self._update_meta(put)
+
     # ---- arrays -----------------------------------------------------------------------------
     def array_names(self) -> list[str]:
         nodes = _child_nodes(self.group.store, self.group.path, self.site.uri)
@@ -1108,15 +1125,20 @@ def site_store_uri(data_root: str | Path, site_id: str) -> str:
     return f"{str(data_root).rstrip('/')}/{site_id}.zarr"
 
 
-def find_site_stores(folder: str | Path, *, include_corrupt: bool = False) -> list[Path]:
-    """Every fedscan site store directly inside a local folder.
+def find_site_stores(folder: str | Path, *, include_corrupt: bool = False) -> list[str | Path]:
+    """Every fedscan site store directly inside a local folder (as paths) or an fsspec URL (``memory://``,
+    ``s3://``...: as URLs under the one given).
 
     A store whose root metadata document does not parse is left out with a warning in the log (one bad store
-    must not stop the others' nightly run), or listed when ``include_corrupt`` (for ``fedscan verify``).
+    must not stop the others' nightly run), or listed when ``include_corrupt`` (for ``fedscan verify``). A URL
+    whose protocol is unknown, or that cannot be listed, is :class:`InvalidInputError` naming it.
     """
-    base = Path(folder)
-    found = []
-    for child in sorted(base.glob("*.zarr")):
+    local = _is_local_path(folder)
+    candidates: list[str | Path] = list(sorted(local.glob("*.zarr"))) if local is not None else []
+    if local is None:
+        candidates = [f"{str(folder).rstrip('/')}/{name}" for name in _listed_zarr_names(str(folder))]
+    found: list[str | Path] = []
+    for child in candidates:
         try:
             SiteStore.open(child, mode="r")
         except (NotAFedscanStoreError, StoreNotFoundError):
@@ -1127,6 +1149,25 @@ def find_site_stores(folder: str | Path, *, include_corrupt: bool = False) -> li
                 continue
         found.append(child)
     return found
+
+
+def _listed_zarr_names(url: str) -> list[str]:
+    """Names ending ``.zarr`` directly under an fsspec URL (sorted)."""
+    import fsspec
+
+    try:
+        require_store_protocol(url)  # a missing optional extra (s3fs) is one line naming it
+    except ValueError as exc:  # fsspec: "Protocol not known"
+        raise InvalidInputError(f"{url}: not a storage URL fedscan can read ({exc})") from exc
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError as exc:
+        raise StoreNotFoundError(f"no data root at {url}") from exc
+    except Exception as exc:  # unknown protocol, refused credentials, unreachable endpoint: one line naming it
+        raise InvalidInputError(f"cannot list the data root {url}: {type(exc).__name__}: {exc}") from exc
+    names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    return sorted(n for n in names if n.endswith(".zarr"))
 
 
 # ------------------------------------------------------------------------------------------------
