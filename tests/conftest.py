@@ -62,3 +62,62 @@ def fedscan_env(monkeypatch: pytest.MonkeyPatch):
 def device_setting_cpu(fedscan_env):
     """``FEDSCAN_DEVICE=cpu`` for this test: each stage's provenance records where it ran."""
     fedscan_env(DEVICE="cpu")
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory):
+    """A real S3 HTTP API on loopback (moto's server mode, as s3fs and zarr test against): the environment
+    variables that point botocore/s3fs at it. One server for the session; each test makes its own bucket."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=out, stderr=out)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                urllib.request.urlopen(env["AWS_ENDPOINT_URL"], timeout=1)
+                break
+            except urllib.error.HTTPError:
+                break  # it answers
+            except OSError:
+                assert time.monotonic() < deadline, f"moto server did not start: {log.read_text()}"
+                time.sleep(0.1)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_env, monkeypatch):
+    """A fresh bucket on the moto server, with this test's environment pointed at it: ``s3://<name>``."""
+    import uuid
+
+    import s3fs
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"fedscan-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    yield f"s3://{bucket}"
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -83,6 +83,9 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
             assert scan.is_done("surrogate") is done
     html = Path(report.report_path).read_text()
     assert "Failed scans" in html and "B-1" in html and "data:image/png;base64," in html
+    assert Path(report.report_path).parent == tmp_path / "reports"  # site-only, beside the stores
+    assert "3 scans processed, 0 skipped (0 up to date, 0 known failures), 1 failed; federated: not run" in html
+    assert "chance level" not in html  # no federated AUC, no note
     first = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
     for scan in SiteStore.open(tmp_path / "A.zarr").scans():  # FEDSCAN_DEVICE reached every stage
         assert [scan.stage_record(st).metrics["device"] for st in ("denoise", "reconstruct", "surrogate")] == [
@@ -96,12 +99,29 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
     assert {o.scan: o.stages for o in report.scans}["A/A-0"] == dict.fromkeys(stage_names, "done") | {
         "enhance": "disabled"  # optional, off without a model
     }
-    # a rerun touches only what is left (B-1, which fails again); finished stages keep their records
-    with pytest.raises(PipelineFailedError) as again_raised:
-        nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False))
-    assert [o.scan for o in again_raised.value.report.scans] == ["B/B-1"]
+    # a rerun touches only what is left: B-1 failed under the same inputs, so it is listed once as still
+    # failing (since the first night), not retried, and the run is not red again; finished stages keep their
+    # records; the first night's report stays beside the second's
+    second = nightly(NightlyRequest(data_root=str(tmp_path), federated=False), return_state=True)
+    assert second.is_completed(), second.message
+    rerun = second.result()
+    assert rerun.scans == ()
+    assert [(k.scan, k.stage) for k in rerun.known_failures] == [("B/B-1", "denoise")]
+    marker = SiteStore.open(tmp_path / "B.zarr").scan("B-1").failure()
+    assert rerun.known_failures[0].since == marker["since"]
+    reports = sorted((tmp_path / "reports").glob("report-*.html"))
+    assert len(reports) == 2 and Path(report.report_path) in reports and Path(rerun.report_path) in reports
+    assert Path(report.report_path).read_text() == html  # not overwritten
+    second_html = Path(rerun.report_path).read_text()
+    assert "0 scans processed, 4 skipped (3 up to date, 1 known failures), 0 failed" in second_html
+    assert "Still failing" in second_html and "Failed scans" not in second_html
+    assert (tmp_path / "report.html").read_text() == second_html  # the latest
     again = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
     assert again == first
+    # asked to, it retries the known failure (which fails again: red)
+    with pytest.raises(PipelineFailedError) as again_raised:
+        nightly(NightlyRequest(data_root=str(tmp_path), federated=False, report=False, retry_known_failures=True))
+    assert [o.scan for o in again_raised.value.report.scans] == ["B/B-1"]
 
 
 @pytest.mark.slow

@@ -315,42 +315,7 @@ def test_lease_names_are_validated(memory_site):
 
 
 # ---- S3: the same leases over a real S3 HTTP API (moto's server on loopback) --------------------------
-@pytest.fixture(scope="module")
-def s3_env(tmp_path_factory):
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=out, stderr=out)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    try:
-        import urllib.request
-
-        wait_for(lambda: _up(urllib.request, env["AWS_ENDPOINT_URL"]), timeout=60, procs=[server])
-        yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _up(request, url: str) -> bool:
-    try:
-        request.urlopen(url, timeout=1)
-    except OSError as exc:
-        return "HTTP Error" in str(exc)
-    return True
-
-
+# the moto server fixture ``s3_env`` lives in tests/conftest.py (the pipeline tests use it too)
 @pytest.mark.slow
 def test_s3_leases_refuse_a_second_writer_process_and_records_survive_concurrency(s3_env, tmp_path, monkeypatch):
     import s3fs

@@ -1,0 +1,159 @@
+"""A production (non-dev) install runs: every runtime import is a declared runtime dependency, and the demo
+runs with the dev extra's packages made unimportable.
+
+A fresh venv built from the lock without ``dev`` takes far longer than this test's 3-minute budget here (torch,
+flwr[simulation]/ray, prefect), so the install is checked in two parts instead:
+
+1. statically: every third-party module that ``flows``, ``tasks`` and ``schemas`` import (lazy imports in
+   functions included) belongs to a distribution named in ``[project.dependencies]`` (not only reached through
+   another package, not only in ``dev``); the optional ``s3`` extra is the one exception, and it is imported
+   only behind :func:`tasks.extras.require_store_protocol`;
+2. dynamically: ``fedscan demo`` runs in a subprocess whose ``sitecustomize`` makes every module of every
+   dev-only distribution (those that ``dev`` pulls in and the runtime dependencies and ``s3`` do not) raise
+   ImportError: a runtime import of an oracle (scikit-image was one, before #20) fails the demo.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+FIRST_PARTY = {"flows", "tasks", "schemas"}
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The installed distributions these requirements pull in (markers evaluated, extras followed)."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = md.distribution(req.name)
+        except md.PackageNotFoundError:
+            continue  # an optional dependency of a dependency, not installed here
+        for raw in dist.requires or []:
+            sub = Requirement(raw)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+                todo.append(sub)
+    return {name for name, _ in seen}
+
+
+def _imports() -> dict[str, set[str]]:
+    """Top-level third-party module → the first-party files that import it."""
+    found: dict[str, set[str]] = {}
+    for pkg in sorted(FIRST_PARTY):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in FIRST_PARTY:
+                        found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_runtime_import_is_a_declared_runtime_dependency():
+    project = _project()
+    declared = {canonicalize_name(Requirement(r).name) for r in project["dependencies"]}
+    s3 = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["s3"]}
+    owners = md.packages_distributions()
+    undeclared = {}
+    for module, files in _imports().items():
+        dists = {canonicalize_name(d) for d in owners.get(module, [])}
+        assert dists, f"{module} (imported by {sorted(files)}) belongs to no installed distribution"
+        if not dists & (declared | s3):
+            undeclared[module] = (sorted(dists), sorted(files)[:3])
+    assert not undeclared, f"imported at runtime but not in [project.dependencies]: {undeclared}"
+
+
+def _dev_only_modules() -> list[str]:
+    project = _project()
+    runtime = _closure(project["dependencies"]) | _closure(project["optional-dependencies"]["s3"])
+    dev_only = _closure(project["optional-dependencies"]["dev"]) - runtime
+    owners = md.packages_distributions()
+    modules = sorted(
+        m
+        for m, dists in owners.items()
+        if {canonicalize_name(d) for d in dists} <= dev_only and re.fullmatch(r"[A-Za-z_][\w]*", m)
+    )
+    return modules
+
+
+def test_the_dev_extra_has_dev_only_packages_to_hide():
+    hidden = _dev_only_modules()
+    for oracle in ("pytest", "hypothesis", "moto", "bm3d", "astra", "mypy"):  # the test below would prove little
+        assert oracle in hidden, oracle
+    assert not {"skimage", "torch", "prefect", "zarr", "flwr"} & set(hidden)
+
+
+_SITECUSTOMIZE = """
+    import importlib.abc, sys
+
+    HIDDEN = frozenset({hidden!r})
+
+    class HideDev(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in HIDDEN:
+                raise ImportError(f"{{name}} is a dev-only package (hidden: a production install has no dev extra)")
+            return None
+
+    sys.meta_path.insert(0, HideDev())
+"""
+
+
+@pytest.mark.slow
+def test_the_demo_runs_without_the_dev_extra(tmp_path):
+    hidden = _dev_only_modules()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(_SITECUSTOMIZE.format(hidden=sorted(hidden))))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "FEDSCAN_DEVICE": "cpu",
+    }
+    env.pop("PREFECT_API_URL", None)  # the embedded default: a temporary server, as a first-time user gets
+    probe = subprocess.run(
+        [sys.executable, "-c", "import pytest"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert probe.returncode != 0 and "dev-only package" in probe.stderr  # the hiding works
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--out", str(out), "--sites", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "demo complete" in done.stdout
+    assert "dev-only package" not in done.stdout + done.stderr
+    reports = list((out / "reports").glob("report-*.html"))
+    assert len(reports) == 1 and "scans processed" in reports[0].read_text()
