@@ -68,7 +68,8 @@ def run_demo(
     federated: bool = True,
     console: Console | None = None,
 ) -> PipelineReport:
-    """Demo sites → the ``nightly`` flow (denoise, reconstruct, surrogates, federated round) → report.html."""
+    """Demo sites → the ``nightly`` flow (denoise, reconstruct, surrogates, federated round) → this run's
+    ``reports/report-<run>.html`` (summary line first)."""
     from flows.pipeline import NightlyRequest, PipelineFailedError, nightly
     from tasks.demo.build import build_demo_sites
 
@@ -100,6 +101,8 @@ def run_demo(
         fed = report.federated
         rounds = fed.get("rounds") or []
         console.print(f"federated run: {fed.get('status')}, {len(rounds) if isinstance(rounds, list) else 0} rounds")
+    if report.summary:
+        console.print(report.summary, markup=False, highlight=False)
     if report.report_path:
-        console.print(f"report: {report.report_path}")
+        console.print(f"report (site-only): {report.report_path}", markup=False, highlight=False)
     return report

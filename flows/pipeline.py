@@ -50,6 +50,7 @@ class PipelineReport(FrozenModel):
     known_failures: tuple[KnownFailure, ...] = Field(
         default=(), description="Scans skipped: their next stage failed before under the same inputs."
     )
+    summary: str | None = Field(default=None, description="The run report's first line.")
 
     @property
     def failed(self) -> list[ScanOutcome]:
@@ -148,10 +149,8 @@ def _publish_summary(report: PipelineReport, flow_name: str) -> None:
     create_table_artifact(
         table=rows or [{"scan": "(no scan had a stage left to do)"}],
         key=f"{flow_name}-outcomes",
-        description=f"{flow_name}: {len(report.scans) - failed} scans ok, {failed} failed"
-        + (f", {len(report.known_failures)} still failing (known)" if report.known_failures else "")
-        + (f"; federated: {(report.federated or {}).get('status')}" if report.federated else "")
-        + (f"; report {report.report_path}" if report.report_path else ""),
+        description=(report.summary or f"{flow_name}: {len(report.scans) - failed} scans ok, {failed} failed")
+        + (f"; site-only report {report.report_path}" if report.report_path else ""),
     )
 
 
@@ -314,7 +313,7 @@ def on_scan_arrived(
 def nightly(request: NightlyRequest) -> PipelineReport:
     """Every scan with a stage left to do, in parallel (bounded), then a federated round. A failed scan stops
     only itself; the run then ends Failed, naming the failures, with the whole report attached."""
-    from tasks.pipeline_support import publish_run_report, record_failures
+    from tasks.pipeline_support import publish_run_report, record_failures, report_summary
 
     settings = get_settings()
     root = request.data_root or settings.data_root
@@ -343,7 +342,12 @@ def nightly(request: NightlyRequest) -> PipelineReport:
         if request.report
         else None
     )
+    summary = report_summary(outcomes, federated, known_failures=found.known_failures, up_to_date=found.up_to_date)
     report = PipelineReport(
-        scans=outcomes, report_path=report_path, federated=federated, known_failures=tuple(found.known_failures)
+        scans=outcomes,
+        report_path=report_path,
+        federated=federated,
+        known_failures=tuple(found.known_failures),
+        summary=summary,
     )
     return _finish(report, "nightly")
