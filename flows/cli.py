@@ -393,6 +393,8 @@ def demo(
     report = run_demo(out, n_sites=sites, seed=seed, console=console)
     if report.failed:
         raise fail(f"{len(report.failed)} scans failed; see {report.report_path or 'the flow logs'}", 1)
+    if report.federated_failed:
+        raise fail(f"the federated run failed; see {report.report_path or 'the flow logs'}", 1)
     console.print(f"demo complete: {len(report.scans)} scans of {sites} sites under {out}")
 
 
