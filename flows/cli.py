@@ -411,6 +411,9 @@ def run_pipeline(
         bool, typer.Option("--federated/--no-federated", help="Run a federated round after the scans.")
     ] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html beside the stores.")] = True,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Retry scans that already failed under the same inputs.")
+    ] = False,
 ) -> None:
     """Run the nightly chain once, here: every pending stage of every scan (the registry's stages that apply to
     each scan's data kind), then a federated round. Embedded Prefect unless PREFECT_API_URL is set; a Dask
@@ -425,6 +428,7 @@ def run_pipeline(
         config_path=str(config) if config is not None else None,
         federated=federated,
         report=report,
+        retry_known_failures=retry_failed,
     )
     failure: PipelineFailedError | None = None
     try:
@@ -434,6 +438,8 @@ def run_pipeline(
     for outcome in result.scans if result is not None else ():
         states = ", ".join(f"{name} {state.value}" for name, state in outcome.stages.items())
         console.print(f"{outcome.scan}: {'ok' if outcome.ok else 'FAILED'} ({states})", highlight=False)
+    for known in result.known_failures if result is not None else ():
+        console.print(f"{known.scan}: still failing in {known.stage} since {known.since} (skipped)", highlight=False)
     if failure is not None:
         where = result.report_path if result is not None and result.report_path else "the flow logs"
         raise fail(f"{failure}; see {where}", 1)

@@ -299,12 +299,11 @@ def publish_run_report(
         sections.append(
             ("Still failing (skipped: same inputs as when they failed)", [k.model_dump() for k in known_failures])
         )
-    sections += [
-        ("Time per stage (this run)", _stage_times(outcomes, rows)),
-        ("Stages (from the stores' provenance records)", rows),
-    ]
+    sections.append(("Time per stage (this run)", _stage_times(outcomes, rows)))
+    details: list[tuple[str, Sequence[Mapping[str, object]]]] = []
     if federated:
-        sections.append(("Federated rounds", list(federated.get("rounds", []))))
+        details.append(("Federated rounds", list(federated.get("rounds", []))))
+    details.append(("Stages (from the stores' provenance records)", rows))
     try:
         previews = report_previews(data_root) if not remote else []
     except (NotAFedscanStoreError, StoreNotFoundError):
@@ -323,6 +322,7 @@ def publish_run_report(
         failures=failures,
         notes=[SITE_ONLY_NOTE],
         warnings=[note] if note else [],
+        details=details,
     )
     where = _write_reports(data_root.removeprefix("file://") if not remote else data_root, text)
     if in_prefect_run():  # outside a run there is no UI to show it in

@@ -154,10 +154,12 @@ def render_report(
     failures: Sequence[Mapping[str, object]] = (),
     notes: Sequence[str] = (),
     warnings: Sequence[str] = (),
+    details: Sequence[tuple[str, Sequence[Mapping[str, object]]]] = (),
     written_at: datetime | None = None,
 ) -> str:
-    """The report's HTML: ``summary`` (one line) first, then ``warnings`` (highlighted notes), failures, tables,
-    plots (SVG strings) and images (PNG bytes with captions); ``notes`` go under the title."""
+    """The report's HTML: ``summary`` (one line) first, then ``warnings`` (highlighted notes), failures, tables
+    (``sections``), plots (SVG strings), images (PNG bytes with captions) and the long tables (``details``);
+    ``notes`` go under the title."""
     when = written_at or datetime.now(UTC)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -184,5 +186,7 @@ def render_report(
                 f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>"
             )
+    for heading, rows in details:
+        parts.append(f"<h2>{html.escape(heading)}</h2>" + html_table(rows))
     parts.append("</body></html>")
     return "\n".join(parts)
