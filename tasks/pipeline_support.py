@@ -258,6 +258,20 @@ def _federated_plot(federated: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+def _scan_row(outcome: Any) -> dict[str, object]:
+    """One scan's outcome: ok, each stage's state (one column per stage), and what failed."""
+    row: dict[str, object] = {"scan": outcome.scan, "ok": "yes" if outcome.ok else "NO"}
+    row.update(
+        {str(name): str(getattr(state, "value", state)) for name, state in getattr(outcome, "stages", {}).items()}
+    )
+    if not outcome.ok:
+        row["failed stage"] = outcome.failed_stage or ""
+        row["error"] = outcome.error or ""
+        if getattr(outcome, "transient", False):
+            row["transient"] = "yes (not marked as a known failure)"
+    return row
+
+
 def _stage_times(outcomes: Sequence[Any], rows: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
     """Seconds per stage over the scans this run computed it for (from their provenance records)."""
     ran = {(o.scan, stage) for o in outcomes for stage, state in getattr(o, "stages", {}).items() if state == "done"}
@@ -291,10 +305,8 @@ def publish_run_report(
     from tasks.previews import report_previews, shareable_previews
 
     rows = stage_rows(data_root)
-    failures = [o.model_dump() for o in outcomes if not o.ok]
-    sections: list[tuple[str, Sequence[Mapping[str, object]]]] = [
-        ("Scans", [o.model_dump() for o in outcomes]),
-    ]
+    failures = [_scan_row(o) for o in outcomes if not o.ok]
+    sections: list[tuple[str, Sequence[Mapping[str, object]]]] = [("Scans", [_scan_row(o) for o in outcomes])]
     if known_failures:
         sections.append(
             ("Still failing (skipped: same inputs as when they failed)", [k.model_dump() for k in known_failures])
