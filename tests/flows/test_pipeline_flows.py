@@ -116,6 +116,25 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
     assert "0 scans processed, 4 skipped (3 up to date, 1 known failures), 0 failed" in second_html
     assert "Still failing" in second_html and "Failed scans" not in second_html
     assert (tmp_path / "report.html").read_text() == second_html  # the latest
+    # the runs' shareable summaries in the UI point each to its own report and open with the summary line
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def summaries() -> dict:
+        async with get_client() as client:
+            runs = {state.state_details.flow_run_id, second.state_details.flow_run_id}
+            return {
+                a.flow_run_id: str(a.data)
+                for a in await client.read_artifacts()
+                if a.flow_run_id in runs and a.key == "fedscan-run-report"
+            }
+
+    cards = asyncio.run(summaries())
+    assert Path(report.report_path).name in cards[state.state_details.flow_run_id]
+    card = cards[second.state_details.flow_run_id]
+    assert Path(rerun.report_path).name in card and "**0 scans processed, 4 skipped" in card
+    assert "| B/B-1 | denoise |" in card  # listed once, under "still failing"
     again = {s.scan_id: s.stage_record("denoise") for s in SiteStore.open(tmp_path / "A.zarr").scans()}
     assert again == first
     # asked to, it retries the known failure (which fails again: red)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import dask
@@ -41,9 +42,18 @@ def manifest(scan_id: str = "s1", site: str = "site-a", sha: str = "a" * 64) -> 
     return ScanManifest(scan_id=scan_id, site_id=site, data_kind="line_integrals", geometry=GEOM, source_sha256=sha)
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", "memory-url", "s3"])
 def site(request, tmp_path) -> SiteStore:
-    store = zarr.storage.MemoryStore() if request.param == "memory" else tmp_path / "site-a.zarr"
+    """The same site store over a zarr MemoryStore, a local folder, an fsspec ``memory://`` URL and S3 (moto's
+    server on 127.0.0.1)."""
+    if request.param == "memory":
+        store: zarr.storage.MemoryStore | Path | str = zarr.storage.MemoryStore()
+    elif request.param == "local":
+        store = tmp_path / "site-a.zarr"
+    elif request.param == "memory-url":
+        store = f"memory://fedscan-{uuid.uuid4().hex[:8]}/site-a.zarr"
+    else:
+        store = request.getfixturevalue("s3_bucket") + "/site-a.zarr"
     return SiteStore.create(store, site_id="site-a")
 
 
