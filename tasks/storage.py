@@ -1134,8 +1134,9 @@ def find_site_stores(folder: str | Path, *, include_corrupt: bool = False) -> li
     whose protocol is unknown, or that cannot be listed, is :class:`InvalidInputError` naming it.
     """
     local = _is_local_path(folder)
-    candidates: list[str | Path] = list(sorted(local.glob("*.zarr"))) if local is not None else []
-    if local is None:
+    if local is not None:
+        candidates: list[str | Path] = list(sorted(local.glob("*.zarr")))
+    else:
         candidates = [f"{str(folder).rstrip('/')}/{name}" for name in _listed_zarr_names(str(folder))]
     found: list[str | Path] = []
     for child in candidates:
@@ -1165,7 +1166,8 @@ def _listed_zarr_names(url: str) -> list[str]:
     except FileNotFoundError as exc:
         raise StoreNotFoundError(f"no data root at {url}") from exc
     except Exception as exc:  # unknown protocol, refused credentials, unreachable endpoint: one line naming it
-        raise InvalidInputError(f"cannot list the data root {url}: {type(exc).__name__}: {exc}") from exc
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise InvalidInputError(f"cannot list the data root {url}: {type(exc).__name__}: {reason}") from exc
     names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
     return sorted(n for n in names if n.endswith(".zarr"))
 
