@@ -7,8 +7,9 @@ Two real inputs, each ingested into a fresh site store with :func:`tasks.ingest.
   any reader must do;
 * a flat/dark NPY stack (raw views + 8 flats + 8 darks); the peer is one memory-mapped pass over the same files.
 
-``ingest_vs_read_ratio`` = ingest throughput / plain-read throughput (1 = ingest costs one read; ingest reads
-each file twice — once to check every value before anything is written, once to write — and hashes it once).
+``ingest_vs_read_ratio`` = ingest throughput / plain-read throughput (1 = ingest costs one read). Ingest hashes
+every file once; it decodes each DICOM file once (headers are checked first, pixels while writing), and reads an
+array twice (every value checked before anything is written, then normalised and written).
 Peak memory (tracemalloc, every thread) is measured for the flat/dark stack at N and 4N views:
 ``peak_memory_4x_views_ratio`` near 1 means memory does not grow with the scan.
 

@@ -1043,6 +1043,12 @@ class SiteStore:
                 raise _write_error(exc, where=self.uri, what=f"scan {manifest.scan_id!r} (zarr.json)") from exc
         return ScanStore(self, group, manifest.scan_id)
 
+    def remove_scan(self, scan_id: str) -> None:
+        """Delete a scan's group and every array in it (an ingest refused after it created the scan)."""
+        self.scan(scan_id)  # validates the id; raises StoreNotFoundError when there is no such scan
+        with self.lease(scan_id, META_LEASE, wait_s=META_LEASE_WAIT_S):
+            del self._scans()[scan_id]
+
     def find_source(self, source_sha256: str, *, stage: str = "ingest") -> str | None:
         """The scan that completed ``stage`` from this source checksum, if any."""
         for scan_id in self.scan_ids():
