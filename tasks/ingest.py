@@ -81,20 +81,22 @@ def validate_values(
     and dark ``fields``, also how many normalised values will be clamped (``clamped``), in the same pass."""
     lo, hi, total, count, clamped = math.inf, -math.inf, 0.0, 0, 0
     for a, block in iter_blocks(stack, views_per_block):
-        if block.dtype.kind == "f":
+        block_sum = float(block.sum(dtype=np.float64))
+        if block.dtype.kind == "f" and not math.isfinite(block_sum):  # NaN and inf reach the sum: one pass less
             bad = ~np.isfinite(block)
             if bad.any():
                 i, r, c = (int(v) for v in np.argwhere(bad)[0])
                 raise InvalidInputError(
                     f"{stack.path}: non-finite value ({block[i, r, c]}) at {stack.where(a + i)}, row {r}, col {c}"
                 )
-        if data_kind is DataKind.COUNTS and block.min() < 0:
+        block_lo, block_hi = float(block.min()), float(block.max())
+        if data_kind is DataKind.COUNTS and block_lo < 0:
             i, r, c = (int(v) for v in np.argwhere(block < 0)[0])
             raise InvalidInputError(
                 f"{stack.path}: negative counts ({block[i, r, c]}) at {stack.where(a + i)}, row {r}, col {c}"
             )
-        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-        total += float(block.sum(dtype=np.float64))
+        lo, hi = min(lo, block_lo), max(hi, block_hi)
+        total += block_sum
         count += block.size
         if fields is not None:
             clamped += count_clamped(block, fields, floor_fraction=transmission_floor)

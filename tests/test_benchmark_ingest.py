@@ -10,6 +10,7 @@ def test_ingest_benchmark_reports_its_ratios(tmp_path):
     keys = (
         "dicom_ingest_vs_read_ratio",
         "flatdark_ingest_vs_read_ratio",
+        "flatdark_ingest_vs_copy_ratio",
         "peak_memory_4x_views_ratio",
         "peak_memory_over_scan_mb_ratio",
     )
