@@ -36,7 +36,7 @@ from schemas.geometry import Geometry, ReconGrid
 from schemas.ids import check_chosen_scan_id
 from schemas.ingest import GeometrySpec, IngestConfig, IngestSidecar
 from schemas.manifest import DataKind, FlatDarkRecord, ScanManifest, SourceFile
-from tasks.errors import AlreadyIngestedError, InvalidInputError
+from tasks.errors import AlreadyIngestedError, FedscanError, InvalidInputError
 from tasks.flatfield import FlatDark, count_clamped, fields_mean, load_field, normalise_block, prepare_gain
 from tasks.identity import SiteIdentity
 from tasks.labels import labels_beside, write_labels
@@ -459,8 +459,11 @@ def ingest(
 
     try:
         result = scan.run_stage(stage="ingest", config=config, outputs=outputs, metrics=metrics)
-    except InvalidInputError:
-        _roll_back(site, sid, scan_created=scan_created, source_new=source_new)
+    except InvalidInputError as exc:
+        try:
+            _roll_back(site, sid, scan_created=scan_created, source_new=source_new)
+        except (FedscanError, OSError) as undo:
+            exc.add_note(f"the partly written scan {sid!r} could not be removed: {undo}")
         raise
     if labelled is not None:
         write_labels(scan, labelled)
