@@ -181,8 +181,8 @@ class IngestResult:
 
 def _as_dask(stack: SourceStack, block: int, dtype: np.dtype[Any], *, token: str, marked: bool = False) -> da.Array:
     """The source as a dask array of ``block`` views per chunk, one task per chunk, named by ``token`` (the
-    source's content digest): nothing is pickled or hashed to name the tasks. ``marked``: read with
-    :attr:`SourceStack.read_marked` (a file that does not decode comes back NaN)."""
+    source's content digest and the conversion's parameters): nothing is pickled or hashed to name the tasks.
+    ``marked``: read with :attr:`SourceStack.read_marked` (a file that does not decode comes back NaN)."""
     read = stack.read_marked if marked and stack.read_marked is not None else stack.read
     n, rows, cols = stack.shape
     name = f"ingest-{'marked-' if marked else ''}{stack.reader}-{token}"
@@ -411,37 +411,40 @@ def ingest(
         data_kind=data_kind,
         transmission_floor=None if fields is None else sidecar.transmission_floor,
     )
+    # task names: the contents and every parameter of the conversion (a shared scheduler may hold another
+    # ingest of the same files), with nothing pickled or hashed but these few values
+    token = f"{source_sha[:32]}-{config.config_hash()}-{sidecar.i0_photons}"
     if is_images:
         chunks = volume_chunks(stack.shape)
-        vol = _as_dask(stack, chunks[0], np.dtype(np.float32), token=source_sha, marked=decode_once)
+        vol = _as_dask(stack, chunks[0], np.dtype(np.float32), token=token, marked=decode_once)
         outputs = [StageOutput("volume", vol, ("slice", "y", "x"), chunks, {"units": "HU"})]
     else:
         chunks = projection_chunks(stack.shape)
         if fields is not None:
-            raw = _as_dask(stack, chunks[0], stack.dtype, token=source_sha)
+            raw = _as_dask(stack, chunks[0], stack.dtype, token=token)
             line = da.map_blocks(
                 partial(_normalise_chunk, fields=fields, floor=floor),
                 raw,
                 dtype=np.float32,
-                name=f"ingest-normalise-{source_sha}",
+                name=f"ingest-normalise-{token}",
             )
             outputs = [StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"})]
         elif data_kind is DataKind.COUNTS:
             assert sidecar.i0_photons is not None
-            counts = _as_dask(stack, chunks[0], stack.dtype, token=source_sha)
+            counts = _as_dask(stack, chunks[0], stack.dtype, token=token)
             i0c, cfloor = sidecar.i0_photons, config.counts_floor
             line = da.map_blocks(
                 partial(counts_to_line_integrals, i0_photons=i0c, counts_floor=cfloor),
                 counts,
                 dtype=np.float32,
-                name=f"ingest-counts-{source_sha}",
+                name=f"ingest-counts-{token}",
             )
             outputs = [
                 StageOutput("counts", counts, ("view", "row", "col"), chunks, {"units": "photons"}),
                 StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"}),
             ]
         else:
-            line = _as_dask(stack, chunks[0], np.dtype(np.float32), token=source_sha, marked=decode_once)
+            line = _as_dask(stack, chunks[0], np.dtype(np.float32), token=token, marked=decode_once)
             outputs = [StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"})]
 
     def metrics(done: ScanStore, _seconds: float) -> dict[str, float | int]:
