@@ -202,7 +202,10 @@ def _written_stats(scan: ScanStore, name: str, stack: SourceStack) -> dict[str, 
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         view = stack.read(i, i + 1)  # raises InvalidInputError naming the file when it does not decode
-        r, c = (int(v) for v in np.argwhere(~np.isfinite(view[0]))[0])
+        bad_values = np.argwhere(~np.isfinite(view[0]))
+        if not bad_values.size:  # it decodes now: the first decode failed for a reason that passed
+            raise InvalidInputError(f"{stack.path}: {stack.where(i)} did not decode while writing; ingest it again")
+        r, c = (int(v) for v in bad_values[0])
         raise InvalidInputError(
             f"{stack.path}: non-finite value ({view[0, r, c]}) at {stack.where(i)}, row {r}, col {c}"
         )

@@ -240,3 +240,23 @@ def test_a_slice_whose_pixels_do_not_decode_rolls_the_scan_back(tmp_path, site):
     # the folder, mended, ingests as a new scan
     write_series(tmp_path / "good", "explicit_VR-UN.dcm", 5, step_mm=2.0)
     assert ingest(tmp_path / "good", site=site).scan_id != kept
+
+
+def test_a_slice_that_failed_to_decode_once_is_refused_and_a_second_ingest_writes_it(tmp_path, site, monkeypatch):
+    import tasks.dicom
+
+    files = write_series(tmp_path / "abd", "CT_small.dcm", 4, step_mm=5.0)
+    real, failed = tasks.dicom.decode_pixels, []
+
+    def once(path):  # the first decode of one file fails (a read error that passes), every other succeeds
+        if path == files[2] and not failed:
+            failed.append(path)
+            raise InvalidInputError(f"{path}: cannot decode DICOM pixel data (OSError)")
+        return real(path)
+
+    monkeypatch.setattr(tasks.dicom, "decode_pixels", once)
+    with pytest.raises(InvalidInputError, match=r"IM0002 did not decode while writing; ingest it again"):
+        ingest(tmp_path / "abd", site=site)
+    assert site.scan_ids() == []
+    res = ingest(tmp_path / "abd", site=site)
+    np.testing.assert_allclose(site.scan(res.scan_id).array("volume")[2], decoded_hu(files[2]), atol=1e-3)
