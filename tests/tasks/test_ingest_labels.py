@@ -207,3 +207,22 @@ def test_the_same_labels_again_leave_per_class_surrogates_done(tmp_path, site):
     same.write_text(csv_text([(scan.scan_id, 0, 0), (scan.scan_id, 1, 1), (scan.scan_id, 2, 0)]))
     [(_, result)] = attach_labels(site, same)
     assert result.skipped and pending_stages(scan, configs) == []
+
+
+def test_federated_training_leaves_out_a_site_without_labelled_scans(tmp_path):
+    import torch
+
+    from schemas.stages import StageName
+    from schemas.surrogate import SurrogateConfig
+    from tasks.pipeline_support import federated_sites
+    from tasks.stages import run_scan_stage
+
+    for name, labelled in (("east", True), ("west", False)):
+        store = SiteStore.create(tmp_path / "data" / f"{name}.zarr", site_id=name)
+        folder = tmp_path / name
+        write_series(folder, "CT_small.dcm", 3, step_mm=5.0)
+        if labelled:
+            (folder / "labels.csv").write_text(csv_text([("", 0, 0), ("", 1, 1), ("", 2, 0)]))
+        scan = store.scan(ingest(folder, site=store).scan_id)
+        run_scan_stage(scan, StageName.SURROGATE, SurrogateConfig(), device=torch.device("cpu"))
+    assert [Path(u).name for u in federated_sites(str(tmp_path / "data"))] == ["east.zarr"]
