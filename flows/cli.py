@@ -444,6 +444,14 @@ def run_pipeline(
         where = result.report_path if result is not None and result.report_path else "the flow logs"
         raise fail(f"{failure}; see {where}", 1)
     assert result is not None
+    if result.federated:
+        fed_rounds = result.federated.get("rounds")
+        rounds = (
+            [r for r in fed_rounds if isinstance(r, dict) and r.get("aggregated")]
+            if isinstance(fed_rounds, list)
+            else []
+        )
+        console.print(f"federated: {result.federated.get('status')}, {len(rounds)} rounds aggregated", highlight=False)
     if not result.scans:
         console.print(f"nothing to do under {data_root}: every scan's stages are done with this config")
     else:

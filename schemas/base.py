@@ -57,6 +57,12 @@ class StageConfig(FrozenModel):
         that is off is reported ``disabled`` and what it wrote earlier is not read downstream."""
         return True
 
+    @property
+    def reads_labels(self) -> bool:
+        """Whether the stage's output depends on the scan's labels under this config: the labels' lineage is then
+        one of its inputs, so relabelling a scan makes the stage pending."""
+        return False
+
     def config_hash(self) -> str:
         """First 16 hex digits of the sha256 of the canonical JSON of this config."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

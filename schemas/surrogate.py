@@ -100,6 +100,11 @@ class SurrogateConfig(StageConfig):
     )
     iqem: IqemConfig = Field(default_factory=IqemConfig, description="Quality enhancement (off by default).")
 
+    @property
+    def reads_labels(self) -> bool:
+        """``per_class`` hosts are chosen by label: relabelling a scan recomputes its surrogates."""
+        return self.host_policy is HostPolicy.PER_CLASS
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
         lo, hi = self.window_hu

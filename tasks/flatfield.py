@@ -194,9 +194,14 @@ def normalise_block(
     if not 0 < floor_fraction < 1:
         raise ValueError(f"floor_fraction must be in (0, 1), got {floor_fraction}")
     p = np.asarray(raw, dtype=np.float32)
-    transmission = (p - np.asarray(dark, dtype=np.float32)) / np.asarray(gain, dtype=np.float32)
-    line = -np.log(np.maximum(transmission, np.float32(floor_fraction)))
-    low = transmission <= floor_fraction
+    floor = np.float32(floor_fraction)
+    # one float32 buffer, transformed in place (transmission → clamped → line integral): no temporaries
+    line = np.subtract(p, np.asarray(dark, dtype=np.float32), dtype=np.float32)
+    line /= np.asarray(gain, dtype=np.float32)
+    low = line <= floor
+    np.maximum(line, floor, out=line)
+    np.log(line, out=line)
+    np.negative(line, out=line)
     if repair is not None and repair[0].size:
         dead, left, right = repair
         flat_line = line.reshape(line.shape[0], -1)

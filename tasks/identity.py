@@ -103,6 +103,16 @@ class SiteIdentity:
             scans = self._group().require_group("scans")
             scans.require_group(scan_id).update_attributes({_ATTR: {"source": source, "names": list(names)}})
 
+    def forget_source(self, scan_id: str) -> None:
+        """Drop ``scan_id`` from the id map (its ingest was refused and rolled back)."""
+        import zarr
+
+        validate_id(IdKind.SCAN, scan_id, error=InvalidInputError)
+        with self._lease():
+            scans = self.site.root.get(f"{IDENTITY_GROUP}/scans")
+            if isinstance(scans, zarr.Group) and scan_id in scans:
+                del scans[scan_id]
+
     def source_of(self, scan_id: str) -> dict[str, Any] | None:
         """What the id map holds for ``scan_id`` (``source`` path and file ``names``), or None."""
         validate_id(IdKind.SCAN, scan_id, error=InvalidInputError)

@@ -7,8 +7,10 @@ Identity: scan ids never come from file names, source files are recorded by posi
 names go to the site's id map only (:mod:`tasks.identity`); labels must be in the site's allow-list and must not
 look like identity; no DICOM header value other than geometry is read.
 
-Every source is checked in one streaming pass before anything is written (structure, NaN/inf, negative
-counts, geometry agreement), so bad input leaves the store as it was. The write itself is resumable.
+Bad input leaves the store as it was. Array, TIFF and flat/dark sources are checked in one streaming pass before
+anything is written (structure, NaN/inf, negative counts, geometry agreement); DICOM files are checked from their
+headers first and their pixels decoded once, while writing: a file that does not decode rolls the new scan back
+(:func:`_written_stats`). The write itself is resumable.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import dask
 import dask.array as da
 import numpy as np
 import numpy.typing as npt
+from dask.highlevelgraph import HighLevelGraph
+from dask.typing import Key
 from pydantic import ValidationError
 
 from schemas.base import describe_validation_error, load_yaml_model
@@ -32,13 +36,13 @@ from schemas.geometry import Geometry, ReconGrid
 from schemas.ids import check_chosen_scan_id
 from schemas.ingest import GeometrySpec, IngestConfig, IngestSidecar
 from schemas.manifest import DataKind, FlatDarkRecord, ScanManifest, SourceFile
-from tasks.errors import AlreadyIngestedError, InvalidInputError
+from tasks.errors import AlreadyIngestedError, FedscanError, InvalidInputError
 from tasks.flatfield import FlatDark, count_clamped, fields_mean, load_field, normalise_block, prepare_gain
 from tasks.identity import SiteIdentity
 from tasks.labels import labels_beside, write_labels
 from tasks.physics import counts_to_line_integrals
 from tasks.sources import READERS, SIDECAR_NAMES, SourceStack, find_sidecar, open_source
-from tasks.storage import SiteStore, StageOutput, StageResult, projection_chunks, volume_chunks
+from tasks.storage import ScanStore, SiteStore, StageOutput, StageResult, projection_chunks, volume_chunks
 
 __all__ = [
     "SIDECAR_NAMES",
@@ -77,20 +81,22 @@ def validate_values(
     and dark ``fields``, also how many normalised values will be clamped (``clamped``), in the same pass."""
     lo, hi, total, count, clamped = math.inf, -math.inf, 0.0, 0, 0
     for a, block in iter_blocks(stack, views_per_block):
-        if block.dtype.kind == "f":
+        block_sum = float(block.sum(dtype=np.float64))
+        if block.dtype.kind == "f" and not math.isfinite(block_sum):  # NaN and inf reach the sum: one pass less
             bad = ~np.isfinite(block)
             if bad.any():
                 i, r, c = (int(v) for v in np.argwhere(bad)[0])
                 raise InvalidInputError(
                     f"{stack.path}: non-finite value ({block[i, r, c]}) at {stack.where(a + i)}, row {r}, col {c}"
                 )
-        if data_kind is DataKind.COUNTS and block.min() < 0:
+        block_lo, block_hi = float(block.min()), float(block.max())
+        if data_kind is DataKind.COUNTS and block_lo < 0:
             i, r, c = (int(v) for v in np.argwhere(block < 0)[0])
             raise InvalidInputError(
                 f"{stack.path}: negative counts ({block[i, r, c]}) at {stack.where(a + i)}, row {r}, col {c}"
             )
-        lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-        total += float(block.sum(dtype=np.float64))
+        lo, hi = min(lo, block_lo), max(hi, block_hi)
+        total += block_sum
         count += block.size
         if fields is not None:
             clamped += count_clamped(block, fields, floor_fraction=transmission_floor)
@@ -173,15 +179,46 @@ class IngestResult:
     result: StageResult
 
 
-def _as_dask(stack: SourceStack, block: int, dtype: np.dtype[Any]) -> da.Array:
+def _as_dask(stack: SourceStack, block: int, dtype: np.dtype[Any], *, token: str, marked: bool = False) -> da.Array:
+    """The source as a dask array of ``block`` views per chunk, one task per chunk, named by ``token`` (the
+    source's content digest and the conversion's parameters): nothing is pickled or hashed to name the tasks.
+    ``marked``: read with :attr:`SourceStack.read_marked` (a file that does not decode comes back NaN)."""
+    read = stack.read_marked if marked and stack.read_marked is not None else stack.read
     n, rows, cols = stack.shape
-    parts = []
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        parts.append(
-            da.from_delayed(dask.delayed(stack.read, pure=True)(a, b), shape=(b - a, rows, cols), dtype=stack.dtype)
+    name = f"ingest-{'marked-' if marked else ''}{stack.reader}-{token}"
+    starts = range(0, n, block)
+    graph: dict[Key, Any] = {(name, k, 0, 0): (read, a, min(n, a + block)) for k, a in enumerate(starts)}
+    chunks = (tuple(min(n, a + block) - a for a in starts), (rows,), (cols,))
+    arr = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name, chunks, dtype=stack.dtype)
+    return arr.astype(dtype, copy=False)
+
+
+def _written_stats(scan: ScanStore, name: str, stack: SourceStack) -> dict[str, float]:
+    """Value stats of the array written by one decoding pass (:attr:`SourceStack.read_marked`), refusing it
+    when a view did not decode (NaN) or is not finite: the file is read again alone, so the error names it."""
+    arr = scan.read(name)
+    bad_views = ~da.isfinite(arr).all(axis=(1, 2))
+    bad, lo, hi, total = dask.compute(bad_views, arr.min(), arr.max(), arr.sum(dtype=np.float64))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        view = stack.read(i, i + 1)  # raises InvalidInputError naming the file when it does not decode
+        bad_values = np.argwhere(~np.isfinite(view[0]))
+        if not bad_values.size:  # it decodes now: the first decode failed for a reason that passed
+            raise InvalidInputError(f"{stack.path}: {stack.where(i)} did not decode while writing; ingest it again")
+        r, c = (int(v) for v in bad_values[0])
+        raise InvalidInputError(
+            f"{stack.path}: non-finite value ({view[0, r, c]}) at {stack.where(i)}, row {r}, col {c}"
         )
-    return da.concatenate(parts, axis=0).astype(dtype)
+    return {"min": float(lo), "max": float(hi), "mean": float(total) / max(arr.size, 1), "clamped": 0}
+
+
+def _roll_back(site: SiteStore, scan_id: str, *, scan_created: bool, source_new: bool) -> None:
+    """Remove what a refused ingest wrote: the scan it created and its id-map entry (after the last chunk
+    write returned, so nothing is still being written)."""
+    if scan_created:
+        site.remove_scan(scan_id)
+    if source_new:
+        SiteIdentity(site).forget_source(scan_id)
 
 
 #: A site's defaults for every scan in a folder (e.g. ``<incoming>/<site>/``): under each scan's own sidecar.
@@ -323,7 +360,13 @@ def ingest(
         spec = header_geometry or sidecar.geometry or GeometrySpec()
         geometry = resolve_geometry(spec, stack.shape, where=str(src))
     floor = sidecar.transmission_floor
-    stats = validate_values(stack, data_kind, fields=fields, transmission_floor=floor)
+    # DICOM pixels are decoded once, while writing: their headers were checked on opening, and a file that does
+    # not decode is found after the last chunk and the scan rolled back. Other sources are read twice (a read
+    # costs less than a write), every value checked before anything is written.
+    decode_once = stack.read_marked is not None and fields is None
+    stats: dict[str, float] = (
+        {} if decode_once else validate_values(stack, data_kind, fields=fields, transmission_floor=floor)
+    )
     flat_dark = None
     i0 = sidecar.i0_photons
     if fields is not None:
@@ -361,7 +404,9 @@ def ingest(
         assert geometry is not None
         n_slices, image_shape = geometry.n_detector_rows, (geometry.grid.ny_pixels, geometry.grid.nx_pixels)
     labelled = labels_beside(src, scan_id=sid, n_slices=n_slices, image_shape=image_shape)  # checked before writing
+    scan_created = sid not in site.scan_ids()
     scan = site.create_scan(manifest)
+    source_new = identity.source_of(sid) is None
     identity.record_source(sid, source=str(src), names=names)
     config = IngestConfig(
         source_sha256=source_sha,
@@ -369,45 +414,63 @@ def ingest(
         data_kind=data_kind,
         transmission_floor=None if fields is None else sidecar.transmission_floor,
     )
+    # task names: the contents and every parameter of the conversion (a shared scheduler may hold another
+    # ingest of the same files), with nothing pickled or hashed but these few values
+    token = f"{source_sha[:32]}-{config.config_hash()}-{sidecar.i0_photons}"
     if is_images:
         chunks = volume_chunks(stack.shape)
-        vol = _as_dask(stack, chunks[0], np.dtype(np.float32))
+        vol = _as_dask(stack, chunks[0], np.dtype(np.float32), token=token, marked=decode_once)
         outputs = [StageOutput("volume", vol, ("slice", "y", "x"), chunks, {"units": "HU"})]
     else:
         chunks = projection_chunks(stack.shape)
         if fields is not None:
-            raw = _as_dask(stack, chunks[0], stack.dtype)
-            line = da.map_blocks(partial(_normalise_chunk, fields=fields, floor=floor), raw, dtype=np.float32)
+            raw = _as_dask(stack, chunks[0], stack.dtype, token=token)
+            line = da.map_blocks(
+                partial(_normalise_chunk, fields=fields, floor=floor),
+                raw,
+                dtype=np.float32,
+                name=f"ingest-normalise-{token}",
+            )
             outputs = [StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"})]
         elif data_kind is DataKind.COUNTS:
             assert sidecar.i0_photons is not None
-            counts = _as_dask(stack, chunks[0], stack.dtype)
+            counts = _as_dask(stack, chunks[0], stack.dtype, token=token)
             i0c, cfloor = sidecar.i0_photons, config.counts_floor
             line = da.map_blocks(
-                partial(counts_to_line_integrals, i0_photons=i0c, counts_floor=cfloor), counts, dtype=np.float32
+                partial(counts_to_line_integrals, i0_photons=i0c, counts_floor=cfloor),
+                counts,
+                dtype=np.float32,
+                name=f"ingest-counts-{token}",
             )
             outputs = [
                 StageOutput("counts", counts, ("view", "row", "col"), chunks, {"units": "photons"}),
                 StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"}),
             ]
         else:
-            line = _as_dask(stack, chunks[0], np.dtype(np.float32))
+            line = _as_dask(stack, chunks[0], np.dtype(np.float32), token=token, marked=decode_once)
             outputs = [StageOutput("projections", line, ("view", "row", "col"), chunks, {"units": "line integral"})]
-    result = scan.run_stage(
-        stage="ingest",
-        config=config,
-        outputs=outputs,
-        metrics=lambda _scan, _seconds: {
-            "source_min": stats["min"],
-            "source_max": stats["max"],
-            "source_mean": stats["mean"],
+
+    def metrics(done: ScanStore, _seconds: float) -> dict[str, float | int]:
+        values = _written_stats(done, outputs[-1].name, stack) if decode_once else stats
+        return {
+            "source_min": values["min"],
+            "source_max": values["max"],
+            "source_mean": values["mean"],
             **(
                 {}
                 if flat_dark is None
                 else {"clamped_values": flat_dark.clamped_values, "dead_pixels": flat_dark.dead_pixels}
             ),
-        },
-    )
+        }
+
+    try:
+        result = scan.run_stage(stage="ingest", config=config, outputs=outputs, metrics=metrics)
+    except InvalidInputError as exc:
+        try:
+            _roll_back(site, sid, scan_created=scan_created, source_new=source_new)
+        except (FedscanError, OSError) as undo:
+            exc.add_note(f"the partly written scan {sid!r} could not be removed: {undo}")
+        raise
     if labelled is not None:
         write_labels(scan, labelled)
     return IngestResult(sid, site.site_id, site.uri, tuple(o.name for o in outputs), result)

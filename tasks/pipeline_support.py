@@ -421,7 +421,7 @@ def _md(value: object) -> str:
 
 
 def federated_sites(data_root: str, sites: Sequence[str] | None = None) -> list[str]:
-    """Stores of the sites that have at least one scan with surrogates (the only input a client reads)."""
+    """Stores of the sites that have surrogates (the only input a client reads) and a labelled scan."""
     ready = []
     for uri in site_uris(data_root, sites):
         site = SiteStore.open(uri, mode="r")
@@ -431,5 +431,6 @@ def federated_sites(data_root: str, sites: Sequence[str] | None = None) -> list[
         raise InvalidInputError(f"no site under {data_root} has surrogates yet; run the pipeline first")
     from tasks.labels import require_labelled_sites  # logs labelled scans per site; refuses when no site has any
 
-    require_labelled_sites(ready)
-    return ready
+    labelled = require_labelled_sites(ready)
+    # a site without a labelled scan has nothing to train on: asked anyway, its client would fail every round
+    return [uri for uri in ready if labelled.get(SiteStore.open(uri, mode="r").site_id)]

@@ -65,6 +65,10 @@ class SourceStack:
     read: Callable[[int, int], npt.NDArray[Any]]
     where: Callable[[int], str]
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: DICOM only: ``read`` for the single decoding pass (:mod:`tasks.ingest` writes while decoding): a file whose
+    #: pixels do not decode comes back as NaN (never a decoded value: DICOM pixels are integers times a finite
+    #: rescale), so the writer finds it after the last chunk and ``read`` names the file and the fault.
+    read_marked: Callable[[int, int], npt.NDArray[Any]] | None = None
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -224,16 +228,33 @@ def _open_dicom_series(folder: Path, files: list[Path]) -> SourceStack:
     return _image_stack(folder, layout)
 
 
-def _image_stack(folder: Path, layout: SeriesLayout) -> SourceStack:
-    from tasks.dicom import read_slice_hu
-
-    rows, cols = layout.rows, layout.cols
+def _block_reader(
+    read_one: Callable[[int], npt.NDArray[np.float32]], rows: int, cols: int, *, marked: bool
+) -> Callable[[int, int], npt.NDArray[Any]]:
+    """``read(a, b)`` over files ``a..b-1``, one decoded at a time; ``marked``: a file that fails is NaN."""
 
     def read(a: int, b: int) -> npt.NDArray[Any]:
         out = np.empty((b - a, rows, cols), dtype=np.float32)
         for i in range(a, b):
-            out[i - a] = read_slice_hu(layout, i)
+            if not marked:
+                out[i - a] = read_one(i)
+                continue
+            try:
+                out[i - a] = read_one(i)
+            except InvalidInputError:
+                out[i - a] = np.nan
         return out
+
+    return read
+
+
+def _image_stack(folder: Path, layout: SeriesLayout) -> SourceStack:
+    from functools import partial
+
+    from tasks.dicom import read_slice_hu
+
+    rows, cols = layout.rows, layout.cols
+    read_one = partial(read_slice_hu, layout)
 
     return SourceStack(
         folder,
@@ -241,34 +262,33 @@ def _image_stack(folder: Path, layout: SeriesLayout) -> SourceStack:
         (len(layout.files), rows, cols),
         np.dtype(np.float32),
         layout.files,
-        read,
+        _block_reader(read_one, rows, cols, marked=False),
         lambda i: layout.files[i].name,
         extra={
             "grid": layout.grid,
             "slice_thickness_mm": layout.slice_thickness_mm,
             "slice_spacing_mm": layout.slice_spacing_mm,
         },
+        read_marked=_block_reader(read_one, rows, cols, marked=True),
     )
 
 
 def _ctpd_stack(folder: Path, layout: ProjectionLayout) -> SourceStack:
+    from functools import partial
+
     from tasks.ctpd import read_view
 
-    def read(a: int, b: int) -> npt.NDArray[Any]:
-        out = np.empty((b - a, layout.rows, layout.cols), dtype=np.float32)
-        for i in range(a, b):
-            out[i - a] = read_view(layout, i)
-        return out
-
+    read_one = partial(read_view, layout)
     return SourceStack(
         folder,
         "dicom-ct-pd",
         (len(layout.files), layout.rows, layout.cols),
         np.dtype(np.float32),
         layout.files,
-        read,
+        _block_reader(read_one, layout.rows, layout.cols, marked=False),
         lambda i: layout.files[i].name,
         extra={"geometry": layout.geometry},
+        read_marked=_block_reader(read_one, layout.rows, layout.cols, marked=True),
     )
 
 

@@ -17,9 +17,19 @@ from schemas.base import StageConfig
 from schemas.manifest import ProvenanceRecord
 from schemas.stages import PIPELINE, StageName, StageSpec, StageState, chain_for
 from tasks.errors import InvalidInputError, StageIncompleteError
+from tasks.labels import LABELS_STAGE
 from tasks.storage import ScanStore, StageResult
 
-__all__ = ["STAGES", "Stage", "StageRun", "disabled_stages", "pending_stages", "run_scan_stage", "source_of"]
+__all__ = [
+    "STAGES",
+    "Stage",
+    "StageRun",
+    "disabled_stages",
+    "pending_stages",
+    "run_scan_stage",
+    "source_of",
+    "stage_inputs",
+]
 
 ProgressFn = Callable[[float], None]
 
@@ -93,6 +103,17 @@ def source_of(scan: ScanStore, spec: StageSpec, *, ignore: Collection[str] = ())
     )
 
 
+def stage_inputs(scan: ScanStore, config: StageConfig, upstream: ProvenanceRecord) -> dict[str, str]:
+    """What a stage records as its inputs: the upstream record's lineage, and the ``labels`` record's when the
+    config makes the output depend on the labels (:attr:`~schemas.base.StageConfig.reads_labels`)."""
+    inputs = {upstream.stage: upstream.lineage()}
+    if config.reads_labels:
+        labels = scan.stage_record(LABELS_STAGE)
+        if labels is not None:
+            inputs[LABELS_STAGE] = labels.lineage()
+    return inputs
+
+
 def run_scan_stage(
     scan: ScanStore,
     stage: StageName | str,
@@ -117,7 +138,7 @@ def run_scan_stage(
     if not config.enabled:
         return StageRun(spec.name, StageState.DISABLED)
     source, upstream = source_of(scan, spec, ignore=disabled)
-    inputs = {upstream.stage: upstream.lineage()}
+    inputs = stage_inputs(scan, config, upstream)
     if not force and scan.is_done(spec.name, config.config_hash(), inputs):
         rec = scan.stage_record(spec.name)
         assert rec is not None
@@ -149,6 +170,7 @@ def pending_stages(scan: ScanStore, configs: Mapping[StageName, StageConfig]) ->
             pending.append(spec.name)
             continue
         del source
-        if not scan.is_done(spec.name, configs[spec.name].config_hash(), {upstream.stage: upstream.lineage()}):
+        config = configs[spec.name]
+        if not scan.is_done(spec.name, config.config_hash(), stage_inputs(scan, config, upstream)):
             pending.append(spec.name)
     return pending

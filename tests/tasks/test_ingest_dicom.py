@@ -197,3 +197,66 @@ def test_identifying_attributes_of_a_real_series_never_reach_the_store(tmp_path,
         json.loads(text)
         for value in [*IDENTITY.values(), "DOE", "7654321", "Elsewhere", "2024-03-17"]:
             assert value not in text
+
+
+def _store_files(site: SiteStore) -> dict[str, bytes]:
+    """Every file of a local store but its lock files, with contents."""
+    root = Path(site.uri)
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and ".locks" not in p.parts
+    }
+
+
+def test_each_slice_is_decoded_once_and_the_stats_come_from_the_written_volume(tmp_path, site, monkeypatch):
+    import tasks.dicom
+
+    files = write_series(tmp_path / "abd", "explicit_VR-UN.dcm", 4, step_mm=2.0)
+    decoded: list[str] = []
+    real = tasks.dicom.decode_pixels
+    monkeypatch.setattr(tasks.dicom, "decode_pixels", lambda p: decoded.append(p.name) or real(p))
+    res = ingest(tmp_path / "abd", site=site)
+    assert sorted(decoded) == sorted(f.name for f in files)  # once each: no separate checking pass
+    volume = np.asarray(site.scan(res.scan_id).array("volume")[...])
+    metrics = res.result.record.metrics
+    assert metrics["source_min"] == pytest.approx(float(volume.min()))
+    assert metrics["source_max"] == pytest.approx(float(volume.max()))
+    assert metrics["source_mean"] == pytest.approx(float(volume.mean(dtype=np.float64)), rel=1e-6)
+
+
+def test_a_slice_whose_pixels_do_not_decode_rolls_the_scan_back(tmp_path, site):
+    # a labelled real series first, so the store holds a scan and an id map that must stay as they are
+    write_series(tmp_path / "kept", "CT_small.dcm", 3, step_mm=5.0)
+    kept = ingest(tmp_path / "kept", site=site).scan_id
+    before = _store_files(site)
+    files = write_series(tmp_path / "bad", "explicit_VR-UN.dcm", 5, step_mm=2.0)
+    ds = pydicom.dcmread(files[3])
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(200)])  # a JPEG 2000 stream that is not one
+    ds.save_as(files[3])
+    with pytest.raises(InvalidInputError, match=r"IM0003: cannot decode DICOM pixel data") as info:
+        ingest(tmp_path / "bad", site=site)
+    assert len(str(info.value).splitlines()) == 1
+    assert site.scan_ids() == [kept]
+    assert _store_files(site) == before  # no chunk, group or id-map entry of the refused scan is left
+    # the folder, mended, ingests as a new scan
+    write_series(tmp_path / "good", "explicit_VR-UN.dcm", 5, step_mm=2.0)
+    assert ingest(tmp_path / "good", site=site).scan_id != kept
+
+
+def test_a_slice_that_failed_to_decode_once_is_refused_and_a_second_ingest_writes_it(tmp_path, site, monkeypatch):
+    import tasks.dicom
+
+    files = write_series(tmp_path / "abd", "CT_small.dcm", 4, step_mm=5.0)
+    real, failed = tasks.dicom.decode_pixels, []
+
+    def once(path):  # the first decode of one file fails (a read error that passes), every other succeeds
+        if path == files[2] and not failed:
+            failed.append(path)
+            raise InvalidInputError(f"{path}: cannot decode DICOM pixel data (OSError)")
+        return real(path)
+
+    monkeypatch.setattr(tasks.dicom, "decode_pixels", once)
+    with pytest.raises(InvalidInputError, match=r"IM0002 did not decode while writing; ingest it again"):
+        ingest(tmp_path / "abd", site=site)
+    assert site.scan_ids() == []
+    res = ingest(tmp_path / "abd", site=site)
+    np.testing.assert_allclose(site.scan(res.scan_id).array("volume")[2], decoded_hu(files[2]), atol=1e-3)

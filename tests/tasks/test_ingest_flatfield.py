@@ -11,7 +11,7 @@ import tifffile
 import yaml
 
 from tasks.errors import InvalidInputError
-from tasks.flatfield import normalise_block, prepare_gain
+from tasks.flatfield import count_clamped, normalise_block, prepare_gain
 from tasks.ingest import ingest
 from tasks.storage import SiteStore
 
@@ -47,6 +47,22 @@ def test_normalising_exact_fields_recovers_the_line_integrals(rng):
         normalise_block(raw[a : a + 7], dark=fields.dark, gain=fields.gain, floor_fraction=1e-5)[0] for a in (0, 7)
     ]
     np.testing.assert_array_equal(np.concatenate(parts), got[:14])
+
+
+def test_normalising_leaves_its_inputs_alone_and_counts_what_it_clamps(rng):
+    _line, raw, flats, darks = bench_scan(rng)
+    raw[2, 1, 3] = darks[:, 1, 3].mean() - 5.0  # no signal
+    raw[4, 0, 0] = 0.0
+    fields = prepare_gain(
+        flats.mean(0, dtype=np.float64), darks.mean(0, dtype=np.float64), shape=(3, 20), n_flats=4, n_darks=3, where="x"
+    )
+    kept = raw.copy(), fields.dark.copy(), fields.gain.copy()
+    got, clamped = normalise_block(raw, dark=fields.dark, gain=fields.gain, floor_fraction=1e-5)
+    for before, after in zip(kept, (raw, fields.dark, fields.gain), strict=True):
+        np.testing.assert_array_equal(before, after)
+    assert clamped == 2 == count_clamped(raw, fields, floor_fraction=1e-5)
+    assert got[2, 1, 3] == got[4, 0, 0] == pytest.approx(-np.log(1e-5))
+    assert got.dtype == np.float32 and np.isfinite(got).all()
 
 
 def test_a_tiff_stack_with_flats_and_darks_is_normalised_on_ingest(tmp_path, site, rng):

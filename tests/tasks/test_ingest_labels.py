@@ -146,3 +146,83 @@ def test_federated_training_needs_a_labelled_site_and_names_them(tmp_path, rng):
     (tmp_path / "l.csv").write_text(csv_text([(scan_id, k, k % 2) for k in range(3)]))
     attach_labels(north, tmp_path / "l.csv")
     assert require_labelled_sites(uris) == {"north": (scan_id,), "south": ()}
+
+
+@pytest.mark.parametrize("policy", ["per_class", "fixed"])
+def test_relabelling_recomputes_surrogates_only_when_hosts_follow_labels(tmp_path, site, policy):
+    import torch
+
+    from schemas.pipeline import PipelineConfig
+    from schemas.stages import StageName, StageState, chain_for
+    from tasks.stages import pending_stages, run_scan_stage
+
+    folder = tmp_path / "ct"
+    write_series(folder, "CT_small.dcm", 4, step_mm=5.0)
+    (folder / "labels.csv").write_text(csv_text([("", 0, 0), ("", 1, 1), ("", 2, 1), ("", 3, 0)]))
+    scan = site.scan(ingest(folder, site=site).scan_id)
+    pipeline = PipelineConfig.model_validate({"surrogate": {"host_policy": policy}})
+    configs = {spec.name: pipeline.stage_config(spec.name) for spec in chain_for(scan.manifest.data_kind)}
+    surrogate = configs[StageName.SURROGATE]
+    cpu = torch.device("cpu")
+    assert run_scan_stage(scan, StageName.SURROGATE, surrogate, device=cpu).state is StageState.DONE
+    before = np.asarray(scan.array("surrogate")[...])
+    assert pending_stages(scan, configs) == []
+
+    relabel = tmp_path / "relabel.csv"
+    relabel.write_text(
+        csv_text([(scan.scan_id, 0, 1), (scan.scan_id, 1, 1), (scan.scan_id, 2, 1), (scan.scan_id, 3, 0)])
+    )
+    out = CliRunner().invoke(app, ["label", str(Path(site.uri)), str(relabel)])
+    assert out.exit_code == 0, out.output
+    assert f"site-a/{scan.scan_id}: labelled (3 of 4 slices" in " ".join(out.output.split())
+
+    stale = pending_stages(scan, configs)
+    run = run_scan_stage(scan, StageName.SURROGATE, surrogate, device=cpu)
+    after = np.asarray(scan.array("surrogate")[...])
+    if policy == "per_class":
+        assert stale == [StageName.SURROGATE] and pending_stages(scan, configs) == []
+        assert run.state is StageState.DONE and "labels" in run.record.inputs
+        assert not np.allclose(after[0], before[0])  # slice 0 changed label, so it changed host
+        np.testing.assert_array_equal(after[1:], before[1:])  # the others kept theirs
+    else:
+        assert stale == [] and run.state is StageState.SKIPPED and "labels" not in run.record.inputs
+        np.testing.assert_array_equal(after, before)
+
+
+def test_the_same_labels_again_leave_per_class_surrogates_done(tmp_path, site):
+    import torch
+
+    from schemas.pipeline import PipelineConfig
+    from schemas.stages import StageName, chain_for
+    from tasks.stages import pending_stages, run_scan_stage
+
+    folder = tmp_path / "ct"
+    write_series(folder, "CT_small.dcm", 3, step_mm=5.0)
+    (folder / "labels.csv").write_text(csv_text([("", 0, 0), ("", 1, 1), ("", 2, 0)]))
+    scan = site.scan(ingest(folder, site=site).scan_id)
+    pipeline = PipelineConfig.model_validate({"surrogate": {"host_policy": "per_class"}})
+    configs = {s.name: pipeline.stage_config(s.name) for s in chain_for(scan.manifest.data_kind)}
+    run_scan_stage(scan, StageName.SURROGATE, configs[StageName.SURROGATE], device=torch.device("cpu"))
+    same = tmp_path / "same.csv"
+    same.write_text(csv_text([(scan.scan_id, 0, 0), (scan.scan_id, 1, 1), (scan.scan_id, 2, 0)]))
+    [(_, result)] = attach_labels(site, same)
+    assert result.skipped and pending_stages(scan, configs) == []
+
+
+def test_federated_training_leaves_out_a_site_without_labelled_scans(tmp_path):
+    import torch
+
+    from schemas.stages import StageName
+    from schemas.surrogate import SurrogateConfig
+    from tasks.pipeline_support import federated_sites
+    from tasks.stages import run_scan_stage
+
+    for name, labelled in (("east", True), ("west", False)):
+        store = SiteStore.create(tmp_path / "data" / f"{name}.zarr", site_id=name)
+        folder = tmp_path / name
+        write_series(folder, "CT_small.dcm", 3, step_mm=5.0)
+        if labelled:
+            (folder / "labels.csv").write_text(csv_text([("", 0, 0), ("", 1, 1), ("", 2, 0)]))
+        scan = store.scan(ingest(folder, site=store).scan_id)
+        run_scan_stage(scan, StageName.SURROGATE, SurrogateConfig(), device=torch.device("cpu"))
+    assert [Path(u).name for u in federated_sites(str(tmp_path / "data"))] == ["east.zarr"]
