@@ -543,6 +543,32 @@ def analyse(
     return rows, ratios, ci
 
 
+def verdicts(ratios: dict[str, Any], ci: dict[str, list[float]], site_ids: Sequence[str]) -> dict[str, str]:
+    """Each issue-23 target: ``met`` when the whole 95 % interval is on the right side of the bound, ``missed``
+    when it is wholly on the wrong side, ``undecided`` otherwise (a ratio without an interval: its value decides)."""
+
+    def at_least(interval: Sequence[float], bound: float) -> str:
+        lo, hi = interval
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            return "undecided"
+        return "met" if lo >= bound else "missed" if hi < bound else "undecided"
+
+    sites = [at_least(ci[f"auc_personalised_minus_global_{k}"], 0.0) for k in site_ids]
+    lo, hi = ci["auc_forgetting"]
+    forgetting = at_least((-hi, -lo), -0.02)  # forgetting <= 0.02  <=>  -forgetting >= -0.02
+    compute = float(ratios["compute_warm_vs_scratch"])
+    speed = float(ratios["diagnose_vs_surrogate_throughput"])
+    return {
+        "auc_warm_minus_scratch_at_least_-0.01": at_least(ci["auc_warm_minus_scratch"], -0.01),
+        "compute_warm_vs_scratch_at_most_0.35": "met" if compute <= 0.35 else "missed",
+        "auc_personalised_minus_global_at_least_0_every_site": (
+            "missed" if "missed" in sites else "met" if all(v == "met" for v in sites) else "undecided"
+        ),
+        "auc_forgetting_at_most_0.02": forgetting,
+        "diagnose_vs_surrogate_throughput_at_least_1": "met" if speed >= 1 else "missed",
+    }
+
+
 # ---- throughput ----------------------------------------------------------------------------------------
 def resample(images: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
     """``(n, H, W)`` slices area-averaged to ``(n, size, size)``."""
@@ -707,11 +733,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         else:
             print(f"{key}: {value:.4g}" + (f"  95% CI [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else ""))
+    targets = verdicts(ratios, ratio_ci, data.site_ids)
+    for name, verdict in targets.items():
+        print(f"target {name}: {verdict}")
     write_json(
         args.json,
         rows,
         ratios,
         ratio_ci95=ratio_ci,
+        targets=targets,
         mode="quick" if args.quick else "full",
         settings=asdict(s),
         compute_unit="optimizer steps x batch size (examples processed), summed over sites, rounds and epochs",

@@ -39,6 +39,9 @@ def test_continual_benchmark_reports_its_ratios(tmp_path):
     for key in ("auc_warm_minus_scratch", "auc_forgetting"):
         lo, hi = doc["ratio_ci95"][key]
         assert -1 <= lo <= hi <= 1
+    assert len(doc["targets"]) == 5
+    assert set(doc["targets"].values()) <= {"met", "missed", "undecided"}
+    assert doc["targets"]["compute_warm_vs_scratch_at_most_0.35"] == "missed"  # 0.5 on these settings
     rows = doc["rows"]
     assert len(rows) == 2 * 4 * 3  # nights x arms x (2 sites + pooled)
     night0 = {(r["arm"], r["site"]): r["auc_future"] for r in rows if r["night"] == 0}
