@@ -225,6 +225,17 @@ def _run_chains(refs: list[ScanRef], config: PipelineConfig, device: str, *, in_
     return tuple(outcomes[str(ref)] for ref in refs)
 
 
+def _merge_outcomes(first: tuple[ScanOutcome, ...], again: tuple[ScanOutcome, ...]) -> tuple[ScanOutcome, ...]:
+    """One outcome per scan: a second pass's stage states (and failure) over the first's."""
+    merged = {o.scan: o for o in first}
+    for o in again:
+        before = merged.get(o.scan)
+        stages = {**(before.stages if before else {}), **o.stages}
+        ok = o.ok and (before.ok if before else True)
+        merged[o.scan] = o.model_copy(update={"stages": stages, "ok": ok}) if before is None or before.ok else before
+    return tuple(merged.values())
+
+
 def _process_one(request: ProcessScanRequest) -> PipelineReport:
     """The body of :func:`process_scan` and :func:`on_scan_arrived`, run in the calling flow's run."""
     settings = get_settings()
@@ -303,5 +314,12 @@ def nightly(request: NightlyRequest) -> PipelineReport:
             federated = fed.model_dump(mode="json")
         except Exception as exc:  # recorded in the report; the scans' results stand
             federated = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500], "rounds": []}
+        fed_model = (federated or {}).get("model")
+        if isinstance(fed_model, dict) and fed_model.get("outcome") == "promoted":
+            # a newly promoted model: every scan's diagnose stage is pending again (its config names the model)
+            with dask_client(settings.dask), _artifacts_flushed():
+                refs = discover_scans(root, request.sites, config)
+                again = _run_chains(refs, config, device, in_flight=NIGHTLY_SCANS_IN_FLIGHT)
+            outcomes = _merge_outcomes(outcomes, again)
     report_path = publish_run_report(root, outcomes, federated) if request.report else None
     return _finish(PipelineReport(scans=outcomes, report_path=report_path, federated=federated), "nightly")
