@@ -245,3 +245,25 @@ def diagnose_preview(scan: ScanStore, *, most: int = 4) -> Any:
     surrogate = scan.array("surrogate")
     panels = [(f"slice {k}: p={probs[k]:.2f}", np.asarray(surrogate[k], dtype=np.float32)) for k in flagged]
     return Preview(title, montage_png(panels), plaintext=False, caption=f"Surrogate slices; model {version}.")
+
+
+def read_prediction(scan: ScanStore) -> dict[str, Any] | None:
+    """A scan's stored prediction as plain data (None when its diagnose stage has not completed)."""
+    record = scan.stage_record(StageName.DIAGNOSE)
+    if record is None or PREDICTIONS not in record.outputs or PREDICTIONS not in scan.array_names():
+        return None
+    probs = np.asarray(scan.array(PREDICTIONS)[...], dtype=np.float32)
+    threshold = float(record.config.get("threshold", 0.5))
+    return {
+        "site": scan.site.site_id,
+        "scan": scan.scan_id,
+        "model_version": record.metrics.get("model_version"),
+        "model_sha256": record.metrics.get("model_sha256"),
+        "task": record.metrics.get("task"),
+        "adaptation": record.metrics.get("adaptation"),
+        "threshold": threshold,
+        "probabilities": [round(float(p), 6) for p in probs],
+        "flagged": [int(k) for k in np.flatnonzero(probs >= threshold)],
+        "has_probability_map": PREDICTION_MAP in record.outputs,
+        "finished_at": record.finished_at.isoformat(),
+    }
