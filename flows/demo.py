@@ -102,4 +102,7 @@ def run_demo(
         console.print(f"federated run: {fed.get('status')}, {len(rounds) if isinstance(rounds, list) else 0} rounds")
     if report.report_path:
         console.print(f"report: {report.report_path}")
+    from tasks.diagnose.driver import print_predictions
+
+    print_predictions(str(out), [o.scan for o in report.scans], console)
     return report

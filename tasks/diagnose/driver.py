@@ -267,3 +267,30 @@ def read_prediction(scan: ScanStore) -> dict[str, Any] | None:
         "has_probability_map": PREDICTION_MAP in record.outputs,
         "finished_at": record.finished_at.isoformat(),
     }
+
+
+def print_predictions(data_root: str, scans: list[str], console: Any) -> None:
+    """The promoted model and each ``site/scan``'s prediction, as the demo ends (a rich console)."""
+    from tasks.storage import site_store_uri
+
+    current = ModelRegistry.for_data_root(data_root).current()
+    if current is None:
+        console.print("no model is promoted yet: the scans have no prediction")
+        return
+    console.print(
+        f"promoted model {current.version}: {current.task.value}, {current.metric}="
+        f"{current.metric_value if current.metric_value is None else round(current.metric_value, 4)}, "
+        f"{current.rounds} rounds; card: fedscan models show {current.version} --root {data_root}",
+        highlight=False,
+    )
+    for key in scans:
+        site_id, scan_id = key.split("/", 1)
+        prediction = read_prediction(SiteStore.open(site_store_uri(data_root, site_id), mode="r").scan(scan_id))
+        if prediction is None:
+            console.print(f"  {key}: no prediction", highlight=False)
+            continue
+        console.print(
+            f"  {key}: {len(prediction['flagged'])} of {len(prediction['probabilities'])} slices flagged, "
+            f"max p={max(prediction['probabilities'], default=0.0):.3f} (model {prediction['model_version']})",
+            highlight=False,
+        )
