@@ -17,7 +17,7 @@ import torch
 from schemas.base import StageConfig
 from schemas.manifest import ProvenanceRecord
 from schemas.stages import PIPELINE, StageName, StageSpec, StageState, chain_for
-from tasks.errors import InvalidInputError, StageIncompleteError
+from tasks.errors import FedscanError, InvalidInputError, StageIncompleteError
 from tasks.storage import ScanStore, StageResult
 
 __all__ = ["STAGES", "Stage", "StageRun", "disabled_stages", "pending_stages", "run_scan_stage", "source_of"]
@@ -159,7 +159,11 @@ def pending_stages(scan: ScanStore, configs: Mapping[StageName, StageConfig]) ->
         config = configs[spec.name]
         resolve = STAGES[spec.name].resolve
         if resolve is not None:
-            resolved = resolve(scan, config)
+            try:
+                resolved = resolve(scan, config)
+            except FedscanError:  # e.g. a damaged registry: pending, so that the stage runs and fails naming it
+                pending.append(spec.name)
+                continue
             if resolved is None:  # nothing to run with (no promoted model): not pending
                 continue
             config = resolved

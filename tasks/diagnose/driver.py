@@ -30,6 +30,7 @@ from tasks.diagnose.kernels import check_model_fits, score_slices, slice_scores
 from tasks.diagnose.site_models import load_site_state, save_site_state
 from tasks.drivers import DEVICE_METRIC, Metrics
 from tasks.errors import InvalidInputError
+from tasks.previews import Preview
 from tasks.registry import ModelRegistry, registry_uri
 from tasks.storage import ScanStore, SiteStore, StageOutput, StageResult
 
@@ -225,11 +226,10 @@ def diagnose_scan(
     )
 
 
-def diagnose_preview(scan: ScanStore, *, most: int = 4) -> Any:
+def diagnose_preview(scan: ScanStore, *, most: int = 4) -> Preview | None:
     """The flagged slices (up to ``most``, highest first) as surrogate images with their scores: shareable
     (surrogates and numbers only). None when the scan has no predictions."""
     from tasks.artifacts import montage_png
-    from tasks.previews import Preview
 
     record = scan.stage_record(StageName.DIAGNOSE)
     if record is None or PREDICTIONS not in scan.array_names():

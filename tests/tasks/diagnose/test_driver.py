@@ -233,3 +233,15 @@ def test_models_cli_lists_shows_promotes_and_rolls_back(tmp_path):
     assert again.exit_code == 0 and ModelRegistry.for_data_root(root).current().version == second.version
     bad = runner.invoke(app, ["models", "promote", "0123456789", "--root", root])
     assert bad.exit_code == 2 and "0 models match" in bad.output
+
+
+def test_an_unreadable_registry_fails_the_stage_by_name_and_discovery_goes_on(tmp_path, rng):
+    from tasks.registry import ModelIntegrityError
+
+    scan = _site(tmp_path, rng, scans=1).scan("s0")
+    _register(tmp_path, seed=1)
+    registry = ModelRegistry.for_data_root(str(tmp_path))
+    registry.fs.pipe_file(f"{registry.root}/current.json", b"{not json")
+    assert pending_stages(scan, _configs()) == [StageName.DIAGNOSE]  # discovery does not stop; the stage will say
+    with pytest.raises(ModelIntegrityError, match="current.json does not parse"):
+        run_scan_stage(scan, StageName.DIAGNOSE, DiagnoseConfig(), device=CPU)
