@@ -104,5 +104,5 @@ def run_demo(
         console.print(f"report: {report.report_path}")
     from tasks.diagnose.driver import print_predictions
 
-    print_predictions(str(out), [o.scan for o in report.scans], console)
+    print_predictions(str(out), None, console)  # every scan of every site, processed in this run or before
     return report

@@ -304,7 +304,10 @@ def nightly(request: NightlyRequest) -> PipelineReport:
         refs = discover_scans(root, request.sites, config)
         outcomes = _run_chains(refs, config, device, in_flight=NIGHTLY_SCANS_IN_FLIGHT)
     federated = None
-    if request.federated and any(o.ok for o in outcomes):
+    from tasks.continual import has_training_data
+
+    # labels may arrive for scans with nothing left to process: with no scan run, the federated flow still decides
+    if request.federated and (any(o.ok for o in outcomes) or (not outcomes and has_training_data(root, request.sites))):
         from flows.federated import FederatedRequest, federated_training
 
         # Called directly, not via return_state: a subflow's state fetched back from the API carries no result

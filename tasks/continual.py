@@ -27,7 +27,7 @@ from tasks.registry import (
     weights_sha256,
 )
 
-__all__ = ["TrainingPlan", "plan_training", "register_run"]
+__all__ = ["TrainingPlan", "has_training_data", "plan_training", "register_run"]
 
 LOG = logging.getLogger("fedscan.continual")
 #: δ of the (ε, δ) reported on model cards of DP runs.
@@ -77,6 +77,17 @@ def _fits(card: ModelCard, config: FederationConfig, size: tuple[int, int]) -> s
     ):
         return "its architecture or BatchNorm policy differs"
     return ""
+
+
+def has_training_data(data_root: str, sites: Sequence[str] | None = None) -> bool:
+    """Whether any site under ``data_root`` has labelled surrogates (a federated run could learn something)."""
+    from tasks.errors import FedscanError
+    from tasks.pipeline_support import federated_sites
+
+    try:
+        return bool(federated_sites(data_root, sites))
+    except (FedscanError, FileNotFoundError):
+        return False
 
 
 def plan_training(data_root: str, site_stores: Sequence[str], config: FederationConfig) -> TrainingPlan:

@@ -269,9 +269,17 @@ def read_prediction(scan: ScanStore) -> dict[str, Any] | None:
     }
 
 
-def print_predictions(data_root: str, scans: list[str], console: Any) -> None:
-    """The promoted model and each ``site/scan``'s prediction, as the demo ends (a rich console)."""
-    from tasks.storage import site_store_uri
+def print_predictions(data_root: str, scans: list[str] | None, console: Any) -> None:
+    """The promoted model and each ``site/scan``'s prediction (``None``: every scan of every site store in the
+    local folder ``data_root``), as the demo ends (a rich console)."""
+    from tasks.storage import find_site_stores, site_store_uri
+
+    if scans is None:
+        scans = [
+            f"{site.site_id}/{scan_id}"
+            for site in (SiteStore.open(p, mode="r") for p in find_site_stores(data_root))
+            for scan_id in site.scan_ids()
+        ]
 
     current = ModelRegistry.for_data_root(data_root).current()
     if current is None:

@@ -35,6 +35,41 @@ def _with_volumes(store) -> None:
         )
 
 
+def _decisions_in_api(since) -> tuple[list[str], list[str]]:
+    """The ``fedscan.model.*`` events and the model-decision artifacts the Prefect API holds (polled: the server
+    writes events in batches)."""
+    import asyncio
+    import time
+    from datetime import UTC, datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+    from prefect.events.worker import EventsWorker
+
+    async def read() -> tuple[list[str], list[str]]:
+        async with get_client() as client:
+            page = await client.read_events(
+                filter=EventFilter(
+                    occurred=EventOccurredFilter(since=since, until=datetime.now(UTC)),
+                    event=EventNameFilter(prefix=["fedscan.model."]),
+                ),
+                limit=50,
+            )
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fedscan-model-decision"]))
+            )
+        return [e.event for e in page.events], [str(a.data) for a in arts]
+
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + 60
+    events, artifacts = asyncio.run(read())
+    while not events and time.monotonic() < deadline:
+        time.sleep(3)
+        events, artifacts = asyncio.run(read())
+    return events, artifacts
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_continual_training_trains_once_per_new_data_and_warm_starts(tmp_path, prefect_harness):
@@ -50,6 +85,9 @@ def test_continual_training_trains_once_per_new_data_and_warm_starts(tmp_path, p
     )
     request = FederatedRequest(data_root=str(root), config=config)
 
+    from datetime import UTC, datetime
+
+    since = datetime.now(UTC)
     first = federated_training(request)
     assert first.status == "finished:completed" and first.model["outcome"] == "promoted", first.model
     registry = ModelRegistry.for_data_root(str(root))
@@ -59,6 +97,10 @@ def test_continual_training_trains_once_per_new_data_and_warm_starts(tmp_path, p
     for store in stores:  # each site kept its own state of the promoted model; nothing of it is in the registry
         assert load_site_state(str(store), version=card.version, prefer_personal=False)[0] == "site"
         assert load_site_state(str(store), version=card.version, prefer_personal=True)[0] == "personal"
+
+    events, artifacts = _decisions_in_api(since)
+    assert events == ["fedscan.model.promoted"]
+    assert any(f"Model {card.version}: promoted" in a and "| A |" in a for a in artifacts)
 
     second = federated_training(request)
     assert second.status == "skipped" and "nothing to train" in second.model["reason"]
