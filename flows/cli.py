@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_models import register_commands
 from schemas.geometry import BeamKind, DetectorShape
 from schemas.ids import IdKind, validate_id
 from schemas.ingest import GeometrySpec, IngestSidecar
@@ -508,6 +509,9 @@ def watch(
         watcher.run(interval_seconds=interval_seconds, max_seconds=max_seconds)
     except KeyboardInterrupt:
         console.print("stopped")
+
+
+register_commands(app, friendly_errors=friendly_errors)
 
 
 def run() -> None:  # pragma: no cover - console entry point

@@ -105,4 +105,7 @@ def run_demo(
         console.print(report.summary, markup=False, highlight=False)
     if report.report_path:
         console.print(f"report (site-only): {report.report_path}", markup=False, highlight=False)
+    from tasks.diagnose.driver import print_predictions
+
+    print_predictions(str(out), None, console)  # every scan of every site, processed in this run or before
     return report

@@ -254,6 +254,17 @@ def _is_transient(state: Any) -> bool:
         return False
 
 
+def _merge_outcomes(first: tuple[ScanOutcome, ...], again: tuple[ScanOutcome, ...]) -> tuple[ScanOutcome, ...]:
+    """One outcome per scan: a second pass's stage states (and failure) over the first's."""
+    merged = {o.scan: o for o in first}
+    for o in again:
+        before = merged.get(o.scan)
+        stages = {**(before.stages if before else {}), **o.stages}
+        ok = o.ok and (before.ok if before else True)
+        merged[o.scan] = o.model_copy(update={"stages": stages, "ok": ok}) if before is None or before.ok else before
+    return tuple(merged.values())
+
+
 def _process_one(request: ProcessScanRequest) -> PipelineReport:
     """The body of :func:`process_scan` and :func:`on_scan_arrived`, run in the calling flow's run."""
     settings = get_settings()
@@ -327,7 +338,10 @@ def nightly(request: NightlyRequest) -> PipelineReport:
             "%s: still failing in %s since %s (same inputs; skipped)", known.scan, known.stage, known.since
         )
     federated = None
-    if request.federated and any(o.ok for o in outcomes):
+    from tasks.continual import has_training_data
+
+    # labels may arrive for scans with nothing left to process: with no scan run, the federated flow still decides
+    if request.federated and (any(o.ok for o in outcomes) or (not outcomes and has_training_data(root, request.sites))):
         from flows.federated import FederatedRequest, federated_training
 
         # Called directly, not via return_state: a subflow's state fetched back from the API carries no result
@@ -337,6 +351,14 @@ def nightly(request: NightlyRequest) -> PipelineReport:
             federated = fed.model_dump(mode="json")
         except Exception as exc:  # recorded in the report; the scans' results stand
             federated = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500], "rounds": []}
+        fed_model = (federated or {}).get("model")
+        if isinstance(fed_model, dict) and fed_model.get("outcome") == "promoted":
+            # a newly promoted model: every scan's diagnose stage is pending again (its config names the model)
+            with dask_client(settings.dask), _artifacts_flushed():
+                again_found = discover_scans(root, request.sites, config, request.retry_known_failures)
+                again = _run_chains(again_found.todo, config, device, in_flight=NIGHTLY_SCANS_IN_FLIGHT)
+            record_failures(again_found.todo, again, {spec.name: config.stage_config(spec.name) for spec in PIPELINE})
+            outcomes = _merge_outcomes(outcomes, again)
     report_path = (
         publish_run_report(root, outcomes, federated, known_failures=found.known_failures, up_to_date=found.up_to_date)
         if request.report

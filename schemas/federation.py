@@ -21,7 +21,7 @@ from schemas.base import FrozenModel, StageConfig
 RunConfigValue = str | int | float | bool
 
 #: Run-config keys that say where outputs go (set by the runner per run; not hashed).
-RUNTIME_KEYS: tuple[str, ...] = ("metrics_path", "models_dir", "audit_path", "outcome_path")
+RUNTIME_KEYS: tuple[str, ...] = ("metrics_path", "models_dir", "audit_path", "outcome_path", "initial_model")
 #: Run-config key holding :meth:`FederationConfig.config_hash`.
 HASH_KEY = "config_hash"
 
@@ -151,7 +151,24 @@ class FederationConfig(StageConfig):
         "seeds train and evaluate on the same slices.",
     )
     personalisation_epochs: int = Field(
-        default=0, ge=0, le=100, description="Local fine-tuning epochs after the last round (0: none)."
+        default=0,
+        ge=0,
+        le=100,
+        description="Local fine-tuning epochs after the last round (0: none); the fine-tuned model stays at the site "
+        "and its diagnose stage uses it.",
+    )
+    # ---- continual learning ------------------------------------------------------------------------
+    warm_start: bool = Field(
+        default=True,
+        description="Start from the promoted model (when it has this task, size and architecture) instead of a "
+        "fresh one; a run starts only when labelled scans arrived since that model was trained.",
+    )
+    promotion_margin: float = Field(
+        default=0.01,
+        ge=0,
+        le=1.0,
+        description="A new model is promoted unless its site-aggregated AUC is below the current model's by more "
+        "than this.",
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seeds model init, splits and shuffling.")
 
@@ -179,14 +196,21 @@ class FederationConfig(StageConfig):
 
     # ---- the Flower run config ---------------------------------------------------------------------
     def to_run_config(
-        self, *, metrics_path: str = "", models_dir: str = "", audit_path: str = "", outcome_path: str = ""
+        self,
+        *,
+        metrics_path: str = "",
+        models_dir: str = "",
+        audit_path: str = "",
+        outcome_path: str = "",
+        initial_model: str = "",
     ) -> dict[str, RunConfigValue]:
         """The flat run config of this configuration (enum values as strings), its hash and output paths.
 
         ``metrics_path``: JSON-lines file of :class:`RoundRecord`; ``models_dir``: root of
         ``<run_id>/round-<k>``; ``audit_path``: JSON-lines inventory (names, shapes, dtypes; never values) of
         every message the server receives; ``outcome_path``: the :class:`ServerOutcome` the ServerApp writes
-        when it returns (the runner's sign that the rounds are over). Empty: not written.
+        when it returns (the runner's sign that the rounds are over); ``initial_model``: a registry weights file
+        the ServerApp starts from (warm start; empty: a fresh model). Empty paths: not written.
         """
         out: dict[str, RunConfigValue] = dict(self.model_dump(mode="json"))
         out[HASH_KEY] = self.config_hash()
@@ -194,6 +218,7 @@ class FederationConfig(StageConfig):
         out["models_dir"] = models_dir
         out["audit_path"] = audit_path
         out["outcome_path"] = outcome_path
+        out["initial_model"] = initial_model
         return out
 
     @classmethod
@@ -286,6 +311,10 @@ class RoundRecord(FrozenModel):
     failures: tuple[SiteFailure, ...] = Field(
         default=(), description="Every site that timed out, failed or was rejected in this round, with its reason."
     )
+    site_metrics: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Each site's held-out metrics of this round's global model, as the site computed them.",
+    )
 
 
 class ServerOutcome(FrozenModel):
@@ -313,6 +342,11 @@ class FederationReport(FrozenModel):
         default=None,
         description="Set when the runner had to stop Flower after the ServerApp returned (a ClientApp still ran, "
         "e.g. a hung site in the Simulation Engine): seconds it waited first.",
+    )
+    model: dict[str, object] | None = Field(
+        default=None,
+        description="The registry's decision on this run's model (schemas.registry.Decision as JSON), or why no "
+        "run was needed.",
     )
 
     @property

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from schemas.base import FrozenModel, StageConfig, YamlFileError, load_yaml_model
 from schemas.denoise import DenoiseConfig
+from schemas.diagnose import DiagnoseConfig
 from schemas.enhance import EnhanceConfig
 from schemas.federation import FederationConfig
 from schemas.reconstruct import ReconstructConfig
@@ -39,6 +40,7 @@ class PipelineConfig(FrozenModel):
     reconstruct: ReconstructConfig = Field(default_factory=_reconstruct_default)
     enhance: EnhanceConfig = Field(default_factory=EnhanceConfig)
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig)
+    diagnose: DiagnoseConfig = Field(default_factory=DiagnoseConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
 
     def stage_config(self, stage: StageName | str) -> StageConfig:

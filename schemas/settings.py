@@ -116,6 +116,18 @@ class PrivacySettings(BaseModel):
     )
 
 
+class MlflowSettings(BaseModel):
+    """Optional MLflow logging of registered models (needs the ``mlflow`` extra)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; set: every registered model is also logged to MLflow. Unset: the "
+        "built-in registry under <data root>/models/registry only.",
+    )
+
+
 class FedscanSettings(BaseSettings):
     """Root settings. Every field can be set as ``FEDSCAN_<FIELD>`` or ``FEDSCAN_<SECTION>__<FIELD>``."""
 
@@ -134,6 +146,7 @@ class FedscanSettings(BaseSettings):
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
 
 @lru_cache(maxsize=1)

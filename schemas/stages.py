@@ -16,6 +16,7 @@ from pydantic import ConfigDict, Field
 
 from schemas.base import FrozenModel, StageConfig
 from schemas.denoise import DenoiseConfig
+from schemas.diagnose import DiagnoseConfig
 from schemas.enhance import EnhanceConfig
 from schemas.manifest import DataKind
 from schemas.reconstruct import ReconstructConfig
@@ -32,6 +33,7 @@ class StageName(StrEnum):
     RECONSTRUCT = "reconstruct"
     ENHANCE = "enhance"
     SURROGATE = "surrogate"
+    DIAGNOSE = "diagnose"
 
 
 class StageState(StrEnum):
@@ -39,7 +41,7 @@ class StageState(StrEnum):
 
     DONE = "done"  # computed (or resumed) and recorded
     SKIPPED = "skipped"  # already done with the same config and inputs
-    NOT_APPLICABLE = "not-applicable"  # the scan's data kind has nothing for this stage (never a failure)
+    NOT_APPLICABLE = "not-applicable"  # nothing for this scan: its data kind, or no promoted model (never a failure)
     DISABLED = "disabled"  # the stage's config turns it off (an optional stage)
     FAILED = "failed"
     NOT_RUN = "not-run"  # an earlier stage of the same scan failed
@@ -100,6 +102,14 @@ PIPELINE: tuple[StageSpec, ...] = (
         writes=("surrogate",),
         data_kinds=frozenset(DataKind),
         summary="FESF surrogates of the scan's volume: the only images federated training sees.",
+    ),
+    StageSpec(
+        name=StageName.DIAGNOSE,
+        config_type=DiagnoseConfig,
+        reads=("surrogate",),
+        writes=("predictions",),
+        data_kinds=frozenset(DataKind),
+        summary="Per-slice lesion probabilities from the promoted model with the site's own BatchNorm statistics.",
     ),
 )
 

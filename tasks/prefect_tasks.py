@@ -281,9 +281,14 @@ class StageOutcome(FrozenModel):
 
 def _previews() -> dict[StageName, tuple[bool, Callable[[ScanStore], Preview | None]]]:
     """Each stage's card image: (is it plaintext, how to draw it from stored arrays)."""
+    from tasks.diagnose.driver import diagnose_preview
     from tasks.previews import reconstruction_preview, surrogate_preview
 
-    return {StageName.RECONSTRUCT: (True, reconstruction_preview), StageName.SURROGATE: (False, surrogate_preview)}
+    return {
+        StageName.RECONSTRUCT: (True, reconstruction_preview),
+        StageName.SURROGATE: (False, surrogate_preview),
+        StageName.DIAGNOSE: (False, diagnose_preview),  # flagged surrogate slices and their scores
+    }
 
 
 @task(name="stage", task_run_name="{stage}-{ref.site_id}-{ref.scan_id}", **STAGE_TASK_OPTIONS)
@@ -317,8 +322,9 @@ def scan_stage(
     retry_delay_seconds=30,
     retry_condition_fn=retry_only_transient,
 )
-def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any:
-    """One Flower run across the sites: per-round metrics stream into the logs and a table artifact."""
+def federated_stage(site_stores: list[str], config: Any, output_dir: str, initial_model: str = "") -> Any:
+    """One Flower run across the sites (from ``initial_model`` when warm-starting): per-round metrics stream into
+    the logs and a table artifact."""
     from prefect.artifacts import create_table_artifact
 
     from schemas.settings import get_settings
@@ -370,7 +376,9 @@ def federated_stage(site_stores: list[str], config: Any, output_dir: str) -> Any
                 description=f"Federated rounds so far ({config.strategy})",
             )
 
-    report = run_federation(config, target=target, output_dir=output_dir, on_round=on_round)
+    report = run_federation(
+        config, target=target, output_dir=output_dir, on_round=on_round, initial_model=initial_model
+    )
     logger.info(
         "federated run %s: %s, %d rounds, %.1f s", report.run_id, report.status, len(report.rounds), report.wall_seconds
     )

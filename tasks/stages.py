@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from schemas.base import StageConfig
 from schemas.manifest import ProvenanceRecord
 from schemas.stages import PIPELINE, StageName, StageSpec, StageState, chain_for
-from tasks.errors import InvalidInputError, StageIncompleteError
+from tasks.errors import FedscanError, InvalidInputError, StageIncompleteError
 from tasks.labels import LABELS_STAGE
 from tasks.storage import ScanStore, StageResult
 
@@ -42,12 +43,19 @@ ProgressFn = Callable[[float], None]
 Driver = Callable[..., StageResult]
 
 
+#: ``resolve(scan, config) -> config | None``: a stage whose config depends on something outside the scan (the
+#: diagnose stage: the promoted model) pins it into the config before the done-check; None: nothing to run with
+#: (recorded not-applicable).
+Resolver = Callable[[ScanStore, Any], StageConfig | None]
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage spec with the code that runs it."""
 
     spec: StageSpec
     driver: Driver
+    resolve: Resolver | None = None
 
     @property
     def name(self) -> StageName:
@@ -69,6 +77,7 @@ class StageRun:
 
 def _registry() -> dict[StageName, Stage]:
     from tasks import drivers
+    from tasks.diagnose.driver import diagnose_scan, resolve_config
     from tasks.enhance.driver import enhance_scan
 
     bound: dict[StageName, Driver] = {
@@ -76,11 +85,13 @@ def _registry() -> dict[StageName, Stage]:
         StageName.RECONSTRUCT: drivers.reconstruct_scan,
         StageName.ENHANCE: enhance_scan,
         StageName.SURROGATE: drivers.surrogate_scan,
+        StageName.DIAGNOSE: diagnose_scan,
     }
+    resolvers: dict[StageName, Resolver] = {StageName.DIAGNOSE: resolve_config}
     missing = [spec.name.value for spec in PIPELINE if spec.name not in bound]
     if missing:  # a spec without a driver is a programming error, caught by the first import in any test
         raise RuntimeError(f"stages without a driver: {missing}")
-    return {spec.name: Stage(spec, bound[spec.name]) for spec in PIPELINE}
+    return {spec.name: Stage(spec, bound[spec.name], resolvers.get(spec.name)) for spec in PIPELINE}
 
 
 #: Every pipeline stage with its driver, in pipeline order.
@@ -137,6 +148,11 @@ def run_scan_stage(
         return StageRun(spec.name, StageState.NOT_APPLICABLE)
     if not config.enabled:
         return StageRun(spec.name, StageState.DISABLED)
+    if entry.resolve is not None:
+        resolved = entry.resolve(scan, config)
+        if resolved is None:
+            return StageRun(spec.name, StageState.NOT_APPLICABLE)
+        config = resolved
     source, upstream = source_of(scan, spec, ignore=disabled)
     inputs = stage_inputs(scan, config, upstream)
     if not force and scan.is_done(spec.name, config.config_hash(), inputs):
@@ -161,6 +177,17 @@ def pending_stages(scan: ScanStore, configs: Mapping[StageName, StageConfig]) ->
     for spec in chain_for(scan.manifest.data_kind):
         if spec.name in disabled:
             continue
+        config = configs[spec.name]
+        resolve = STAGES[spec.name].resolve
+        if resolve is not None:
+            try:
+                resolved = resolve(scan, config)
+            except FedscanError:  # e.g. a damaged registry: pending, so that the stage runs and fails naming it
+                pending.append(spec.name)
+                continue
+            if resolved is None:  # nothing to run with (no promoted model): not pending
+                continue
+            config = resolved
         if pending:
             pending.append(spec.name)
             continue
@@ -170,7 +197,6 @@ def pending_stages(scan: ScanStore, configs: Mapping[StageName, StageConfig]) ->
             pending.append(spec.name)
             continue
         del source
-        config = configs[spec.name]
         if not scan.is_done(spec.name, config.config_hash(), stage_inputs(scan, config, upstream)):
             pending.append(spec.name)
     return pending

@@ -194,6 +194,38 @@ def _scanner_file(folder: Path) -> tuple[Path, npt.NDArray[np.float32]]:
     return named, np.asarray(render(ellipses, geometry.grid), dtype=np.float32)
 
 
+def _promote_model(data_root: Path) -> str:
+    """Register and promote an (untrained) classifier for the demo site's slice size; returns that site's id."""
+    from schemas.demo import DemoSize, default_sites
+    from schemas.registry import ModelCard, PrivacyCard
+    from tasks.federated.model import build_model, get_arrays, shared_keys
+    from tasks.registry import ModelRegistry, weights_sha256
+
+    profile = default_sites(1)[0]
+    grid = profile.grid(DemoSize.TINY)
+    model = build_model("classify", base_channels=4, seed=0)
+    arrays = get_arrays(model, shared_keys(model, fedbn=False, local_statistics=False))
+    card = ModelCard(
+        sha256=weights_sha256(arrays),
+        task="classify",
+        input_size=(grid.ny_pixels, grid.nx_pixels),
+        architecture="LesionClassifier",
+        base_channels=4,
+        fedbn=False,
+        local_bn_statistics=False,
+        sites=(),
+        rounds=0,
+        strategy="fedavg",
+        privacy=PrivacyCard(secagg=False, dp_mode="off"),
+        metric_value=0.5,
+        code_version="test",
+        created_at=datetime.now(UTC),
+    )
+    registry = ModelRegistry.for_data_root(str(data_root))
+    registry.promote(registry.register(card, arrays).version)
+    return profile.site_id
+
+
 class _Records(logging.Handler):
     """Every Python logging record of the process, formatted as its handlers would."""
 
@@ -286,6 +318,8 @@ def share_images_setting(request, monkeypatch):
 @pytest.mark.parametrize("share_images_setting", [False, True], indirect=True, ids=["default", "share-images"])
 def test_a_whole_run_sends_no_plaintext_image_and_no_identity(tmp_path, prefect_harness, share_images_setting):
     from flows.pipeline import NightlyRequest, ProcessScanRequest, nightly, process_scan
+    from schemas.diagnose import DiagnoseConfig
+    from schemas.pipeline import PipelineConfig
     from tasks.demo.build import build_demo_sites
 
     data_root = tmp_path / "data"
@@ -300,7 +334,15 @@ def test_a_whole_run_sends_no_plaintext_image_and_no_identity(tmp_path, prefect_
         first = process_scan(
             ProcessScanRequest(source=source, site_id="S", data_root=str(data_root)), return_state=True
         )
-        second = nightly(NightlyRequest(data_root=str(data_root), federated=False, report=True), return_state=True)
+        # a promoted model for the demo site's slices: its diagnose stage runs and publishes flagged slices
+        demo_site = _promote_model(data_root)
+        diagnose_all = PipelineConfig(diagnose=DiagnoseConfig(threshold=0.001))  # every slice flagged
+        second = nightly(
+            NightlyRequest(
+                data_root=str(data_root), sites=(demo_site,), config=diagnose_all, federated=False, report=True
+            ),
+            return_state=True,
+        )
     finally:
         for logger in watched:
             logger.removeHandler(records)
@@ -313,6 +355,9 @@ def test_a_whole_run_sends_no_plaintext_image_and_no_identity(tmp_path, prefect_
     view["python log record"] = records.lines
     assert view["artifact"] and view["log"] and view["event"]
     assert any("fedscan-run-report" in a for a in view["artifact"])  # the shared run summary is walked too
+    assert report.scans[0].stages["diagnose"] == "done"
+    flagged = [a for a in view["artifact"] if "slices flagged" in a]  # the diagnose card: surrogates and scores
+    assert flagged and all(embedded_pngs(a) for a in flagged)
 
     references = list(plaintext_slices(data_root, [("ct-0001/phantom", phantom)]))
     assert {name.split("/")[1].split("[")[0] for name, _ in references} >= {"volume", "volume_truth", "raw-fbp"}

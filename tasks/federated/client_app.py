@@ -38,12 +38,14 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from schemas.federation import CompressionKind, FederationConfig
+from tasks.diagnose.site_models import SiteKind, save_site_state
 from tasks.errors import InvalidInputError
 from tasks.federated.compression import encode_update
 from tasks.federated.data import SiteData, load_site_data, split_holdout
 from tasks.federated.model import build_model, get_arrays, model_signature, set_arrays, shared_keys
 from tasks.federated.training import evaluate as evaluate_model
 from tasks.federated.training import recalibrate_batchnorm, train_local
+from tasks.registry import weights_sha256
 from tasks.storage import SiteStore
 
 #: Environment variable holding a JSON list of site-store paths, indexed by simulation partition id.
@@ -122,6 +124,14 @@ def _save_local(context: Context, model: torch.nn.Module) -> None:
     context.state.array_records[_LOCAL_MODEL] = ArrayRecord(model.state_dict())
 
 
+def _keep_at_site(
+    context: Context, arrays: Mapping[str, npt.NDArray[np.float32]], model: torch.nn.Module, kind: SiteKind
+) -> None:
+    """Persist the site's own state of this global model in the site's store (the diagnose stage reads it)."""
+    version = weights_sha256(arrays)[:16]
+    save_site_state(site_store_path(context), version=version, kind=kind, state=model.state_dict())
+
+
 def _check_server(config: Mapping[str, Any], cfg: FederationConfig, model: torch.nn.Module, keys: list[str]) -> None:
     """Refuse a server that runs another configuration or another model."""
     theirs = config.get(CONFIG_HASH)
@@ -194,6 +204,8 @@ def _evaluate(
 ) -> dict[str, float | int]:
     cfg, model, _, train, hold = _receive_global(arrays, config, context)
     _site_statistics(cfg, model, train)
+    if (cfg.fedbn or cfg.local_bn_statistics) and int(config.get(ROUND, 0)) == cfg.num_rounds:
+        _keep_at_site(context, arrays, model, "site")  # the final model with this site's own BatchNorm layers
     metrics = evaluate_model(model, hold.images, hold.targets, task=cfg.task, batch_size=cfg.batch_size, device=_CPU)
     out: dict[str, float | int] = {"num-examples": hold.num_slices}
     out.update({k: v for k, v in metrics.items() if np.isfinite(v)})
@@ -220,6 +232,7 @@ def _personalise(
         _site_statistics(cfg, model, train)  # the fine-tuned weights need their own statistics
     after = evaluate_model(model, hold.images, hold.targets, **kw)
     _save_local(context, model)
+    _keep_at_site(context, arrays, model, "personal")
     out: dict[str, float | int] = {"num-examples": hold.num_slices}
     out.update({f"global_{k}": v for k, v in before.items() if np.isfinite(v)})
     out.update({f"personal_{k}": v for k, v in after.items() if np.isfinite(v)})

@@ -394,6 +394,7 @@ class ScreeningStrategy(fs.Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         st = self._state()
+        config = ConfigRecord({**dict(config), ROUND: server_round})  # the site saves its state after the last
         st.eval_sent = [
             Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n, message_type=MessageType.EVALUATE)
             for n in st.answered
@@ -411,6 +412,13 @@ class ScreeningStrategy(fs.Strategy):
             timeout_s=self.cfg.round_timeout_s,
         )
         evals = weighted_metrics([dict(r.content.metric_records["metrics"]) for r in good if "metrics" in r.content])
+        per_site = {
+            site_of(self.sites, int(r.metadata.src_node_id)): {
+                k: float(v) for k, v in r.content.metric_records["metrics"].items() if isinstance(v, int | float)
+            }
+            for r in good
+            if "metrics" in r.content
+        }
         model_dir = None
         if st.aggregated and self.arrays is not None:
             model_dir = self.writer.save_model(server_round, arrays_of(self.arrays))
@@ -437,6 +445,7 @@ class ScreeningStrategy(fs.Strategy):
                 seconds=time.perf_counter() - st.t0,
                 model_dir=model_dir,
                 failures=(*st.failures, *eval_failures),
+                site_metrics=per_site,
             )
         )
         self._round = None

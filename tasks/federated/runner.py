@@ -165,12 +165,14 @@ def run_federation(
     poll_s: float = 2.0,
     round_timeout_cap_s: float | None = None,
     engine_grace_s: float = 30.0,
+    initial_model: str = "",
 ) -> FederationReport:
     """Run ``config`` on ``target``; per-round records go to ``on_round`` as they appear.
 
     ``round_timeout_cap_s`` (default: ``FEDSCAN_FLOWER__ROUND_TIMEOUT_S``) caps ``config.round_timeout_s``;
     ``engine_grace_s`` is how long Flower may take to finish after the ServerApp returned before the runner
     stops it (a ClientApp still running, e.g. a hung site).
+    ``initial_model``: a registry weights file (path or URL readable by the ServerApp) the rounds start from.
 
     Outputs under ``output_dir``: ``models/<run_id>/round-<k>/`` (global model + meta.json),
     ``runs/<nonce>/metrics.jsonl`` and, with ``audit``, ``runs/<nonce>/audit.jsonl`` (the inventory of every
@@ -196,6 +198,7 @@ def run_federation(
         models_dir=str(_mkdir(out / "models")),
         audit_path=str(audit_path or ""),
         outcome_path=str(outcome_path),
+        initial_model=initial_model,
     )
     config_file = run_dir / "run-config.toml"
     config_file.write_text(tomli_w.dumps(run_config), encoding="utf-8")

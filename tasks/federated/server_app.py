@@ -38,7 +38,7 @@ from schemas.federation import (
 )
 from tasks.federated.client_app import CONFIG_HASH, ROUND, SIGNATURE
 from tasks.federated.grid import AuditingGrid, wait_for_nodes
-from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
+from tasks.federated.model import build_model, get_arrays, model_signature, set_arrays, shared_keys
 from tasks.federated.rounds import (
     RoundWriter,
     ScreeningStrategy,
@@ -55,12 +55,41 @@ LOG = logging.getLogger("fedscan.federated.server")
 app = ServerApp()
 
 
-def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, base: ConfigRecord) -> None:
-    """Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` runs the rounds of the configured strategy
-    inside :class:`ScreeningStrategy`; then the optional personalisation phase."""
+def initial_arrays(cfg: FederationConfig, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared arrays the first round starts from: the run config's ``initial_model`` (a registry weights file,
+    warm start; any fsspec URL), else a fresh model from the seed. A file whose arrays are not exactly this
+    model's shared entries (another task, size of layers or BatchNorm policy) is refused by name."""
+    import fsspec
+
+    from tasks.errors import InvalidInputError
+    from tasks.registry import deserialize_arrays
+
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
-    initial = record_of(get_arrays(model, keys))
+    path = str(run_config.get("initial_model", "") or "")
+    if path:
+        with fsspec.open(path, "rb") as fh:
+            arrays = deserialize_arrays(fh.read(), where=path)
+        if sorted(arrays) != sorted(keys):
+            raise InvalidInputError(f"warm-start model {path} does not hold this run's shared arrays (other model)")
+        set_arrays(model, arrays)
+        LOG.info("warm start from %s", path)
+    return get_arrays(model, keys)
+
+
+def run_message_api(
+    grid: AuditingGrid,
+    cfg: FederationConfig,
+    writer: RoundWriter,
+    base: ConfigRecord,
+    start: Mapping[str, Any] | None = None,
+) -> None:
+    """Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` runs the rounds of the configured strategy
+    inside :class:`ScreeningStrategy`, from ``start`` (default: a fresh model); then the optional personalisation
+    phase."""
+    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
+    initial = record_of(dict(start) if start is not None else get_arrays(model, keys))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
     inner = build_strategy(cfg, num_sampled=max(cfg.min_available_clients, int(len(nodes) * cfg.fraction_train)))
     screening = ScreeningStrategy(inner, grid=grid, cfg=cfg, writer=writer)
@@ -128,7 +157,12 @@ def personalise(
 # SecAgg+ path (Flower's legacy workflow)
 # ------------------------------------------------------------------------------------------------
 def run_secagg(
-    grid: AuditingGrid, context: Context, cfg: FederationConfig, writer: RoundWriter, base: ConfigRecord
+    grid: AuditingGrid,
+    context: Context,
+    cfg: FederationConfig,
+    writer: RoundWriter,
+    base: ConfigRecord,
+    start: Mapping[str, Any] | None = None,
 ) -> None:
     """All rounds with SecAgg+: ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow)`` over a legacy strategy."""
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -138,7 +172,8 @@ def run_secagg(
 
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
-    initial = ndarrays_to_parameters(list(get_arrays(model, keys).values()))
+    first = dict(start) if start is not None else get_arrays(model, keys)
+    initial = ndarrays_to_parameters([first[k] for k in keys])
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
     sites, pending = roll_call(grid, nodes, timeout_s=cfg.wait_for_nodes_s)
     state: dict[str, Any] = {"t0": time.perf_counter(), "down": 0, "up": 0, "adown": 0, "aup": 0, "fit": {}}
@@ -184,7 +219,7 @@ def run_secagg(
         "min_available_clients": cfg.min_available_clients,
         "initial_parameters": initial,
         "on_fit_config_fn": fit_config,
-        "on_evaluate_config_fn": lambda _r: dict(base),
+        "on_evaluate_config_fn": lambda r: {**dict(base), ROUND: r},
         "fit_metrics_aggregation_fn": fit_metrics,
         "evaluate_metrics_aggregation_fn": eval_metrics,
     }
@@ -285,10 +320,11 @@ def main(grid: Grid, context: Context) -> None:
     audited = AuditingGrid(grid, audit_path=str(context.run_config.get("audit_path", "")))
     base = ConfigRecord({CONFIG_HASH: cfg.config_hash(), SIGNATURE: signature})
     try:
+        start = initial_arrays(cfg, context.run_config)
         if cfg.secagg:
-            run_secagg(audited, context, cfg, writer, base)
+            run_secagg(audited, context, cfg, writer, base, start)
         else:
-            run_message_api(audited, cfg, writer, base)
+            run_message_api(audited, cfg, writer, base, start)
     except Exception as exc:
         writer.finish(exc)
         raise

@@ -97,7 +97,8 @@ def test_nightly_processes_every_scan_records_a_failure_and_reruns_skip(tmp_path
         stage_names[1:], "not-run"
     )
     assert {o.scan: o.stages for o in report.scans}["A/A-0"] == dict.fromkeys(stage_names, "done") | {
-        "enhance": "disabled"  # optional, off without a model
+        "enhance": "disabled",  # optional, off without a model
+        "diagnose": "not-applicable",  # no promoted model (the run is not federated)
     }
     # a rerun touches only what is left: B-1 failed under the same inputs, so it is listed once as still
     # failing (since the first night), not retried, and the run is not red again; finished stages keep their

@@ -189,13 +189,16 @@ def test_real_scans_through_fedscan(tmp_path, prefect_harness, cpu_device, rng) 
     clinic = SiteStore.open(data / "clinic.zarr", mode="r")
     for scan in clinic.scans():
         assert (
-            f"clinic/{scan.scan_id}: ok (denoise not-applicable, reconstruct not-applicable, enhance disabled, surrogate done)"
-            in out
+            f"clinic/{scan.scan_id}: ok (denoise not-applicable, reconstruct not-applicable, enhance disabled, "
+            "surrogate done, diagnose not-applicable)" in out
         )
         assert set(scan.provenance()) == {"ingest", "labels", "surrogate"}
         assert scan.array("surrogate").shape == (3, 512, 512)
         assert scan.manifest.data_kind.value == "hu_images"
-    assert "bench/flatdark: ok (denoise done, reconstruct done, enhance disabled, surrogate done)" in out
+    assert (
+        "bench/flatdark: ok (denoise done, reconstruct done, enhance disabled, surrogate done, diagnose not-applicable)"
+        in out
+    )
     site = SiteStore.open(data / "bench.zarr", mode="r")
     fd = site.scan("flatdark")
     assert fd.manifest.flat_dark is not None and fd.manifest.flat_dark.n_flats == 8
@@ -205,7 +208,10 @@ def test_real_scans_through_fedscan(tmp_path, prefect_harness, cpu_device, rng) 
     print(f"flat/dark reconstruction vs known-line-integral reconstruction: PSNR {value:.1f} dB")
     assert value > 40.0  # 49.3 dB measured (seeded), I0 = 2e4 photons with Poisson noise against noise-free truth
 
-    assert "ldct/ctpd: ok (denoise done, reconstruct done, enhance disabled, surrogate done)" in out
+    assert (
+        "ldct/ctpd: ok (denoise done, reconstruct done, enhance disabled, surrogate done, diagnose not-applicable)"
+        in out
+    )
     ldct = SiteStore.open(data / "ldct.zarr", mode="r")
     read, known = (ldct.scan(s).manifest.geometry.model_dump() for s in ("ctpd", "fan-known"))
     assert read.pop("detector_row_pitch_mm") == pytest.approx(known.pop("detector_row_pitch_mm"), rel=1e-6)  # FL tag

@@ -46,19 +46,25 @@ def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, d
             calls.append((scan.scan_id, _real.name))
             return _real.driver(scan, config, **kwargs)
 
-        monkeypatch.setitem(stages.STAGES, spec.name, stages.Stage(spec, recording))
+        monkeypatch.setitem(stages.STAGES, spec.name, stages.Stage(spec, recording, real.resolve))
 
     config = tmp_path / "pipeline.yaml"
     config.write_text((ROOT / "configs" / "pipeline.yaml").read_text())
     args = ["run", "--config", str(config), "--no-federated", "--no-report", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    order = [spec.name for spec in PIPELINE if spec.name is not StageName.ENHANCE]  # enhance: off, no model
+    # enhance: off (no model); diagnose: not-applicable (no promoted model)
+    order = [spec.name for spec in PIPELINE if spec.name not in (StageName.ENHANCE, StageName.DIAGNOSE)]
     assert [name for scan, name in calls if scan == "K-0"] == order  # the registry's order
     assert [name for scan, name in calls if scan == "img-1"] == [StageName.SURROGATE]
     out = " ".join(result.output.split())  # the console wraps long lines
-    assert "K/img-1: ok (denoise not-applicable, reconstruct not-applicable, enhance disabled, surrogate done)" in out
-    assert "K/K-0: ok (denoise done, reconstruct done, enhance disabled, surrogate done)" in out
+    assert (
+        "K/img-1: ok (denoise not-applicable, reconstruct not-applicable, enhance disabled, surrogate done, diagnose not-applicable)"
+        in out
+    )
+    assert (
+        "K/K-0: ok (denoise done, reconstruct done, enhance disabled, surrogate done, diagnose not-applicable)" in out
+    )
     img = SiteStore.open(tmp_path / "K.zarr").scan("img-1")
     assert set(img.provenance()) == {"ingest", "surrogate"}
 
@@ -76,7 +82,9 @@ def test_run_walks_the_registry_per_data_kind(tmp_path: Path, prefect_harness, d
     assert result.exit_code == 0, result.output
     assert [name for _scan, name in calls] == order
     out = " ".join(result.output.split())
-    assert "K/K-0: ok (denoise done, reconstruct done, enhance disabled, surrogate done)" in out
+    assert (
+        "K/K-0: ok (denoise done, reconstruct done, enhance disabled, surrogate done, diagnose not-applicable)" in out
+    )
     assert "img-1" not in result.output
 
 
@@ -110,7 +118,10 @@ def test_run_with_an_enhance_model_runs_four_stages(tmp_path: Path, prefect_harn
     args = ["run", "--config", str(path), "--no-federated", "--no-report", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "K/K-0: ok (denoise done, reconstruct done, enhance done, surrogate done)" in " ".join(result.output.split())
+    assert (
+        "K/K-0: ok (denoise done, reconstruct done, enhance done, surrogate done, diagnose not-applicable)"
+        in " ".join(result.output.split())
+    )
     scan = SiteStore.open(tmp_path / "K.zarr").scan("K-0")
     assert scan.stage_record("enhance").metrics["model_sha256"] == sha
     assert scan.stage_record("surrogate").inputs == {"enhance": scan.stage_record("enhance").lineage()}
