@@ -37,7 +37,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from schemas.federation import CompressionKind, FederationConfig
+from schemas.federation import CompressionKind, FederatedTask, FederationConfig
 from tasks.errors import InvalidInputError
 from tasks.federated.compression import encode_update
 from tasks.federated.data import SiteData, load_site_data, split_holdout
@@ -163,12 +163,23 @@ def _site_statistics(cfg: FederationConfig, model: torch.nn.Module, train: SiteD
         recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
 
 
+def _enhance_task(context: Context) -> Any:
+    """:mod:`tasks.federated.enhance_task` when the run trains the enhance network, else None."""
+    if FederationConfig.from_run_config(context.run_config).task is not FederatedTask.ENHANCE:
+        return None
+    from tasks.federated import enhance_task
+
+    return enhance_task
+
+
 # ------------------------------------------------------------------------------------------------
 # The work of one message (format-independent)
 # ------------------------------------------------------------------------------------------------
 def _train(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, float | int]]:
+    if (enhance := _enhance_task(context)) is not None:
+        return enhance.train(arrays, config, context, FederationConfig.from_run_config(context.run_config))
     cfg, model, keys, train, _ = _receive_global(arrays, config, context)
     _injected_sleep(train.site_id)
     anchor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
@@ -192,6 +203,8 @@ def _train(
 def _evaluate(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> dict[str, float | int]:
+    if (enhance := _enhance_task(context)) is not None:
+        return enhance.evaluate(arrays, config, context, FederationConfig.from_run_config(context.run_config))
     cfg, model, _, train, hold = _receive_global(arrays, config, context)
     _site_statistics(cfg, model, train)
     metrics = evaluate_model(model, hold.images, hold.targets, task=cfg.task, batch_size=cfg.batch_size, device=_CPU)
@@ -203,6 +216,8 @@ def _evaluate(
 def _personalise(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> dict[str, float | int]:
+    if (enhance := _enhance_task(context)) is not None:
+        return enhance.personalise(arrays, config, context, FederationConfig.from_run_config(context.run_config))
     cfg, model, _, train, hold = _receive_global(arrays, config, context)
     kw: dict[str, Any] = {"task": cfg.task, "batch_size": cfg.batch_size, "device": _CPU}
     _site_statistics(cfg, model, train)

@@ -101,6 +101,12 @@ def build_model(task: FederatedTask | str, *, base_channels: int, seed: int) -> 
     task = FederatedTask(task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if task is FederatedTask.ENHANCE:  # the enhance stage's network (tasks/federated/enhance_task.py)
+            from tasks.enhance.model import Architecture
+            from tasks.enhance.model import build_model as build_enhance
+
+            arch = Architecture(channels=base_channels, depth=2, norm="none")
+            return build_enhance(arch, generator=torch.Generator().manual_seed(seed))
         if task is FederatedTask.CLASSIFY:
             return LesionClassifier(base_channels=base_channels)
         return LesionUNet(base_channels=base_channels)

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from schemas.federation import (
     DpMode,
     FailureReason,
+    FederatedTask,
     FederationConfig,
     RoundRecord,
     SiteFailure,
@@ -240,6 +241,8 @@ def run_secagg(
                     eval_auc=m.get("auc"),
                     eval_accuracy=m.get("accuracy"),
                     eval_dice=m.get("dice"),
+                    eval_psnr_db=m.get("psnr_db"),
+                    eval_ssim=m.get("ssim"),
                     bytes_down=grid.bytes_down - state["down"],
                     bytes_up=grid.bytes_up - state["up"],
                     array_bytes_down=grid.array_bytes_down - state["adown"],
@@ -274,6 +277,15 @@ def run_secagg(
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
+def round_writer(cfg: FederationConfig) -> type[RoundWriter]:
+    """The enhance task's writer (its checkpoints, divergence and current model) or the plain one."""
+    if cfg.task is FederatedTask.ENHANCE:
+        from tasks.federated.enhance_task import EnhanceRoundWriter
+
+        return EnhanceRoundWriter
+    return RoundWriter
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Parse the run config, then run the rounds (Message API, or SecAgg+'s legacy workflow)."""
@@ -281,7 +293,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     signature = model_signature(model, keys)
-    writer = RoundWriter(cfg, context.run_config, context.run_id, signature)
+    writer = round_writer(cfg)(cfg, context.run_config, context.run_id, signature)
     audited = AuditingGrid(grid, audit_path=str(context.run_config.get("audit_path", "")))
     base = ConfigRecord({CONFIG_HASH: cfg.config_hash(), SIGNATURE: signature})
     try:
