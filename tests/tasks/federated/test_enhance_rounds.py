@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from flwr.supercore.task_identity import TaskIdentity
 
 from schemas.federation import FederatedTask, FederationConfig
 from tasks.enhance.model import Architecture, load_checkpoint
 from tasks.errors import InvalidInputError, TrainingDivergedError
+from tasks.federated.client_app import TEST_SLEEP_ENV
 from tasks.federated.enhance_task import CURRENT_CHECKPOINT, DIVERGED, ENHANCE_CHECKPOINT, enhance_sites
 from tasks.federated.inprocess import run_in_process
+from tasks.federated.runner import SimulationTarget, run_federation
 from tasks.storage import SiteStore
 from tests.flows.test_pipeline_flows import make_site
 from tests.tasks.test_stages import add_image_scan
@@ -41,12 +44,13 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("enhance-sites")
     make_site(root, site_id="A", rows=4, cols=SIZE, views=32, i0=5e4, seed=0)
     make_site(root, site_id="B", rows=4, cols=SIZE, views=48, i0=5e3, seed=1)
+    make_site(root, site_id="C", rows=4, cols=SIZE, views=40, i0=2e4, seed=4)
     for sid, seed in (("X", 2), ("Y", 3)):
         site = make_site(root, site_id=sid, rows=4, cols=SIZE, views=32, i0=5e4, seed=seed)
         arr = site.scan(f"{sid}-0").array("projections")
         arr[...] = np.asarray(arr[...]) * np.float32(1e20)
     add_image_scan(SiteStore.create(root / "H.zarr", site_id="H"), size=SIZE)
-    return {sid: root / f"{sid}.zarr" for sid in "ABXYH"}
+    return {sid: root / f"{sid}.zarr" for sid in "ABCXYH"}
 
 
 def config(**kw) -> FederationConfig:
@@ -131,3 +135,42 @@ def test_sites_without_projection_data_are_skipped_and_named(stores):
         enhance_sites([str(stores[s]) for s in "AH"], other)
     with pytest.raises(InvalidInputError, match="H: no projection scans"):
         enhance_sites([str(stores["H"])], cfg.model_copy(update={"min_available_clients": 1}))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_rounds_through_the_flower_simulation_with_a_hung_site(stores, tmp_path, monkeypatch):
+    """The flwr CLI and the Simulation Engine: A and B train two rounds, C hangs in training and is dropped after
+    the round timeout, named; the enhance checkpoint of the last round becomes current."""
+    monkeypatch.setenv(TEST_SLEEP_ENV, json.dumps({"C": 3600}))
+    cfg = config(round_timeout_s=30, wait_for_nodes_s=90)
+    report = run_federation(
+        cfg,
+        target=SimulationTarget(site_stores=[stores[s] for s in "ABC"]),
+        output_dir=tmp_path,
+        timeout_s=600,
+        audit=True,
+        engine_grace_s=10,
+        round_timeout_cap_s=30,
+    )
+    r1, r2 = report.train_rounds
+    assert r1.aggregated and r1.replies_ok == 2
+    assert [(f.site, f.phase, f.reason.value) for f in r1.failures] == [("C", "train", "timeout")]
+    assert r2.aggregated and r2.replies_ok == 2 and {f.site for f in r2.failures} == {"C"}
+    assert r1.eval_psnr_db is not None and r2.eval_ssim is not None
+    final = Path(report.final_model_dir) / ENHANCE_CHECKPOINT
+    ckpt = load_checkpoint(final, arch=Architecture(channels=4), grid=(SIZE, SIZE))
+    assert ckpt.metadata["round"] == 2
+    assert (tmp_path / "models" / CURRENT_CHECKPOINT).read_bytes() == final.read_bytes()
+    for line in next((tmp_path / "runs").glob("*/audit.jsonl")).read_text().splitlines():
+        for arr in json.loads(line)["arrays"]:
+            assert tuple(arr["shape"][-2:]) != (SIZE, SIZE), arr  # no image ever reached the server
+
+
+def test_the_enhance_deployment_asks_for_an_enhance_run():
+    from flows.federated import FederatedRequest
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[3] / "prefect.yaml").read_text())
+    (dep,) = [d for d in spec["deployments"] if d["name"] == "federated-enhance"]
+    assert dep["entrypoint"] == "flows/federated.py:federated_training"
+    assert FederatedRequest.model_validate(dep["parameters"]["request"]).config.task is FederatedTask.ENHANCE
