@@ -98,6 +98,9 @@ def publish_run_report(data_root: str, outcomes: Sequence[Any], federated: Mappi
         sections.append(("Federated rounds", list(federated.get("rounds", []))))
     try:
         previews = report_previews(data_root)
+        from tasks.enhance.comparison import enhance_comparisons  # raw / classical / enhanced (plaintext)
+
+        previews += enhance_comparisons(data_root)
     except (NotAFedscanStoreError, StoreNotFoundError):
         previews = []
     path = write_report(
