@@ -35,8 +35,8 @@ def federated_training(request: FederatedRequest) -> FederationReport:
         from tasks.pipeline_support import site_uris
 
         stores, skipped, config = enhance_sites(site_uris(root, request.sites), request.config)
-        report = cast(FederationReport, federated_stage(stores, config, models))
-        return report.model_copy(update={"skipped_sites": skipped})
+        trained = cast(FederationReport, federated_stage(stores, config, models))
+        return trained.model_copy(update={"skipped_sites": skipped})
     stores = federated_sites(root, request.sites)
     report = federated_stage(stores, request.config, models)
     return cast(FederationReport, report)
