@@ -13,8 +13,9 @@
 * **ServerApp side** (:class:`EnhanceRoundWriter`): every aggregated round's global model is also written as an
   enhance checkpoint (``round-<k>/enhance.pt``, architecture and grid recorded, loadable by
   :func:`tasks.enhance.model.load_checkpoint`); a round in which every site that answered diverged fails the
-  run; only a run that completes copies its last checkpoint to ``<models_dir>/enhance-current.pt``, the path an
-  ``enhance.model_path`` can name.
+  run; only a run that completes copies its last checkpoint to ``enhance-current.pt`` beside the runner's
+  ``models/`` and ``runs/`` folders (``<data_root>/models/enhance-current.pt`` for the federated-training flow),
+  the path an ``enhance.model_path`` can name.
 * **Flow side** (:func:`enhance_sites`): which sites can train (projection scans on the federation's grid), the
   others skipped and named; the grid is taken from the sites when the config leaves it unset.
 
@@ -317,7 +318,7 @@ class EnhanceRoundWriter(RoundWriter):
 
     def finish(self, error: BaseException | None) -> None:
         if error is None and self.last_checkpoint is not None and self.models_root is not None:
-            current = self.models_root.parent / CURRENT_CHECKPOINT
+            current = self.models_root.parent.parent / CURRENT_CHECKPOINT  # beside the runner's models/ and runs/
             tmp = current.with_name(current.name + ".tmp")
             shutil.copyfile(self.last_checkpoint, tmp)
             tmp.replace(current)

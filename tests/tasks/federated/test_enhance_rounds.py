@@ -93,7 +93,7 @@ def test_two_rounds_aggregate_into_a_checkpoint_the_stage_loads(stores, tmp_path
     with pytest.raises(InvalidInputError, match="channels 4 \\(expected 8\\)"):
         load_checkpoint(Path(records[-1].model_dir) / ENHANCE_CHECKPOINT, arch=Architecture(channels=8))
     # no run_in_process outcome path: finish() was called with no error, so the current model is the last round's
-    current = tmp_path / "models" / CURRENT_CHECKPOINT
+    current = tmp_path / CURRENT_CHECKPOINT
     assert current.read_bytes() == (Path(records[-1].model_dir) / ENHANCE_CHECKPOINT).read_bytes()
     # the server never received an image: only model-shaped arrays
     for entry in (json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()):
@@ -115,7 +115,7 @@ def test_a_diverged_site_is_named_and_its_update_withheld(stores, tmp_path, capl
 
 
 def test_every_site_diverged_fails_the_run_and_saves_no_model(stores, tmp_path):
-    current = tmp_path / "models" / CURRENT_CHECKPOINT
+    current = tmp_path / CURRENT_CHECKPOINT
     with pytest.raises(TrainingDivergedError, match=r"every site's enhance training diverged \(X, Y\)"):
         run_in_process(config(num_rounds=2), [stores["X"], stores["Y"]], tmp_path)
     assert not current.exists()
@@ -161,7 +161,7 @@ def test_two_rounds_through_the_flower_simulation_with_a_hung_site(stores, tmp_p
     final = Path(report.final_model_dir) / ENHANCE_CHECKPOINT
     ckpt = load_checkpoint(final, arch=Architecture(channels=4), grid=(SIZE, SIZE))
     assert ckpt.metadata["round"] == 2
-    assert (tmp_path / "models" / CURRENT_CHECKPOINT).read_bytes() == final.read_bytes()
+    assert (tmp_path / CURRENT_CHECKPOINT).read_bytes() == final.read_bytes()
     for line in next((tmp_path / "runs").glob("*/audit.jsonl")).read_text().splitlines():
         for arr in json.loads(line)["arrays"]:
             assert tuple(arr["shape"][-2:]) != (SIZE, SIZE), arr  # no image ever reached the server
