@@ -177,6 +177,12 @@ class FederationConfig(StageConfig):
         "grid and the stage refuses another); 0 = not set (the federated-training flow sets it from the sites).",
     )
     enhance_grid_nx_px: int = Field(default=0, ge=0, le=8192, description="enhance: image columns (see rows).")
+    enhance_batchnorm: bool = Field(
+        default=False,
+        description="enhance: BatchNorm in the network's blocks. With local_bn_statistics (SiloBN) their running "
+        "statistics stay at each site, and the enhance stage re-estimates them on each scan it enhances (also the "
+        "policy for a site that never trained); fedbn is refused (no global checkpoint holds a site's layers).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -196,6 +202,11 @@ class FederationConfig(StageConfig):
                 raise ValueError("secagg_reconstruction_threshold must not exceed secagg_num_shares")
             if self.min_available_clients < 2:
                 raise ValueError("secagg needs min_available_clients >= 2")
+        if self.task is FederatedTask.ENHANCE and self.enhance_batchnorm and self.fedbn:
+            raise ValueError(
+                "task 'enhance' with enhance_batchnorm cannot use fedbn: each site would keep its own BatchNorm "
+                "layers and no global checkpoint could hold them; use local_bn_statistics (SiloBN)"
+            )
         if (self.enhance_grid_ny_px == 0) != (self.enhance_grid_nx_px == 0):
             raise ValueError("set both enhance_grid_ny_px and enhance_grid_nx_px, or neither")
         if self.dp_mode is not DpMode.OFF and self.strategy not in DP_STRATEGIES:

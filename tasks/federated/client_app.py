@@ -41,7 +41,7 @@ from schemas.federation import CompressionKind, FederatedTask, FederationConfig
 from tasks.errors import InvalidInputError
 from tasks.federated.compression import encode_update
 from tasks.federated.data import SiteData, load_site_data, split_holdout
-from tasks.federated.model import build_model, get_arrays, model_signature, set_arrays, shared_keys
+from tasks.federated.model import get_arrays, model_for, model_signature, set_arrays, shared_keys
 from tasks.federated.training import evaluate as evaluate_model
 from tasks.federated.training import recalibrate_batchnorm, train_local
 from tasks.storage import SiteStore
@@ -111,7 +111,7 @@ def _site_split(context: Context, cfg: FederationConfig) -> tuple[SiteData, Site
 
 def _local_model(context: Context, cfg: FederationConfig) -> tuple[torch.nn.Module, list[str]]:
     """The site's model: fresh from the seed, then its own saved state (FedBN layers, personalisation)."""
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     if _LOCAL_MODEL in context.state.array_records:
         saved = context.state.array_records[_LOCAL_MODEL].to_torch_state_dict()
         model.load_state_dict(saved)

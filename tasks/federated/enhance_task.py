@@ -19,9 +19,13 @@
 * **Flow side** (:func:`enhance_sites`): which sites can train (projection scans on the federation's grid), the
   others skipped and named; the grid is taken from the sites when the config leaves it unset.
 
-The federated enhance network has no BatchNorm layers (``norm="none"``: a denoiser whose output for a slice does
-not depend on its batch), so ``fedbn`` and ``local_bn_statistics`` keep nothing at home for this task; the
-shared keys are computed by the same :func:`tasks.federated.model.shared_keys` as for the lesion tasks.
+BatchNorm (``enhance_batchnorm``): the shared keys come from the same :func:`tasks.federated.model.shared_keys` as
+for the lesion tasks. With ``local_bn_statistics`` (SiloBN) the running statistics never leave a site: a site
+re-estimates them on its training inputs before evaluating the global weights, the server's checkpoints carry
+none (metadata ``bn_statistics: site-local``), and the enhance stage re-estimates them on each scan it enhances
+(:func:`tasks.enhance.driver.enhance_scan`) — also the policy for a site that never trained. ``fedbn`` is refused
+with BatchNorm for this task (no global checkpoint could hold each site's layers). Without BatchNorm (the
+default) both settings keep nothing at home.
 """
 
 from __future__ import annotations
@@ -43,14 +47,22 @@ import torch
 from flwr.app import Context
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from schemas.federation import EnhanceTarget, FailureReason, FederatedTask, FederationConfig, RoundRecord
+from schemas.federation import EnhanceTarget, FailureReason, FederationConfig, RoundRecord
 from schemas.stages import PROJECTION_KINDS
 from tasks.enhance.fit import FitConfig, site_pairs
-from tasks.enhance.model import Architecture, ResidualUNet, enhance_slices, save_checkpoint
+from tasks.enhance.model import (
+    BN_STATISTICS_KEY,
+    Architecture,
+    ResidualUNet,
+    batches_of,
+    enhance_slices,
+    recalibrate_statistics,
+    save_checkpoint,
+)
 from tasks.enhance.training import TrainSettings, train_enhance
 from tasks.errors import InvalidInputError, TrainingDivergedError
 from tasks.federated import client_app as ca
-from tasks.federated.model import build_model, get_arrays, set_arrays
+from tasks.federated.model import get_arrays, model_for, set_arrays
 from tasks.federated.rounds import RoundWriter
 from tasks.storage import SiteStore
 
@@ -77,8 +89,14 @@ FloatArray = npt.NDArray[np.float32]
 
 
 def architecture(cfg: FederationConfig) -> Architecture:
-    """The network of a federated enhance run (no BatchNorm; ``base_channels`` wide, two poolings)."""
-    return Architecture(channels=cfg.base_channels, depth=2, norm="none")
+    """The network of a federated enhance run: ``base_channels`` wide, two poolings, BatchNorm when asked."""
+    return Architecture(channels=cfg.base_channels, depth=2, norm="batch" if cfg.enhance_batchnorm else "none")
+
+
+def site_local_statistics(cfg: FederationConfig) -> bool:
+    """Whether the network's BatchNorm running statistics stay at each site (SiloBN), so that a checkpoint's
+    statistics must be re-estimated where it is used."""
+    return cfg.enhance_batchnorm and cfg.local_bn_statistics
 
 
 def grid_of(cfg: FederationConfig) -> tuple[int, int]:
@@ -213,6 +231,12 @@ def _fit(
     return {"num-examples": n, "train_loss": float(result.metrics["loss_last"])}
 
 
+def _site_statistics(model: torch.nn.Module, data: _SitePairs, cfg: FederationConfig) -> None:
+    """SiloBN: the global weights get this site's BatchNorm statistics, re-estimated on its training inputs."""
+    if site_local_statistics(cfg):
+        recalibrate_statistics(model, batches_of(data.train_x, cfg.batch_size), device=_CPU)
+
+
 def _metrics(model: torch.nn.Module, data: _SitePairs, cfg: FederationConfig) -> dict[str, float | int]:
     """Held-out loss (the training loss's units), PSNR and SSIM of output and input against the targets."""
     n = int(data.hold_x.shape[0])
@@ -249,6 +273,7 @@ def evaluate(
 ) -> dict[str, float | int]:
     """Held-out metrics of the global model on this site's pairs."""
     model, _, data = _receive(arrays, config, context, cfg)
+    _site_statistics(model, data, cfg)
     return _metrics(model, data, cfg)
 
 
@@ -258,9 +283,11 @@ def personalise(
     """Fine-tune the final global model on this site only; held-out metrics before (``global_``) and after
     (``personal_``). The fine-tuned weights stay in the node's state; they never leave."""
     model, _, data = _receive(arrays, config, context, cfg)
+    _site_statistics(model, data, cfg)
     before = _metrics(model, data, cfg)
     if cfg.personalisation_epochs > 0:
         _fit(model, data, cfg, epochs=cfg.personalisation_epochs, generator=ca._generator(cfg, data.site_id, 10**6))
+        _site_statistics(model, data, cfg)
     after = _metrics(model, data, cfg)
     ca._save_local(context, model)
     out: dict[str, float | int] = {"num-examples": before["num-examples"]}
@@ -284,7 +311,7 @@ class EnhanceRoundWriter(RoundWriter):
         folder = super().save_model(server_round, arrays)
         if folder is None:
             return None
-        model = build_model(FederatedTask.ENHANCE, base_channels=self.cfg.base_channels, seed=self.cfg.seed)
+        model = model_for(self.cfg)
         set_arrays(model, arrays)
         assert isinstance(model, ResidualUNet)
         path = Path(folder) / ENHANCE_CHECKPOINT
@@ -299,6 +326,8 @@ class EnhanceRoundWriter(RoundWriter):
                 "target": self.cfg.enhance_target.value,
                 "strategy": self.cfg.strategy.value,
                 "config_hash": self.cfg.config_hash(),
+                # SiloBN: no site's statistics are in the file; the enhance stage re-estimates them per scan
+                BN_STATISTICS_KEY: "site-local" if site_local_statistics(self.cfg) else "global",
             },
         )
         self.last_checkpoint = path

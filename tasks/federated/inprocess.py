@@ -23,7 +23,7 @@ from schemas.federation import FederationConfig, RoundRecord
 from tasks.federated import client_app as ca
 from tasks.federated import server_app as sa
 from tasks.federated.grid import AuditingGrid
-from tasks.federated.model import build_model, model_signature, shared_keys
+from tasks.federated.model import model_for, model_signature, shared_keys
 
 #: ``tamper(reply) -> reply``: alters one node's replies (fault injection in tests).
 Tamper = Callable[[Message], Message]
@@ -115,7 +115,7 @@ def run_in_process(
     )
     grid = InProcessGrid(stores, rc, tamper=tamper)
     grid.down.update(down)
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     signature = model_signature(model, shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics))
     writer = sa.round_writer(cfg)(cfg, rc, 1, signature)
     audited = AuditingGrid(grid, audit_path=str(rc["audit_path"]))

@@ -26,7 +26,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from schemas.federation import FederatedTask
+from schemas.federation import FederatedTask, FederationConfig
 from tasks.errors import InvalidInputError
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -92,7 +92,16 @@ class LesionUNet(nn.Module):
         return out
 
 
-def build_model(task: FederatedTask | str, *, base_channels: int, seed: int) -> nn.Module:
+def model_for(cfg: FederationConfig) -> nn.Module:
+    """The freshly initialised model a run of ``cfg`` trains: server and clients build the same one."""
+    return build_model(
+        cfg.task, base_channels=cfg.base_channels, seed=cfg.seed, enhance_batchnorm=cfg.enhance_batchnorm
+    )
+
+
+def build_model(
+    task: FederatedTask | str, *, base_channels: int, seed: int, enhance_batchnorm: bool = False
+) -> nn.Module:
     """A freshly initialised model for ``task``; the weights depend only on ``seed`` and ``base_channels``.
 
     torch's ``nn.init`` draws from the global generator, so the initialisation runs inside
@@ -105,7 +114,7 @@ def build_model(task: FederatedTask | str, *, base_channels: int, seed: int) -> 
             from tasks.enhance.model import Architecture
             from tasks.enhance.model import build_model as build_enhance
 
-            arch = Architecture(channels=base_channels, depth=2, norm="none")
+            arch = Architecture(channels=base_channels, depth=2, norm="batch" if enhance_batchnorm else "none")
             return build_enhance(arch, generator=torch.Generator().manual_seed(seed))
         if task is FederatedTask.CLASSIFY:
             return LesionClassifier(base_channels=base_channels)

@@ -39,7 +39,7 @@ from schemas.federation import (
 )
 from tasks.federated.client_app import CONFIG_HASH, ROUND, SIGNATURE
 from tasks.federated.grid import AuditingGrid, wait_for_nodes
-from tasks.federated.model import build_model, get_arrays, model_signature, shared_keys
+from tasks.federated.model import get_arrays, model_for, model_signature, shared_keys
 from tasks.federated.rounds import (
     RoundWriter,
     ScreeningStrategy,
@@ -59,7 +59,7 @@ app = ServerApp()
 def run_message_api(grid: AuditingGrid, cfg: FederationConfig, writer: RoundWriter, base: ConfigRecord) -> None:
     """Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` runs the rounds of the configured strategy
     inside :class:`ScreeningStrategy`; then the optional personalisation phase."""
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = record_of(get_arrays(model, keys))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
@@ -137,7 +137,7 @@ def run_secagg(
     from flwr.server import strategy as ls
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = ndarrays_to_parameters(list(get_arrays(model, keys).values()))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
@@ -290,7 +290,7 @@ def round_writer(cfg: FederationConfig) -> type[RoundWriter]:
 def main(grid: Grid, context: Context) -> None:
     """Parse the run config, then run the rounds (Message API, or SecAgg+'s legacy workflow)."""
     cfg = FederationConfig.from_run_config(context.run_config)
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     signature = model_signature(model, keys)
     writer = round_writer(cfg)(cfg, context.run_config, context.run_id, signature)

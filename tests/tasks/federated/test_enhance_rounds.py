@@ -174,3 +174,18 @@ def test_the_enhance_deployment_asks_for_an_enhance_run():
     (dep,) = [d for d in spec["deployments"] if d["name"] == "federated-enhance"]
     assert dep["entrypoint"] == "flows/federated.py:federated_training"
     assert FederatedRequest.model_validate(dep["parameters"]["request"]).config.task is FederatedTask.ENHANCE
+
+
+def test_silobn_keeps_the_statistics_at_the_sites_and_the_checkpoint_says_so(stores, tmp_path):
+    cfg = config(num_rounds=1, enhance_batchnorm=True, local_bn_statistics=True)
+    _, (r,) = run_in_process(cfg, [stores["A"], stores["B"]], tmp_path)
+    assert r.aggregated and r.eval_psnr_db is not None
+    ckpt = load_checkpoint(Path(r.model_dir) / ENHANCE_CHECKPOINT)
+    assert ckpt.arch.norm == "batch" and ckpt.metadata["bn_statistics"] == "site-local" and ckpt.site_local_statistics
+    sent = {
+        a["name"] for line in (tmp_path / "audit.jsonl").read_text().splitlines() for a in json.loads(line)["arrays"]
+    }
+    assert any(name.endswith(".weight") and ".1." in name for name in sent)  # BatchNorm scale is averaged ...
+    assert not any("running_" in name or "num_batches" in name for name in sent)  # ... its statistics stay home
+    with pytest.raises(ValueError, match="cannot use fedbn"):
+        config(enhance_batchnorm=True, fedbn=True)
