@@ -189,3 +189,10 @@ def test_silobn_keeps_the_statistics_at_the_sites_and_the_checkpoint_says_so(sto
     assert not any("running_" in name or "num_batches" in name for name in sent)  # ... its statistics stay home
     with pytest.raises(ValueError, match="cannot use fedbn"):
         config(enhance_batchnorm=True, fedbn=True)
+
+
+def test_the_shipped_enhance_training_config_asks_for_an_enhance_run():
+    from schemas.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(Path(__file__).resolve().parents[3] / "configs" / "enhance-train.yaml")
+    assert cfg.federation.task is FederatedTask.ENHANCE and not cfg.enhance.enabled
