@@ -96,6 +96,8 @@ def publish_run_report(data_root: str, outcomes: Sequence[Any], federated: Mappi
     ]
     if federated:
         sections.append(("Federated rounds", list(federated.get("rounds", []))))
+        if federated.get("skipped_sites"):  # e.g. enhance training: sites without projection scans
+            sections.append(("Sites the federated run skipped", [{"site": x} for x in federated["skipped_sites"]]))
     try:
         previews = report_previews(data_root)
         from tasks.enhance.comparison import enhance_comparisons  # raw / classical / enhanced (plaintext)

@@ -124,7 +124,7 @@ def test_every_site_diverged_fails_the_run_and_saves_no_model(stores, tmp_path):
     assert not record["aggregated"] and {f["site"] for f in record["failures"]} == {"X", "Y"}
 
 
-def test_sites_without_projection_data_are_skipped_and_named(stores):
+def test_sites_without_projection_data_are_skipped_and_named(stores, tmp_path):
     cfg = FederationConfig(task=FederatedTask.ENHANCE)
     ready, skipped, resolved = enhance_sites([str(stores[s]) for s in "AHB"], cfg)
     assert ready == [str(stores["A"]), str(stores["B"])]
@@ -135,6 +135,11 @@ def test_sites_without_projection_data_are_skipped_and_named(stores):
         enhance_sites([str(stores[s]) for s in "AH"], other)
     with pytest.raises(InvalidInputError, match="H: no projection scans"):
         enhance_sites([str(stores["H"])], cfg.model_copy(update={"min_available_clients": 1}))
+    # ... and the site-only run report names them
+    from tasks.pipeline_support import publish_run_report
+
+    report = publish_run_report(str(tmp_path), [], {"rounds": [], "skipped_sites": list(skipped)})
+    assert skipped[0] in Path(report or "").read_text()
 
 
 @pytest.mark.slow
