@@ -109,13 +109,10 @@ def grid_of(cfg: FederationConfig) -> tuple[int, int]:
     return cfg.enhance_grid_ny_px, cfg.enhance_grid_nx_px
 
 
-def _fit_config(cfg: FederationConfig, scan_ids: Sequence[str] | None = None) -> FitConfig:
-    return FitConfig(
-        arch=architecture(cfg),
-        target=cfg.enhance_target.value,
-        seed=cfg.seed,
-        scan_ids=scan_ids,
-    )
+def _fit_config(cfg: FederationConfig, scan_id: str) -> FitConfig:
+    """One scan's pair settings; its seed (the thinning draws) from the run's seed and the scan id."""
+    seed = int(np.random.SeedSequence([cfg.seed, zlib.crc32(scan_id.encode())]).generate_state(1)[0])
+    return FitConfig(arch=architecture(cfg), target=cfg.enhance_target.value, seed=seed, scan_ids=[scan_id])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +168,7 @@ def _build_site_pairs(store: str, cfg: FederationConfig) -> _SitePairs:
         raise InvalidInputError(f"site {site.site_id!r} has {why}")
     parts: dict[str, list[FloatArray]] = {"tx": [], "ty": [], "hx": [], "hy": []}
     for scan_id in ids:
-        x, y = site_pairs(site, _fit_config(cfg, [scan_id]))
+        x, y = site_pairs(site, _fit_config(cfg, scan_id))
         n = site.scan(scan_id).manifest.geometry.n_detector_rows  # type: ignore[union-attr]
         slice_of = np.arange(x.shape[0]) % n  # Noise2Inverse pairs are split-major; thinning gives one per slice
         rng = np.random.default_rng([cfg.holdout_seed, zlib.crc32(scan_id.encode())])
