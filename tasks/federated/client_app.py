@@ -1,4 +1,6 @@
-"""Flower ClientApp (wiring only): one per site; trains on that site's surrogates and sends model updates.
+"""Flower ClientApp (wiring only): one per site; trains on that site's surrogates and sends model updates. With
+``task: enhance`` the train/evaluate/personalise work is :mod:`tasks.federated.enhance_task`'s (pairs built from the
+site's own projections); the mods, checks and message formats below are the same.
 
 The site store comes from the node, never from the server:
 
