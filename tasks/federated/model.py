@@ -102,7 +102,8 @@ def model_for(cfg: FederationConfig) -> nn.Module:
 def build_model(
     task: FederatedTask | str, *, base_channels: int, seed: int, enhance_batchnorm: bool = False
 ) -> nn.Module:
-    """A freshly initialised model for ``task``; the weights depend only on ``seed`` and ``base_channels``.
+    """A freshly initialised model for ``task``; the weights depend only on ``seed`` and ``base_channels`` (and
+    ``enhance_batchnorm``, which gives the enhance network BatchNorm layers).
 
     torch's ``nn.init`` draws from the global generator, so the initialisation runs inside
     ``torch.random.fork_rng`` seeded with ``seed``: the caller's global RNG state is left untouched.
