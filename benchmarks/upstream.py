@@ -31,7 +31,9 @@ FedAvg minus the site's own network; ``_min`` the worst site; ``_unseen`` agains
 ``psnr_fed_minus_classical_db`` (and ``_unseen``), ``psnr_selfsup_minus_supervised_db`` (pooled Noise2Inverse
 minus pooled thinning), ``enhance_time_vs_fbp`` (network on ``--time-size``² slices, batch 8, over FBP of the same
 slices with site A's geometry at that size), ``train_bytes_per_round`` (float32 weights down and up, all sites).
-Not measured here: FedAvg + SiloBN, FedProx, SecAgg+ round time (they need the Flower wiring; see the issue).
+Not measured here: FedAvg + SiloBN, FedProx, SecAgg+ round time. The Flower wiring they need exists
+(``FederationConfig(task="enhance")``, :mod:`tasks.federated.enhance_task`, ``run_in_process``), but its clients
+train on every projection scan of a site (less held-out slices), so arms over it need stores without the test scans.
 
 Torch runs on one thread by default (``--threads``): on the shared 2-core VM a training step of the quick network
 took ~1.2 s on 2 threads under load and ~15 ms on one (OpenMP threads waiting on each other).
