@@ -31,7 +31,11 @@ FedAvg minus the site's own network; ``_min`` the worst site; ``_unseen`` agains
 ``psnr_fed_minus_classical_db`` (and ``_unseen``), ``psnr_selfsup_minus_supervised_db`` (pooled Noise2Inverse
 minus pooled thinning), ``enhance_time_vs_fbp`` (network on ``--time-size``² slices, batch 8, over FBP of the same
 slices with site A's geometry at that size), ``train_bytes_per_round`` (float32 weights down and up, all sites).
-Not measured here: FedAvg + SiloBN, FedProx, SecAgg+ round time (they need the Flower wiring; see the issue).
+Through the Flower apps (:func:`flower_arms`, ``--no-flower`` skips them): ``flower-fedavg``, ``flower-fedprox``,
+``flower-silobn`` (BatchNorm statistics kept at the sites), ``flower-secagg``; keys
+``psnr_flower_fedavg_minus_inprocess_db``, ``psnr_fedprox_minus_fedavg_db``, ``psnr_silobn_minus_fedavg_db``,
+``psnr_silobn_minus_pooled_db``, ``secagg_round_time_ratio`` (SecAgg+ over plain FedAvg, seconds per round,
+in-process: no network), ``flower_bytes_up_per_round`` (serialized replies, all sites).
 
 Torch runs on one thread by default (``--threads``): on the shared 2-core VM a training step of the quick network
 took ~1.2 s on 2 threads under load and ~15 ms on one (OpenMP threads waiting on each other).
@@ -87,6 +91,7 @@ class Plan:
     rounds: int
     channels: int
     time_size: int
+    flower: bool = True
 
 
 def plan_for(args: argparse.Namespace) -> Plan:
@@ -94,7 +99,7 @@ def plan_for(args: argparse.Namespace) -> Plan:
     full = Plan(size=64, n_slices=6, scans_per_site=3, seeds=3, steps=240, rounds=4, channels=16, time_size=512)
     plan = quick if args.quick else full
     overrides = {k: getattr(args, k) for k in ("size", "seeds", "steps", "rounds", "time_size") if getattr(args, k)}
-    return replace(plan, **overrides)
+    return replace(plan, **overrides, flower=not args.no_flower)
 
 
 def load_scans(path: Path) -> list[ScanData]:
@@ -318,7 +323,86 @@ def run_seed(plan: Plan, seed: int, workdir: Path) -> tuple[dict[tuple[str, str]
     info["fedavg_rejected"] = rejected
     n_params = sum(int(v.numel()) for v in fed_state.values())
     info["train_bytes_per_round"] = 2 * SEEN * 4 * n_params
+    if plan.flower:
+        info.update(flower_arms(plan, seed, workdir, sites, inputs, results, n_train=min(len(p[0]) for p in n2i)))
     return results, info
+
+
+#: The arms run through the Flower apps (in-process Grid), each a FederationConfig over the plain FedAvg one.
+FLOWER_ARMS: dict[str, dict[str, Any]] = {
+    "flower-fedavg": {},
+    "flower-fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
+    "flower-silobn": {"enhance_batchnorm": True, "local_bn_statistics": True},
+    "flower-secagg": {"secagg": True},
+}
+
+
+def flower_arms(
+    plan: Plan,
+    seed: int,
+    workdir: Path,
+    sites: list[list[ScanData]],
+    inputs: dict[str, list[np.ndarray]],
+    results: dict[tuple[str, str], tuple[float, float]],
+    *,
+    n_train: int,
+) -> dict[str, Any]:
+    """FedAvg, FedProx, FedAvg + SiloBN (BatchNorm statistics kept at the sites; the scored site re-estimates them
+    on its own input, the policy for the unseen site too) and SecAgg+ through the ServerApp/ClientApp
+    (:func:`tasks.federated.inprocess.run_in_process`: real messages, strategies, mods; no processes). Clients
+    read stores holding only the training scans (the same bytes: demo scans are seeded per scan) and hold out one
+    slice per scan; ``local_epochs`` is chosen so that a round is about ``steps / rounds`` steps."""
+    import torch
+
+    from schemas.demo import default_sites
+    from schemas.federation import FederationConfig
+    from tasks.demo.build import build_demo_sites
+    from tasks.enhance.model import enhance_slices, load_checkpoint
+    from tasks.federated.enhance_task import ENHANCE_CHECKPOINT
+    from tasks.federated.inprocess import run_in_process
+
+    train_only = build_demo_sites(
+        workdir / "train-only",
+        profiles=default_sites(SEEN + 1)[:SEEN],
+        scans_per_site=plan.scans_per_site - 1,
+        n_slices=plan.n_slices,
+        seed=seed,
+        size=plan.size,
+        keep_counts=True,
+    )
+    steps_per_round = max(1, plan.steps // plan.rounds)
+    base: dict[str, Any] = {
+        "task": "enhance",
+        "num_rounds": plan.rounds,
+        "local_epochs": max(1, round(steps_per_round * 8 / n_train)),
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "base_channels": plan.channels,
+        "min_available_clients": SEEN,
+        "round_timeout_s": 3600,
+        "wait_for_nodes_s": 5,
+        "holdout_fraction": 0.01,
+        "seed": seed,
+        "enhance_grid_ny_px": plan.size,
+        "enhance_grid_nx_px": plan.size,
+    }
+    cpu = torch.device("cpu")
+    info: dict[str, Any] = {"flower_local_epochs": base["local_epochs"]}
+    for arm, extra in FLOWER_ARMS.items():
+        cfg = FederationConfig.model_validate({**base, **extra})
+        _, records = run_in_process(cfg, train_only, workdir / arm)
+        info[f"{arm}_seconds_per_round"] = float(np.mean([r.seconds for r in records]))
+        info[f"{arm}_bytes_up_per_round"] = float(np.mean([r.bytes_up for r in records]))
+        checkpoint = load_checkpoint(Path(str(records[-1].model_dir)) / ENHANCE_CHECKPOINT)
+        for scans in sites:
+            sid, test = scans[0].site_id, scans[-1:]
+            outs = []
+            for x in inputs[sid]:
+                c = checkpoint.with_statistics_from(x, device=cpu) if checkpoint.site_local_statistics else checkpoint
+                outs.append(enhance_slices(c.model(device=cpu), x, batch_size=8, device=cpu))
+            results[(sid, arm)] = mean_score(outs, test)
+    info["secagg_round_time_ratio"] = info["flower-secagg_seconds_per_round"] / info["flower-fedavg_seconds_per_round"]
+    return info
 
 
 def time_ratio(plan: Plan) -> dict[str, float]:
@@ -351,6 +435,7 @@ def main() -> None:
     extra.add_argument("--rounds", type=int, help="FedAvg rounds (default 2 quick / 4)")
     extra.add_argument("--time-size", type=int, help="slice side of the timing ratio (default 128 quick / 512)")
     extra.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
+    extra.add_argument("--no-flower", action="store_true", help="skip the arms through the Flower apps")
     args = parse_args((__doc__ or "").splitlines()[0], parents=[extra])
     plan = plan_for(args)
     import torch
@@ -367,6 +452,7 @@ def main() -> None:
         infos.append(info)
     sites = sorted({site for site, _ in per_seed})
     arms = ["fbp-hann", "fbp", "classical", "local", "pooled", "pooled-splitavg", "pooled-thinning", "fedavg"]
+    arms += list(FLOWER_ARMS) if plan.flower else []
     rows: list[dict[str, Any]] = []
     for site in sites:
         for arm in arms:
@@ -404,6 +490,16 @@ def main() -> None:
         "psnr_selfsup_minus_supervised_db": ("pooled", "pooled-thinning"),
         "psnr_pooled_minus_fbp_db": ("pooled", "fbp"),
         "psnr_pooled_minus_its_input_db": ("pooled", "fbp-hann"),
+        **(
+            {
+                "psnr_flower_fedavg_minus_inprocess_db": ("flower-fedavg", "fedavg"),
+                "psnr_fedprox_minus_fedavg_db": ("flower-fedprox", "flower-fedavg"),
+                "psnr_silobn_minus_fedavg_db": ("flower-silobn", "flower-fedavg"),
+                "psnr_silobn_minus_pooled_db": ("flower-silobn", "pooled"),
+            }
+            if plan.flower
+            else {}
+        ),
     }.items():
         m, h = t95(mean_over_seen(a, b))
         ratios[name] = round(m, 3)
@@ -419,6 +515,9 @@ def main() -> None:
     timing = time_ratio(plan)
     ratios["enhance_time_vs_fbp"] = round(timing["enhance_time_vs_fbp"], 3)
     ratios["train_bytes_per_round"] = float(infos[0]["train_bytes_per_round"])
+    if plan.flower:
+        ratios["secagg_round_time_ratio"] = round(float(np.mean([i["secagg_round_time_ratio"] for i in infos])), 3)
+        ratios["flower_bytes_up_per_round"] = float(infos[0]["flower-fedavg_bytes_up_per_round"])
     print_table(rows, ratios)
     print(f"timing at {plan.time_size}^2: {timing}")
     print(f"total {time.perf_counter() - t_start:.0f} s; plan {plan}")

@@ -1,4 +1,5 @@
-"""Flow: federated training across the sites' surrogates (Flower simulation by default, a SuperLink otherwise)."""
+"""Flow: federated training across the sites' surrogates, or their projections for the enhance network (Flower
+simulation by default, a SuperLink otherwise)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from prefect import flow, get_run_logger, task
 from pydantic import Field
 
 from schemas.base import FrozenModel
-from schemas.federation import FederationConfig, FederationReport
+from schemas.federation import FederatedTask, FederationConfig, FederationReport
 from schemas.registry import Decision
 from schemas.settings import get_settings
 from tasks.continual import TrainingPlan
@@ -67,14 +68,23 @@ class FederatedRequest(FrozenModel):
 def federated_training(request: FederatedRequest) -> FederationReport:
     """Train one model across the sites when labelled scans arrived since the last one (warm-started from the
     promoted model); only model updates leave a site. The model is registered in <data_root>/models/registry
-    with its card and promoted when the gate passes it."""
+    with its card and promoted when the gate passes it. Task enhance trains on the sites' projections (sites
+    without projection scans are skipped) and lands in <data_root>/models/enhance-current.pt."""
     from tasks.pipeline_support import federated_sites
 
     root = request.data_root or get_settings().data_root
+    models = f"{root.rstrip('/')}/models"
+    if request.config.task is FederatedTask.ENHANCE:  # trains on projections, not surrogates
+        from tasks.federated.enhance_task import enhance_sites
+        from tasks.pipeline_support import site_uris
+
+        stores, skipped, config = enhance_sites(site_uris(root, request.sites), request.config)
+        trained = cast(FederationReport, federated_stage(stores, config, models))
+        return trained.model_copy(update={"skipped_sites": skipped})
     stores = federated_sites(root, request.sites)
     plan = plan_federated_run(root, stores, request.config)
     if not plan.train:  # nothing new to learn from: the promoted model stands
         return skipped_report(request.config, plan.reason)
-    report = federated_stage(stores, request.config, f"{root.rstrip('/')}/models", initial_model=plan.initial_model)
+    report = federated_stage(stores, request.config, models, initial_model=plan.initial_model)
     decision = register_federated_model(root, cast(FederationReport, report), request.config, plan)
     return cast(FederationReport, report).model_copy(update={"model": decision.model_dump(mode="json")})

@@ -67,16 +67,27 @@ class CompressionKind(StrEnum):
 
 
 class FederatedTask(StrEnum):
-    """What the model learns from the surrogate slices."""
+    """What the model learns: from the surrogate slices (classify, segment), or from each site's own projections
+    (enhance: the upstream reconstruction network of the enhance stage)."""
 
     CLASSIFY = "classify"  # per-slice lesion present / absent (labels)
     SEGMENT = "segment"  # per-pixel lesion mask (lesion_masks)
+    ENHANCE = "enhance"  # HU slice -> cleaner HU slice, trained on pairs built at the site (tasks/enhance/pairs.py)
+
+
+class EnhanceTarget(StrEnum):
+    """Training pairs of the enhance task (tasks/enhance/training.py)."""
+
+    NOISE2INVERSE = "noise2inverse"  # self-supervised: view-split FBPs, any projection scan
+    THINNING = "thinning"  # binomial thinning of counts: scans that kept counts and I0
 
 
 class FederationConfig(StageConfig):
     """One federated training run: rounds, strategy, local training, privacy, compression, dropout handling."""
 
-    task: FederatedTask = Field(default=FederatedTask.CLASSIFY, description="Classification or segmentation.")
+    task: FederatedTask = Field(
+        default=FederatedTask.CLASSIFY, description="Classification, segmentation, or the enhance network."
+    )
     num_rounds: int = Field(default=5, ge=1, le=1000, description="Global rounds.")
     strategy: StrategyName = Field(default=StrategyName.FEDAVG, description="Server-side aggregation.")
     local_epochs: int = Field(default=2, ge=1, le=100, description="Epochs over the site's training slices per round.")
@@ -171,6 +182,24 @@ class FederationConfig(StageConfig):
         "than this.",
     )
     seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seeds model init, splits and shuffling.")
+    # ---- the enhance task ----------------------------------------------------------------------------
+    enhance_target: EnhanceTarget = Field(
+        default=EnhanceTarget.NOISE2INVERSE, description="enhance: which training pairs each site builds."
+    )
+    enhance_grid_ny_px: int = Field(
+        default=0,
+        ge=0,
+        le=8192,
+        description="enhance: image rows of the slices the network is trained for (its checkpoint records this "
+        "grid and the stage refuses another); 0 = not set (the federated-training flow sets it from the sites).",
+    )
+    enhance_grid_nx_px: int = Field(default=0, ge=0, le=8192, description="enhance: image columns (see rows).")
+    enhance_batchnorm: bool = Field(
+        default=False,
+        description="enhance: BatchNorm in the network's blocks. With local_bn_statistics (SiloBN) their running "
+        "statistics stay at each site, and the enhance stage re-estimates them on each scan it enhances (also the "
+        "policy for a site that never trained); fedbn is refused (no global checkpoint holds a site's layers).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -190,6 +219,13 @@ class FederationConfig(StageConfig):
                 raise ValueError("secagg_reconstruction_threshold must not exceed secagg_num_shares")
             if self.min_available_clients < 2:
                 raise ValueError("secagg needs min_available_clients >= 2")
+        if self.task is FederatedTask.ENHANCE and self.enhance_batchnorm and self.fedbn:
+            raise ValueError(
+                "task 'enhance' with enhance_batchnorm cannot use fedbn: each site would keep its own BatchNorm "
+                "layers and no global checkpoint could hold them; use local_bn_statistics (SiloBN)"
+            )
+        if (self.enhance_grid_ny_px == 0) != (self.enhance_grid_nx_px == 0):
+            raise ValueError("set both enhance_grid_ny_px and enhance_grid_nx_px, or neither")
         if self.dp_mode is not DpMode.OFF and self.strategy not in DP_STRATEGIES:
             raise ValueError(f"DP fixed clipping wraps a FedAvg-style strategy: use one of {_names(DP_STRATEGIES)}")
         return self
@@ -298,6 +334,10 @@ class RoundRecord(FrozenModel):
     eval_auc: float | None = Field(default=None, description="Mean of the sites' held-out AUC (weighted by slices).")
     eval_accuracy: float | None = None
     eval_dice: float | None = None
+    eval_psnr_db: float | None = Field(
+        default=None, description="enhance: mean held-out PSNR of the network's output against its target, dB."
+    )
+    eval_ssim: float | None = Field(default=None, description="enhance: mean held-out SSIM (scikit-image).")
     bytes_down: int = Field(
         ge=0, description="Serialized size (Flower's protobuf Message) of everything sent to the nodes this round."
     )
@@ -338,6 +378,11 @@ class FederationReport(FrozenModel):
     server_outcome: ServerOutcome | None = Field(
         default=None, description="What the ServerApp reported when it returned (None: it never did)."
     )
+    skipped_sites: tuple[str, ...] = Field(
+        default=(),
+        description="Sites left out before the run, each with why (e.g. 'C: no projection scans'); the run's sites "
+        "are the others.",
+    )
     engine_stopped_s: float | None = Field(
         default=None,
         description="Set when the runner had to stop Flower after the ServerApp returned (a ClientApp still ran, "
@@ -366,6 +411,7 @@ __all__ = [
     "SECAGG_STRATEGIES",
     "CompressionKind",
     "DpMode",
+    "EnhanceTarget",
     "FailurePhase",
     "FailureReason",
     "FederatedTask",

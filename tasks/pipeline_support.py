@@ -315,9 +315,15 @@ def publish_run_report(
     details: list[tuple[str, Sequence[Mapping[str, object]]]] = []
     if federated:
         details.append(("Federated rounds", list(federated.get("rounds", []))))
+        if federated.get("skipped_sites"):  # e.g. enhance training: sites without projection scans
+            sections.append(("Sites the federated run skipped", [{"site": x} for x in federated["skipped_sites"]]))
     details.append(("Stages (from the stores' provenance records)", rows))
     try:
         previews = report_previews(data_root) if not remote else []
+        if not remote:
+            from tasks.enhance.comparison import enhance_comparisons  # raw / classical / enhanced (plaintext)
+
+            previews += enhance_comparisons(data_root)
     except (NotAFedscanStoreError, StoreNotFoundError):
         previews = []
     plot = _federated_plot(federated)

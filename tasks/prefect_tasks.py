@@ -351,6 +351,7 @@ def federated_stage(site_stores: list[str], config: Any, output_dir: str, initia
             "train_loss": rec.train_loss,
             "eval_auc": rec.eval_auc,
             "eval_accuracy": rec.eval_accuracy,
+            "eval_psnr_db": rec.eval_psnr_db,
             "bytes_up": rec.bytes_up,
             "bytes_down": rec.bytes_down,
             "seconds": round(rec.seconds, 2),

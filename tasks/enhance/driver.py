@@ -1,7 +1,9 @@
 """The enhance stage's driver: ``volume`` → ``enhanced`` with the trained network, one Dask task per block of
 slices (``map_blocks``; a slice needs no neighbour), batched forward passes inside each task, CPU or CUDA, written
 chunk by chunk through :meth:`~tasks.storage.ScanStore.run_stage` (a rerun after a fault resumes the blocks not yet
-written). Provenance names the model version: the checkpoint's sha256, its architecture and grid.
+written). Provenance names the model version: the checkpoint's sha256, its architecture and grid. A checkpoint
+trained with site-local BatchNorm statistics (SiloBN) carries none of its sites': they are re-estimated on the
+scan being enhanced, one slice per pass, before any block runs (so a resumed run uses the same ones).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from tasks.storage import ScanStore, StageOutput, StageResult
 __all__ = ["enhance_scan", "enhance_volume"]
 
 #: Networks built in this process, by (checkpoint sha256, device): every block of every scan reuses one.
-_MODELS: dict[tuple[str, str], ResidualUNet] = {}
+_MODELS: dict[tuple[str, str, str], ResidualUNet] = {}
 _MODELS_LOCK = threading.Lock()
 
 
 def _model(checkpoint: Checkpoint, device: torch.device) -> ResidualUNet:
-    key = (checkpoint.sha256, str(device))
+    key = (checkpoint.sha256, checkpoint.statistics, str(device))
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
@@ -112,6 +114,10 @@ def enhance_scan(
     checkpoint = _checked_checkpoint(config)
     _check_units(scan, source)
     volume = scan.read(source)
+    # SiloBN: the training sites' statistics stayed there; use this scan's own (enhance_volume names a grid mismatch)
+    if checkpoint.site_local_statistics and tuple(volume.shape[1:]) == checkpoint.grid:
+        slices = (np.asarray(volume[i].compute(), dtype=np.float32) for i in range(volume.shape[0]))
+        checkpoint = checkpoint.with_statistics_from(slices, device=device)
     enhanced = enhance_volume(
         volume, checkpoint, batch_slices=config.batch_slices, slice_block=config.slice_block, device=device
     )
@@ -124,6 +130,7 @@ def enhance_scan(
             "source": source,
             "model_sha256": checkpoint.sha256,
             "model_architecture": checkpoint.arch.name,
+            "bn_statistics": "this scan's" if checkpoint.statistics else "the model's",
             "slices_per_s": volume.shape[0] / seconds if seconds > 0 else None,
         }
         if has_truth:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,13 +27,16 @@ from torch.nn import functional as F
 from tasks.errors import InvalidInputError, StoreNotFoundError
 
 __all__ = [
+    "BN_STATISTICS_KEY",
     "CHECKPOINT_FORMAT",
     "Architecture",
     "Checkpoint",
     "ResidualUNet",
+    "batches_of",
     "build_model",
     "enhance_slices",
     "load_checkpoint",
+    "recalibrate_statistics",
     "save_checkpoint",
 ]
 
@@ -41,6 +44,10 @@ __all__ = [
 CHECKPOINT_FORMAT = "fedscan-enhance/1"
 
 Norm = Literal["none", "batch"]
+
+#: Checkpoint metadata key: ``"site-local"`` when the BatchNorm running statistics were kept at the training sites
+#: (SiloBN) and are not in the file, so they are re-estimated where the network is used.
+BN_STATISTICS_KEY = "bn_statistics"
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,53 @@ def build_model(arch: Architecture, *, generator: torch.Generator | None = None)
     return model
 
 
+def batches_of(slices: npt.NDArray[np.floating[Any]], batch_size: int) -> Iterator[npt.NDArray[np.floating[Any]]]:
+    """``slices`` ``(n, ny, nx)`` in consecutive batches of ``batch_size`` (views, no copies)."""
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    return (slices[i : i + batch_size] for i in range(0, slices.shape[0], batch_size))
+
+
+def recalibrate_statistics(
+    model: nn.Module, batches: Iterable[npt.NDArray[np.floating[Any]]], *, device: torch.device
+) -> int:
+    """Re-estimate every BatchNorm layer's running mean and variance from ``batches`` of HU slices
+    ``(b, ny, nx)``: the average over the batches of their batch statistics (``momentum=None``), each layer seeing
+    the already re-estimated layers before it; no weight changes, the model's mode and momenta are restored.
+
+    Returns the number of layers re-estimated (0: no BatchNorm; the model is left as it was).
+
+    Raises
+    ------
+    InvalidInputError
+        No batch, or NaN/inf in one.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average of the batch statistics
+    model.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if not np.isfinite(batch).all():
+                    raise InvalidInputError("slices hold NaN or inf; cannot estimate BatchNorm statistics")
+                model(torch.as_tensor(np.ascontiguousarray(batch, dtype=np.float32), device=device))
+                seen += 1
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise InvalidInputError("no slices to estimate BatchNorm statistics on")
+    return len(layers)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A trained network: architecture, the grid ``(ny, nx)`` in pixels it was trained on, weights, and the
@@ -143,12 +197,35 @@ class Checkpoint:
     state_dict: Mapping[str, torch.Tensor]
     sha256: str
     metadata: Mapping[str, Any]
+    #: Digest of BatchNorm statistics re-estimated where the network is used (:meth:`with_statistics_from`);
+    #: empty: the file's own.
+    statistics: str = ""
+
+    @property
+    def site_local_statistics(self) -> bool:
+        """The file holds no BatchNorm statistics of its training sites (SiloBN): re-estimate them before use."""
+        return self.arch.norm == "batch" and self.metadata.get(BN_STATISTICS_KEY) == "site-local"
 
     def model(self, *, device: torch.device) -> ResidualUNet:
         """The network with these weights, on ``device``, in eval mode."""
         net = ResidualUNet(self.arch)
         net.load_state_dict(dict(self.state_dict))
         return net.to(device).eval()
+
+    def with_statistics_from(
+        self, slices: Iterable[npt.NDArray[np.floating[Any]]], *, device: torch.device
+    ) -> Checkpoint:
+        """This checkpoint with its BatchNorm statistics re-estimated on ``slices`` (each ``(ny, nx)`` HU, one
+        forward pass per slice, so the result does not depend on how callers batch them); the weights and the
+        model version (``sha256``) are the file's."""
+        net = self.model(device=device)
+        recalibrate_statistics(net, (np.asarray(s)[None] for s in slices), device=device)
+        state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        digest = hashlib.sha256()
+        for key in sorted(state):
+            if key.endswith(("running_mean", "running_var")):
+                digest.update(state[key].numpy().tobytes())
+        return Checkpoint(self.arch, self.grid, state, self.sha256, self.metadata, digest.hexdigest()[:16])
 
 
 def save_checkpoint(

@@ -1,4 +1,6 @@
-"""Flower ClientApp (wiring only): one per site; trains on that site's surrogates and sends model updates.
+"""Flower ClientApp (wiring only): one per site; trains on that site's surrogates and sends model updates. With
+``task: enhance`` the train/evaluate/personalise work is :mod:`tasks.federated.enhance_task`'s (pairs built from the
+site's own projections); the mods, checks and message formats below are the same.
 
 The site store comes from the node, never from the server:
 
@@ -37,12 +39,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from schemas.federation import CompressionKind, FederationConfig
+from schemas.federation import CompressionKind, FederatedTask, FederationConfig
 from tasks.diagnose.site_models import SiteKind, save_site_state
 from tasks.errors import InvalidInputError
 from tasks.federated.compression import encode_update
 from tasks.federated.data import SiteData, load_site_data, split_holdout
-from tasks.federated.model import build_model, get_arrays, model_signature, set_arrays, shared_keys
+from tasks.federated.model import get_arrays, model_for, model_signature, set_arrays, shared_keys
 from tasks.federated.training import evaluate as evaluate_model
 from tasks.federated.training import recalibrate_batchnorm, train_local
 from tasks.registry import weights_sha256
@@ -113,7 +115,7 @@ def _site_split(context: Context, cfg: FederationConfig) -> tuple[SiteData, Site
 
 def _local_model(context: Context, cfg: FederationConfig) -> tuple[torch.nn.Module, list[str]]:
     """The site's model: fresh from the seed, then its own saved state (FedBN layers, personalisation)."""
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     if _LOCAL_MODEL in context.state.array_records:
         saved = context.state.array_records[_LOCAL_MODEL].to_torch_state_dict()
         model.load_state_dict(saved)
@@ -173,12 +175,23 @@ def _site_statistics(cfg: FederationConfig, model: torch.nn.Module, train: SiteD
         recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=_CPU)
 
 
+def _enhance_task(context: Context) -> Any:
+    """:mod:`tasks.federated.enhance_task` when the run trains the enhance network, else None."""
+    if FederationConfig.from_run_config(context.run_config).task is not FederatedTask.ENHANCE:
+        return None
+    from tasks.federated import enhance_task
+
+    return enhance_task
+
+
 # ------------------------------------------------------------------------------------------------
 # The work of one message (format-independent)
 # ------------------------------------------------------------------------------------------------
 def _train(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, float | int]]:
+    if (enhance := _enhance_task(context)) is not None:
+        return enhance.train(arrays, config, context, FederationConfig.from_run_config(context.run_config))
     cfg, model, keys, train, _ = _receive_global(arrays, config, context)
     _injected_sleep(train.site_id)
     anchor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
@@ -202,6 +215,8 @@ def _train(
 def _evaluate(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> dict[str, float | int]:
+    if (enhance := _enhance_task(context)) is not None:
+        return enhance.evaluate(arrays, config, context, FederationConfig.from_run_config(context.run_config))
     cfg, model, _, train, hold = _receive_global(arrays, config, context)
     _site_statistics(cfg, model, train)
     if (cfg.fedbn or cfg.local_bn_statistics) and int(config.get(ROUND, 0)) == cfg.num_rounds:
@@ -215,6 +230,8 @@ def _evaluate(
 def _personalise(
     arrays: Mapping[str, npt.NDArray[np.float32]], config: Mapping[str, Any], context: Context
 ) -> dict[str, float | int]:
+    if (enhance := _enhance_task(context)) is not None:
+        return enhance.personalise(arrays, config, context, FederationConfig.from_run_config(context.run_config))
     cfg, model, _, train, hold = _receive_global(arrays, config, context)
     kw: dict[str, Any] = {"task": cfg.task, "batch_size": cfg.batch_size, "device": _CPU}
     _site_statistics(cfg, model, train)

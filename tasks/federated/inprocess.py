@@ -23,8 +23,7 @@ from schemas.federation import FederationConfig, RoundRecord
 from tasks.federated import client_app as ca
 from tasks.federated import server_app as sa
 from tasks.federated.grid import AuditingGrid
-from tasks.federated.model import build_model, model_signature, shared_keys
-from tasks.federated.rounds import RoundWriter
+from tasks.federated.model import model_for, model_signature, shared_keys
 
 #: ``tamper(reply) -> reply``: alters one node's replies (fault injection in tests).
 Tamper = Callable[[Message], Message]
@@ -116,16 +115,21 @@ def run_in_process(
     )
     grid = InProcessGrid(stores, rc, tamper=tamper)
     grid.down.update(down)
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     signature = model_signature(model, shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics))
-    writer = RoundWriter(cfg, rc, 1, signature)
+    writer = sa.round_writer(cfg)(cfg, rc, 1, signature)
     audited = AuditingGrid(grid, audit_path=str(rc["audit_path"]))
     base = ConfigRecord({ca.CONFIG_HASH: cfg.config_hash(), ca.SIGNATURE: signature})
-    if cfg.secagg:
-        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
-        sa.run_secagg(audited, context, cfg, writer, base)
-    else:
-        sa.run_message_api(audited, cfg, writer, base)
+    try:  # as the ServerApp's main: the writer learns how the rounds ended
+        if cfg.secagg:
+            context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
+            sa.run_secagg(audited, context, cfg, writer, base)
+        else:
+            sa.run_message_api(audited, cfg, writer, base)
+    except Exception as exc:
+        writer.finish(exc)
+        raise
+    writer.finish(None)
     path = out / "metrics.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     return grid, [RoundRecord.model_validate_json(x) for x in lines]

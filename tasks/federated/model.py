@@ -26,7 +26,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from schemas.federation import FederatedTask
+from schemas.federation import FederatedTask, FederationConfig
 from tasks.errors import InvalidInputError
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -92,8 +92,18 @@ class LesionUNet(nn.Module):
         return out
 
 
-def build_model(task: FederatedTask | str, *, base_channels: int, seed: int) -> nn.Module:
-    """A freshly initialised model for ``task``; the weights depend only on ``seed`` and ``base_channels``.
+def model_for(cfg: FederationConfig) -> nn.Module:
+    """The freshly initialised model a run of ``cfg`` trains: server and clients build the same one."""
+    return build_model(
+        cfg.task, base_channels=cfg.base_channels, seed=cfg.seed, enhance_batchnorm=cfg.enhance_batchnorm
+    )
+
+
+def build_model(
+    task: FederatedTask | str, *, base_channels: int, seed: int, enhance_batchnorm: bool = False
+) -> nn.Module:
+    """A freshly initialised model for ``task``; the weights depend only on ``seed`` and ``base_channels`` (and
+    ``enhance_batchnorm``, which gives the enhance network BatchNorm layers).
 
     torch's ``nn.init`` draws from the global generator, so the initialisation runs inside
     ``torch.random.fork_rng`` seeded with ``seed``: the caller's global RNG state is left untouched.
@@ -101,6 +111,12 @@ def build_model(task: FederatedTask | str, *, base_channels: int, seed: int) -> 
     task = FederatedTask(task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if task is FederatedTask.ENHANCE:  # the enhance stage's network (tasks/federated/enhance_task.py)
+            from tasks.enhance.model import Architecture
+            from tasks.enhance.model import build_model as build_enhance
+
+            arch = Architecture(channels=base_channels, depth=2, norm="batch" if enhance_batchnorm else "none")
+            return build_enhance(arch, generator=torch.Generator().manual_seed(seed))
         if task is FederatedTask.CLASSIFY:
             return LesionClassifier(base_channels=base_channels)
         return LesionUNet(base_channels=base_channels)

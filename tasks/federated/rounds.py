@@ -438,6 +438,8 @@ class ScreeningStrategy(fs.Strategy):
                 eval_auc=evals.get("auc"),
                 eval_accuracy=evals.get("accuracy"),
                 eval_dice=evals.get("dice"),
+                eval_psnr_db=evals.get("psnr_db"),
+                eval_ssim=evals.get("ssim"),
                 bytes_down=g.bytes_down - down0,
                 bytes_up=g.bytes_up - up0,
                 array_bytes_down=g.array_bytes_down - adown0,

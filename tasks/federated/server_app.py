@@ -32,13 +32,14 @@ from flwr.serverapp import Grid, ServerApp
 from schemas.federation import (
     DpMode,
     FailureReason,
+    FederatedTask,
     FederationConfig,
     RoundRecord,
     SiteFailure,
 )
 from tasks.federated.client_app import CONFIG_HASH, ROUND, SIGNATURE
 from tasks.federated.grid import AuditingGrid, wait_for_nodes
-from tasks.federated.model import build_model, get_arrays, model_signature, set_arrays, shared_keys
+from tasks.federated.model import get_arrays, model_for, model_signature, set_arrays, shared_keys
 from tasks.federated.rounds import (
     RoundWriter,
     ScreeningStrategy,
@@ -64,7 +65,7 @@ def initial_arrays(cfg: FederationConfig, run_config: Mapping[str, Any]) -> dict
     from tasks.errors import InvalidInputError
     from tasks.registry import deserialize_arrays
 
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     path = str(run_config.get("initial_model", "") or "")
     if path:
@@ -87,7 +88,7 @@ def run_message_api(
     """Flower's :meth:`~flwr.serverapp.strategy.Strategy.start` runs the rounds of the configured strategy
     inside :class:`ScreeningStrategy`, from ``start`` (default: a fresh model); then the optional personalisation
     phase."""
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     initial = record_of(dict(start) if start is not None else get_arrays(model, keys))
     nodes = wait_for_nodes(grid, minimum=cfg.min_available_clients, timeout_s=cfg.wait_for_nodes_s)
@@ -170,7 +171,7 @@ def run_secagg(
     from flwr.server import strategy as ls
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     first = dict(start) if start is not None else get_arrays(model, keys)
     initial = ndarrays_to_parameters([first[k] for k in keys])
@@ -275,6 +276,8 @@ def run_secagg(
                     eval_auc=m.get("auc"),
                     eval_accuracy=m.get("accuracy"),
                     eval_dice=m.get("dice"),
+                    eval_psnr_db=m.get("psnr_db"),
+                    eval_ssim=m.get("ssim"),
                     bytes_down=grid.bytes_down - state["down"],
                     bytes_up=grid.bytes_up - state["up"],
                     array_bytes_down=grid.array_bytes_down - state["adown"],
@@ -309,14 +312,23 @@ def run_secagg(
 # ------------------------------------------------------------------------------------------------
 # Entry point
 # ------------------------------------------------------------------------------------------------
+def round_writer(cfg: FederationConfig) -> type[RoundWriter]:
+    """The enhance task's writer (its checkpoints, divergence and current model) or the plain one."""
+    if cfg.task is FederatedTask.ENHANCE:
+        from tasks.federated.enhance_task import EnhanceRoundWriter
+
+        return EnhanceRoundWriter
+    return RoundWriter
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Parse the run config, then run the rounds (Message API, or SecAgg+'s legacy workflow)."""
     cfg = FederationConfig.from_run_config(context.run_config)
-    model = build_model(cfg.task, base_channels=cfg.base_channels, seed=cfg.seed)
+    model = model_for(cfg)
     keys = shared_keys(model, fedbn=cfg.fedbn, local_statistics=cfg.local_bn_statistics)
     signature = model_signature(model, keys)
-    writer = RoundWriter(cfg, context.run_config, context.run_id, signature)
+    writer = round_writer(cfg)(cfg, context.run_config, context.run_id, signature)
     audited = AuditingGrid(grid, audit_path=str(context.run_config.get("audit_path", "")))
     base = ConfigRecord({CONFIG_HASH: cfg.config_hash(), SIGNATURE: signature})
     try:

@@ -170,3 +170,30 @@ def test_cuda_inference_matches_the_cpu(tmp_path: Path, checkpoint: Path) -> Non
     cpu = enhance_slices(ckpt.model(device=CPU), np.asarray(scan.array("volume")[...]), batch_size=1, device=CPU)
     # cuDNN may use TF32 for convolutions: agreement to a few HU, not bit-identity
     np.testing.assert_allclose(scan.array("enhanced")[...], cpu, rtol=0, atol=5.0)
+
+
+def test_a_silobn_checkpoint_gets_each_scan_s_own_statistics(tmp_path: Path) -> None:
+    """A checkpoint whose BatchNorm statistics stayed at the training sites: the stage re-estimates them on the
+    scan it enhances (one slice per pass), so the result does not depend on batch_slices or slice_block."""
+    from tasks.enhance.model import BN_STATISTICS_KEY
+
+    net = build_model(Architecture(channels=4, depth=1, norm="batch"), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        net.head.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+    path = tmp_path / "silobn.pt"
+    save_checkpoint(path, net, grid=(SIZE, SIZE), metadata={BN_STATISTICS_KEY: "site-local"})
+    ckpt = load_checkpoint(path)
+    assert ckpt.site_local_statistics
+    scan = _reconstructed(tmp_path)
+    volume = np.asarray(scan.array("volume")[...])
+    expected = enhance_slices(
+        ckpt.with_statistics_from(volume, device=CPU).model(device=CPU), volume, batch_size=1, device=CPU
+    )
+    as_saved = enhance_slices(ckpt.model(device=CPU), volume, batch_size=1, device=CPU)
+    assert np.abs(expected - as_saved).max() > 1.0  # the scan's statistics differ from the file's defaults
+    run = stages.run_scan_stage(
+        scan, "enhance", EnhanceConfig(model_path=str(path), batch_slices=2, slice_block=3), device=CPU
+    )
+    assert run.record is not None and run.record.metrics["bn_statistics"] == "this scan's"
+    assert run.record.metrics["model_sha256"] == ckpt.sha256  # the model version is the file's
+    np.testing.assert_allclose(np.asarray(scan.array("enhanced")[...]), expected, rtol=0, atol=1e-2)

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.enhance.model import Architecture, build_model, enhance_slices, load_checkpoint, save_checkpoint
+from tasks.enhance.model import (
+    Architecture,
+    batches_of,
+    build_model,
+    enhance_slices,
+    load_checkpoint,
+    recalibrate_statistics,
+    save_checkpoint,
+)
 from tasks.errors import InvalidInputError, StoreNotFoundError
 
 CPU = torch.device("cpu")
@@ -82,3 +90,24 @@ def test_nan_input_and_bad_batch_size_are_refused() -> None:
     x[1, 3, 3] = np.nan
     with pytest.raises(InvalidInputError, match="NaN"):
         enhance_slices(model, x, batch_size=1, device=CPU)
+
+
+def test_recalibrated_statistics_are_the_data_s_and_a_network_without_batchnorm_is_untouched() -> None:
+    rng = np.random.default_rng(0)
+    slices = (300.0 * rng.standard_normal((6, 16, 16)) + 40.0).astype(np.float32)
+    net = build_model(Architecture(channels=2, depth=1, norm="batch"), generator=torch.Generator().manual_seed(0))
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert recalibrate_statistics(net, batches_of(slices, 2), device=torch.device("cpu")) == 6  # 2 per block
+    # the first BatchNorm layer's mean: the mean over all slices of the first convolution's output
+    conv, bn = net.down[0][0], net.down[0][1]
+    with torch.no_grad():
+        first = conv(torch.as_tensor(slices)[:, None] / net.arch.intensity_scale_hu)
+    torch.testing.assert_close(bn.running_mean, first.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not net.training and bn.momentum == 0.1  # mode and momentum restored
+    changed = {k for k in before if not torch.equal(before[k], net.state_dict()[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    plain = build_model(Architecture(channels=2, depth=1), generator=torch.Generator().manual_seed(0))
+    assert recalibrate_statistics(plain, batches_of(slices, 2), device=torch.device("cpu")) == 0
+    with pytest.raises(InvalidInputError, match="NaN or inf"):
+        recalibrate_statistics(net, [np.full((1, 16, 16), np.nan, np.float32)], device=torch.device("cpu"))
