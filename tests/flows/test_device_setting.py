@@ -59,7 +59,14 @@ def test_work_written_on_the_cpu_is_skipped_not_redone_on_a_gpu_worker(
     config = PipelineConfig()
     fedscan_device("cpu")
     _, cpu = resolve_run(config, None)
-    enabled = [spec for spec in PIPELINE if config.stage_config(spec.name).enabled]  # not enhance: no model
+    # not enhance (no model path) and not diagnose (no promoted model: not-applicable, nothing written)
+    enabled = [
+        spec for spec in PIPELINE if config.stage_config(spec.name).enabled and spec.name is not StageName.DIAGNOSE
+    ]
+    diagnose = run_scan_stage(
+        scan, StageName.DIAGNOSE, config.stage_config(StageName.DIAGNOSE), device=torch.device("cpu")
+    )
+    assert diagnose.state is StageState.NOT_APPLICABLE
     for spec in enabled:
         run = run_scan_stage(scan, spec.name, config.stage_config(spec.name), device=torch.device(cpu))
         assert run.state is StageState.DONE
