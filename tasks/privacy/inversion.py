@@ -108,8 +108,9 @@ def invert_gradient(
         The rebuilt slice, standardised (zero mean, unit std).
     """
     if iterations < 1 or learning_rate <= 0 or tv_weight < 0:
-        raise InvalidInputError(f"need iterations >= 1, learning_rate > 0, tv_weight >= 0; got {iterations}, "
-                                f"{learning_rate}, {tv_weight}")
+        raise InvalidInputError(
+            f"need iterations >= 1, learning_rate > 0, tv_weight >= 0; got {iterations}, {learning_rate}, {tv_weight}"
+        )
     m = copy.deepcopy(model).to(device)
     m.train(train_mode)
     params = [p for p in m.parameters() if p.requires_grad]
@@ -131,7 +132,7 @@ def invert_gradient(
         norm = torch.sqrt(sum((g * g).sum() for g in grads))  # type: ignore[arg-type]
         cost = 1.0 - dot / (norm * target_norm + 1e-12)
         tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-        (cost + tv_weight * tv).backward()  # type: ignore[no-untyped-call]
+        (cost + tv_weight * tv).backward()
         opt.step()
         sched.step()
     with torch.no_grad():

@@ -111,10 +111,10 @@ class ShadowAttack:
             opt.zero_grad()
             loss = (F.binary_cross_entropy_with_logits(xt @ w + b, yt, reduction="none") * wt).sum()
             loss = loss + l2 * (w * w).sum()
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             return loss
 
-        opt.step(closure)  # type: ignore[no-untyped-call]
+        opt.step(closure)
         return cls(
             mean=mean.astype(np.float32),
             scale=scale.astype(np.float32),

@@ -23,8 +23,15 @@ def _data(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _overfit(x: np.ndarray, y: np.ndarray, seed: int) -> torch.nn.Module:
     model = build_model("classify", base_channels=4, seed=seed)
     train_local(
-        model, x, y, task="classify", epochs=60, learning_rate=1e-2, batch_size=8,
-        generator=torch.Generator().manual_seed(seed), device=CPU,
+        model,
+        x,
+        y,
+        task="classify",
+        epochs=60,
+        learning_rate=1e-2,
+        batch_size=8,
+        generator=torch.Generator().manual_seed(seed),
+        device=CPU,
     )
     return model
 
@@ -55,7 +62,9 @@ def test_an_untrained_model_gives_no_membership_signal():
     rng = np.random.default_rng(1)
     a, b = _data(rng, 200), _data(rng, 200)
     model = build_model("classify", base_channels=4, seed=0)
-    auc = loss_attack_auc(slice_losses(model, *a, batch_size=50, device=CPU), slice_losses(model, *b, batch_size=50, device=CPU))
+    auc = loss_attack_auc(
+        slice_losses(model, *a, batch_size=50, device=CPU), slice_losses(model, *b, batch_size=50, device=CPU)
+    )
     assert 0.4 < auc < 0.6
 
 
@@ -73,4 +82,6 @@ def test_shadow_attack_learns_the_direction_and_a_diverged_model_is_refused():
     with pytest.raises(InvalidInputError, match="members"):
         loss_attack_auc([], [0.2])
     with pytest.raises(InvalidInputError, match="labels"):
-        slice_losses(build_model("classify", base_channels=4, seed=0), np.zeros((3, 8, 8)), [0, 1], batch_size=2, device=CPU)
+        slice_losses(
+            build_model("classify", base_channels=4, seed=0), np.zeros((3, 8, 8)), [0, 1], batch_size=2, device=CPU
+        )
