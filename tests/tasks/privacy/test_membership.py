@@ -85,3 +85,50 @@ def test_shadow_attack_learns_the_direction_and_a_diverged_model_is_refused():
         slice_losses(
             build_model("classify", base_channels=4, seed=0), np.zeros((3, 8, 8)), [0, 1], batch_size=2, device=CPU
         )
+
+
+def test_federated_model_under_local_statistics_gives_a_finite_membership_figure(tmp_path):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from schemas.federation import FederationConfig
+    from tasks.federated import client_app as ca
+    from tasks.federated.data import load_site_data, split_holdout, write_site_surrogates
+    from tasks.federated.inprocess import run_in_process
+    from tasks.federated.model import set_arrays
+    from tasks.federated.training import recalibrate_batchnorm
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    stores = []
+    for k in range(2):
+        rng = np.random.default_rng(k)
+        scans = []
+        for s in range(4):
+            labels = (rng.random(6) < 0.5).astype(np.uint8)
+            images = rng.normal(size=(6, 16, 16)).astype(np.float32) + 2.0 * labels[:, None, None] * (1 + k)
+            scans.append((f"scan-{s}", images, labels, np.zeros((6, 16, 16), np.uint8)))
+        write_site_surrogates(tmp_path / f"S{k}.zarr", site_id=f"S{k}", scans=scans)
+        stores.append(tmp_path / f"S{k}.zarr")
+    cfg = FederationConfig(
+        num_rounds=1,
+        local_epochs=1,
+        learning_rate=5e-3,
+        batch_size=8,
+        base_channels=4,
+        min_available_clients=2,
+        round_timeout_s=30,
+        wait_for_nodes_s=2,
+    )
+    assert cfg.local_bn_statistics  # the default configuration
+    grid, records = run_in_process(cfg, stores, tmp_path / "run")
+    shared = {k: v.numpy() for k, v in torch.load(records[0].model_dir + "/model.pt").items()}
+    li, lo = [], []
+    for store, ctx in zip(stores, grid.contexts.values(), strict=True):
+        train, hold = split_holdout(load_site_data(store, task="classify"), fraction=0.25, seed=0)
+        model = build_model("classify", base_channels=4, seed=0)
+        model.load_state_dict(ctx.state.array_records[ca._LOCAL_MODEL].to_torch_state_dict())
+        set_arrays(model, shared)
+        recalibrate_batchnorm(model, train.images, batch_size=8, device=CPU)
+        li.append(slice_losses(model, train.images, train.targets, batch_size=8, device=CPU))
+        lo.append(slice_losses(model, hold.images, hold.targets, batch_size=8, device=CPU))
+    auc = loss_attack_auc(np.concatenate(li), np.concatenate(lo))
+    assert np.isfinite(auc) and 0 <= auc <= 1
