@@ -12,6 +12,12 @@ only). AUC is the seed mean; its 95 % interval and those of the AUC differences 
 bootstrap of the test crops applied to every method (paired), so a difference's interval is much narrower than
 either AUC's. FedBN scores each site's test crops with that site's BatchNorm, then one AUC over all.
 
+The privacy arms (SecAgg+, DP) run on fedscan's default configuration, local BatchNorm statistics: SecAgg+ then
+masks and sums only the shared arrays, and DP noise never lands on a running variance (with shared statistics,
+σ = 0.3 made one negative and the model NaN). They are compared with that default's arm
+(``auc_secagg_minus_default``, ``auc_dp_minus_default`` with ``dp_epsilon``, paired bootstrap intervals); a
+model with a non-finite weight or score is reported as ``diverged``, never scored.
+
     python benchmarks/federated.py --quick --json out.json
 
 One script, though over 600 lines: every arm (single sites, pooled, each strategy, SecAgg+, DP, compression) trains
@@ -205,7 +211,7 @@ def _federated_row(
         scores = site_scores(grid, final, splits, cfg)
     else:
         scores = model_scores(final, test, cfg)
-    diverged = final is not None and not np.isfinite(scores).all()
+    diverged = final is not None and not np.isfinite(scores).all()  # never scored: reported as diverged
     if diverged:
         scores = np.full(test[1].shape, np.nan)
     steady = train[1:] or train  # round 1 excluded in every arm alike
@@ -214,6 +220,7 @@ def _federated_row(
         "method": name,
         "auc": float("nan") if diverged else auc_score(scores, test[1]),
         "diverged": diverged,
+        "constant_scores": bool(not diverged and np.ptp(scores) == 0),  # a collapsed model: AUC 0.5 exactly
         "scores": scores,
         "round_s": float(np.mean([r.seconds for r in steady])),
         "bytes_up_per_round": float(np.mean([r.bytes_up for r in train])),
