@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,53 @@ def test_secagg_server_holds_only_the_sum_and_batchnorm_statistics_stay_home(tmp
     assert not torch.allclose(local[0][key], local[1][key])
     audit = (tmp_path / "run" / "audit.jsonl").read_text().splitlines()
     assert audit and not any("running_" in line for line in audit)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_simulation_with_secagg_and_local_statistics_never_ships_batchnorm_statistics(tmp_path):
+    """The same composition on Flower's Simulation Engine (real processes): the server's audit holds SecAgg+'s
+    byte payloads only, never a model array or a BatchNorm statistic, and the saved global model has none."""
+    import json
+
+    from schemas.federation import FederationConfig
+    from tasks.federated.runner import SimulationTarget, run_federation
+
+    cfg = FederationConfig(
+        num_rounds=2,
+        local_epochs=1,
+        learning_rate=5e-3,
+        batch_size=8,
+        base_channels=4,
+        min_available_clients=3,
+        secagg=True,
+        secagg_num_shares=3,
+        secagg_reconstruction_threshold=2,
+        local_bn_statistics=True,
+        round_timeout_s=120,
+        wait_for_nodes_s=120,
+    )
+    report = run_federation(
+        cfg,
+        target=SimulationTarget(site_stores=_sites(tmp_path)),
+        output_dir=tmp_path / "out",
+        timeout_s=500,
+        audit=True,
+    )
+    assert report.status == "finished:completed"
+    assert all(r.aggregated and r.replies_ok == 3 for r in report.train_rounds)
+    entries = [json.loads(x) for x in next((tmp_path / "out" / "runs").glob("*/audit.jsonl")).read_text().splitlines()]
+    train = [e for e in entries if e["message_type"] == "train" and not e["error"]]
+    assert train and any(a["name"] == "masked_params" for e in train for a in e["arrays"])
+    for e in train:
+        assert all(a["dtype"] == "bytes" for a in e["arrays"]), e  # keys, shares, masked vectors: no arrays
+    assert not any("running_" in a["name"] for e in entries for a in e["arrays"])
+    saved = torch.load(Path(report.final_model_dir) / "model.pt")
+    model = build_model("classify", base_channels=4, seed=0)
+    assert list(saved) == shared_keys_of(model)
+
+
+def shared_keys_of(model):
+    from tasks.federated.model import shared_keys
+
+    return shared_keys(model, fedbn=False, local_statistics=True)
