@@ -1,8 +1,10 @@
-"""The model side of the privacy benchmark: what SecAgg+ and DP cost on the default configuration, membership
-inference against the federated diagnostic model, and gradient inversion of a single-site update.
+"""The model side of the privacy benchmark: SecAgg+/DP cost, membership inference, update inversion.
+
+What SecAgg+ and DP cost on the default configuration, membership inference against the federated diagnostic
+model, and gradient inversion of a single-site update.
 
 ``run(quick)`` returns flat float keys (and a few nested tables) that ``benchmarks/privacy.py`` merges into its
-JSON; standalone::
+JSON; standalone (the figures under ``ratios``, strict JSON: NaN as null)::
 
     python -m benchmarks._privacy_model --quick --json out.json
 
@@ -33,7 +35,6 @@ arrays (0: it only gets masked vectors, whose sum it unmasks).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -47,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import parse_args, write_json
 from benchmarks.federated import _federated_row, build_sites, extend_holdout, pooled_test
 from schemas.federation import FederationConfig
 from tasks.federated.data import SiteData, load_site_data, split_holdout
@@ -323,15 +325,10 @@ def _run(quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer scans and rounds, one shadow model, 2 crops inverted")
-    ap.add_argument("--json", type=Path, help="write the figures here")
-    args = ap.parse_args()
+    args = parse_args(__doc__.split("\n")[0])
     result = run(args.quick)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text, encoding="utf-8")
+    print(json.dumps(result, indent=2, default=str))
+    write_json(args.json, [], result, mode="quick" if args.quick else "full")  # strict JSON: NaN → null
 
 
 if __name__ == "__main__":
