@@ -175,6 +175,11 @@ class FederationConfig(StageConfig):
                 raise ValueError("secagg needs min_available_clients >= 2")
         if self.dp_mode is not DpMode.OFF and self.strategy not in DP_STRATEGIES:
             raise ValueError(f"DP fixed clipping wraps a FedAvg-style strategy: use one of {_names(DP_STRATEGIES)}")
+        if self.dp_mode is not DpMode.OFF and not (self.local_bn_statistics or self.fedbn):
+            raise ValueError(
+                "DP noise on shared BatchNorm running statistics drives variances negative and the model to NaN: "
+                "with dp_mode keep local_bn_statistics (the default) or fedbn"
+            )
         return self
 
     # ---- the Flower run config ---------------------------------------------------------------------
