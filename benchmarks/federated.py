@@ -12,6 +12,12 @@ only). AUC is the seed mean; its 95 % interval and those of the AUC differences 
 bootstrap of the test crops applied to every method (paired), so a difference's interval is much narrower than
 either AUC's. FedBN scores each site's test crops with that site's BatchNorm, then one AUC over all.
 
+The privacy arms (SecAgg+, DP) run on fedscan's default configuration, local BatchNorm statistics: SecAgg+ then
+masks and sums only the shared arrays, and DP noise never lands on a running variance (with shared statistics,
+σ = 0.3 made one negative and the model NaN). They are compared with that default's arm
+(``auc_secagg_minus_default``, ``auc_dp_minus_default`` with ``dp_epsilon``, paired bootstrap intervals); a
+model with a non-finite weight or score is reported as ``diverged``, never scored.
+
     python benchmarks/federated.py --quick --json out.json
 
 One script, though over 600 lines: every arm (single sites, pooled, each strategy, SecAgg+, DP, compression) trains
@@ -167,6 +173,11 @@ def centralised_scores(train: list[SiteData], test: tuple[np.ndarray, np.ndarray
 
 
 DP_DELTA = 1e-5
+#: Settings every DP arm shares: the default local BatchNorm statistics, and a clipping norm of the order of
+#: one site's unclipped update (Adam, lr 3e-3, ~20 steps of ~15k weights: a few units of L2 norm).
+DP_ARM: dict[str, object] = {"local_bn_statistics": True, "dp_clipping_norm": 5.0}
+#: The arm the privacy arms are compared with: fedscan's default configuration.
+DEFAULT_ARM = "fedavg+local-bn-stats"
 
 
 def model_scores(model_dir: str, test: tuple[np.ndarray, np.ndarray], cfg: FederationConfig) -> np.ndarray:
@@ -182,23 +193,34 @@ def _federated_row(
     out: Path,
     test: tuple[np.ndarray, np.ndarray],
     splits: list[tuple[SiteData, SiteData]],
+    keep: dict[str, object] | None = None,
 ) -> dict[str, object]:
+    """One federated arm's row; ``keep`` (if given) receives the run's ``grid`` and ``records``."""
     t = time.perf_counter()
     grid, recs = run_in_process(cfg, stores, out)
+    if keep is not None:
+        keep.update(grid=grid, records=recs)
     wall = time.perf_counter() - t
     train = [r for r in recs if r.phase == "train"]
     final = next((r.model_dir for r in reversed(train) if r.model_dir), None)
     if final is None:
         scores = np.full(test[1].shape, np.nan)
+    elif not all(torch.isfinite(v).all() for v in torch.load(Path(final) / "model.pt").values()):
+        scores = np.full(test[1].shape, np.nan)  # a diverged model (DP noise): no score, reported as diverged
     elif cfg.fedbn or cfg.local_bn_statistics:
         scores = site_scores(grid, final, splits, cfg)
     else:
         scores = model_scores(final, test, cfg)
+    diverged = final is not None and not np.isfinite(scores).all()  # never scored: reported as diverged
+    if diverged:
+        scores = np.full(test[1].shape, np.nan)
     steady = train[1:] or train  # round 1 excluded in every arm alike
     row: dict[str, object] = {
         "case": "federated",
         "method": name,
-        "auc": auc_score(scores, test[1]),
+        "auc": float("nan") if diverged else auc_score(scores, test[1]),
+        "diverged": diverged,
+        "constant_scores": bool(not diverged and np.ptp(scores) == 0),  # a collapsed model: AUC 0.5 exactly
         "scores": scores,
         "round_s": float(np.mean([r.seconds for r in steady])),
         "bytes_up_per_round": float(np.mean([r.bytes_up for r in train])),
@@ -237,6 +259,12 @@ def site_scores(
             recalibrate_batchnorm(model, train.images, batch_size=cfg.batch_size, device=CPU)
         scores.append(predict(model, hold.images, batch_size=64, device=CPU))
     return np.concatenate(scores)
+
+
+def privacy_key(method: str) -> str:
+    """Ratio-key stem of a privacy arm: ``fedavg+secagg`` → ``secagg``, ``fedavg+dp-server σ=0.3`` →
+    ``dp_server_sigma0.3``."""
+    return method.removeprefix("fedavg+").replace("+", "_").replace("-", "_").replace(" σ=", "_sigma")
 
 
 def _verdict(ci: tuple[float, float], bound: float, per_seed: list[float] | None = None) -> str:
@@ -432,13 +460,15 @@ def main() -> None:
             "fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
             "fedbn": {"fedbn": True},
             "fedavg+local-bn-stats": {"local_bn_statistics": True},
-            "fedavg+secagg": {"secagg": True},
-            "fedavg+dp-server σ=0.01": {"dp_mode": "server", "dp_clipping_norm": 5.0, "dp_noise_multiplier": 0.01},
-            "fedavg+dp-server σ=0.3": {"dp_mode": "server", "dp_clipping_norm": 5.0, "dp_noise_multiplier": 0.3},
+            # the privacy arms run on fedscan's default (local BatchNorm statistics): SecAgg+ then sums only the
+            # shared arrays and DP noise never lands on a running variance; compared with that default's arm
+            "fedavg+secagg": {"secagg": True, "local_bn_statistics": True},
+            "fedavg+dp-server σ=0.01": {"dp_mode": "server", **DP_ARM, "dp_noise_multiplier": 0.01},
+            "fedavg+dp-server σ=0.3": {"dp_mode": "server", **DP_ARM, "dp_noise_multiplier": 0.3},
             "fedavg+secagg+dp-client σ=0.01": {
                 "secagg": True,
                 "dp_mode": "client",
-                "dp_clipping_norm": 5.0,
+                **DP_ARM,
                 "dp_noise_multiplier": 0.01,
             },
             "fedavg+float16": {"compression": "float16"},
@@ -558,6 +588,25 @@ def main() -> None:
         ratio_ci["auc_local_bn_stats_minus_best_single_site"] = percentile_ci(
             boot_auc["fedavg+local-bn-stats"] - best_single_boot
         )
+        if DEFAULT_ARM in per_seed:  # the privacy arms (seed 0) against the default configuration's seed 0
+            default0 = float(per_seed[DEFAULT_ARM][0]["auc"])
+            default_boot0 = bootstrap_aucs([per_seed[DEFAULT_ARM][0]["scores"]], test[1], boot)
+            for method, pr in f.items():
+                if not ("secagg" in method or "dp_epsilon" in pr):
+                    continue
+                key = privacy_key(method)
+                ratios[f"auc_{key}_minus_default"] = pr["auc"] - default0
+                if not pr.get("diverged"):
+                    ratio_ci[f"auc_{key}_minus_default"] = percentile_ci(boot_auc[method] - default_boot0)
+                if "dp_epsilon" in pr:
+                    ratios[f"{key}_epsilon"] = pr["dp_epsilon"]
+            dp_arms = sorted((v["dp_noise_multiplier"], m) for m, v in f.items() if m.startswith("fedavg+dp-server"))
+            if dp_arms:  # the headline DP figure: the most noise, the smallest ε
+                most = dp_arms[-1][1]
+                ratios["auc_dp_minus_default"] = ratios[f"auc_{privacy_key(most)}_minus_default"]
+                ratios["dp_epsilon"] = f[most]["dp_epsilon"]
+                if f"auc_{privacy_key(most)}_minus_default" in ratio_ci:
+                    ratio_ci["auc_dp_minus_default"] = ratio_ci[f"auc_{privacy_key(most)}_minus_default"]
         # the same differences with the seeds resampled too: the interval the verdicts use
         pooled2 = boot_auc2["centralised on pooled surrogates"]
         best_single2 = np.max([boot_auc2[m] for m, r in by.items() if r["case"] == "single-site"], axis=0)
@@ -613,6 +662,8 @@ def main() -> None:
             ),
             "float16_auc_loss_at_most_0.01": _verdict(ratio_ci2["auc_float16_minus_fedavg"], -0.01),
         }
+        if "auc_secagg_minus_default" in ratio_ci:
+            targets["secagg_within_0.02_of_default"] = _verdict(ratio_ci["auc_secagg_minus_default"], -0.02)
         targets_every_seed_rule = {
             "fedavg_within_0.02_of_pooled": _verdict(
                 ratio_ci["auc_fedavg_minus_pooled"], -0.02, ratio_per_seed["auc_fedavg_minus_pooled"]
@@ -632,7 +683,9 @@ def main() -> None:
         for r in rows:
             eps = r.get("dp_epsilon")
             print(
-                f"{r['case']!s:<12} {r['method']!s:<32} {float(r['auc']):6.3f} "  # type: ignore[arg-type]
+                f"{r['case']!s:<12} {r['method']!s:<32} "
+                + ("diverged" if r.get("diverged") else f"{float(r['auc']):6.3f}")  # type: ignore[arg-type]
+                + " "
                 f"{_fmt_ci(r['auc_ci95']):>13} {float(r['auc_sd']):6.3f} "  # type: ignore[arg-type]
                 f"{r['seeds']!s:>2} {float(r.get('round_s', float('nan'))):8.2f} "  # type: ignore[arg-type]
                 f"{float(r.get('bytes_up_per_round', float('nan'))):9.0f} "  # type: ignore[arg-type]

@@ -228,6 +228,11 @@ class FederationConfig(StageConfig):
             raise ValueError("set both enhance_grid_ny_px and enhance_grid_nx_px, or neither")
         if self.dp_mode is not DpMode.OFF and self.strategy not in DP_STRATEGIES:
             raise ValueError(f"DP fixed clipping wraps a FedAvg-style strategy: use one of {_names(DP_STRATEGIES)}")
+        if self.dp_mode is not DpMode.OFF and not (self.local_bn_statistics or self.fedbn):
+            raise ValueError(
+                "DP noise on shared BatchNorm running statistics drives variances negative and the model to NaN: "
+                "with dp_mode keep local_bn_statistics (the default) or fedbn"
+            )
         return self
 
     # ---- the Flower run config ---------------------------------------------------------------------

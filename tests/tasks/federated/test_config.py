@@ -40,6 +40,7 @@ def test_from_run_config_refuses_unknown_missing_and_edited_keys():
         {"secagg": True, "dp_mode": "server"},
         {"secagg": True, "strategy": "fedmedian"},
         {"dp_mode": "client", "strategy": "fedmedian"},
+        {"dp_mode": "server", "local_bn_statistics": False},  # noise on running variances: NaN model
         {"secagg": True, "secagg_num_shares": 2, "secagg_reconstruction_threshold": 3},
         {"round_timeout_s": 0},
     ],
