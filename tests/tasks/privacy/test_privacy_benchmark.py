@@ -37,7 +37,16 @@ POINT_KEYS = (
 def test_privacy_benchmark_smoke_writes_every_key(tmp_path):
     out = tmp_path / "privacy.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/privacy.py", "--smoke", "--no-model-attacks", "--json", str(out)],
+        [
+            sys.executable,
+            "benchmarks/privacy.py",
+            "--smoke",
+            "--threads",
+            "1",
+            "--no-model-attacks",
+            "--json",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
