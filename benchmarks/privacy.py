@@ -3,7 +3,11 @@
 Usage::
 
     python benchmarks/privacy.py --quick --json out.json
-    python benchmarks/privacy.py --json out.json --threads 2
+    python benchmarks/privacy.py --json out.json --threads 1          # the whole frontier (docs/privacy.md)
+    python benchmarks/privacy.py --threads 1 --point paper:0.1:0.5 --point amplitude_noise:0.1:0.5:8
+    python benchmarks/privacy.py --smoke --no-model-attacks           # code paths only, under a minute
+
+On a shared, loaded machine use ``--threads 1``: two torch threads there ran the same work several times slower.
 
 Data: the lesion crop task of ``benchmarks/surrogate.py`` (three demo sites, 32² crops of 128² noise-free slices,
 two crops per slice, the last scan of every site held out for the classifier). The attacker's public images are
@@ -91,6 +95,8 @@ def frontier_points(mode: str) -> list[Point]:
         Point("noise-s1", 0.1, 0.5, "amplitude_noise", sigma=1.0),
         Point("noise-s2", 0.1, 0.5, "amplitude_noise", sigma=2.0),
         Point("noise-s4", 0.1, 0.5, "amplitude_noise", sigma=4.0),
+        Point("noise-s6", 0.1, 0.5, "amplitude_noise", sigma=6.0),
+        Point("noise-s8", 0.1, 0.5, "amplitude_noise", sigma=8.0),
         Point("phase-k1", 0.1, 0.5, "private_phase", k0=1),
         Point("phase-k2", 0.1, 0.5, "private_phase", k0=2),
     ]

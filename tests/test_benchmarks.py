@@ -52,6 +52,7 @@ def assert_finite_ratios(ratios: dict[str, Any], keys: tuple[str, ...]) -> None:
         ("pipeline.py", "--scans-per-site SCANS_PER_SITE"),  # with its metavar: the docstring names the flag too
         ("gpu.py", "--device DEVICE"),
         ("arrivals.py", "--databases DATABASES"),
+        ("privacy.py", "--point POINT"),
     ],
 )
 def test_help_lists_every_option_and_unknown_options_are_refused(script, own_option):

@@ -49,7 +49,7 @@ def _stack(name: str, images: npt.ArrayLike) -> FloatArray:
 
 
 def _mask_bins(shape: tuple[int, int], alpha: float) -> npt.NDArray[np.bool_]:
-    """The mask's bins in the half-plane ``k_x >= 0`` (a real image's spectrum is Hermitian: no bin twice)."""
+    """The mask's bins with ``k_x >= 0``: a real image's spectrum is Hermitian, so the other half repeats them."""
     mask = low_frequency_mask(shape, alpha=alpha)
     w = shape[1]
     mask[:, np.arange(w) > w // 2] = False
