@@ -186,9 +186,12 @@ def linkage(queries, query_hosts, candidates, groups, public, public_hosts, p: P
     }
 
 
-def known_plaintext(site_surr, site_private, site_hosts, public, public_hosts, p: Point, *, ks, n_known, rng):
-    """PSNR/SSIM of every strategy at every k on one fixed held-out set of the site's surrogates."""
-    from tasks.privacy.known_plaintext import known_plaintext_attack
+def known_plaintext(
+    site_surr, site_private, site_hosts, public, public_hosts, p: Point, *, ks, n_known, rng, network=None
+):
+    """PSNR/SSIM of every strategy at every k on one fixed held-out set of the site's surrogates; with ``network``
+    (TrainSettings) also the U-Net attacker without pairs and with the k = 10 pairs (keys ``(10, "net-…")``)."""
+    from tasks.privacy.known_plaintext import known_plaintext_attack, known_plaintext_network_attack
     from tasks.surrogate.evaluation import image_metrics
 
     perm = rng.permutation(len(site_surr))
@@ -212,6 +215,10 @@ def known_plaintext(site_surr, site_private, site_hosts, public, public_hosts, p
         )
         for name, r in rec.items():
             out[(k, name)] = image_metrics(site_private[test], np.clip(r, -0.5, 1.5))
+        if network is not None and k == 10:
+            for name, pairs in (("net-public", None), ("net-public+pairs", (site_surr[kn], site_private[kn]))):
+                r = known_plaintext_network_attack(pairs, site_surr[test], public=(pub_s, public), settings=network)
+                out[(k, name)] = image_metrics(site_private[test], np.clip(r, -0.5, 1.5))
     return out
 
 
@@ -278,10 +285,10 @@ def main() -> None:
     quick = args.quick
     t_start = time.perf_counter()
     mode = "smoke" if args.smoke else "quick" if quick else "full"
-    sizes = {  # mode: (scans, slices, public, domain, classifier steps, discriminator steps, IQEM steps)
-        "smoke": (2, 20, 64, 32, 10, 10, 2),
-        "quick": (3, 12, 256, 128, 150, 100, 20),
-        "full": (6, 32, 512, 256, 600, 150, 200),
+    sizes = {  # mode: (scans, slices, public, domain, classifier, discriminator, IQEM, U-Net attacker steps)
+        "smoke": (2, 20, 64, 32, 10, 10, 2, 2),
+        "quick": (3, 12, 256, 128, 150, 100, 20, 50),
+        "full": (6, 32, 512, 256, 600, 150, 200, 400),
     }[mode]
     q: dict[str, Any] = {
         "n_scans": sizes[0],
@@ -296,6 +303,7 @@ def main() -> None:
         "ns": (10, 100),
         "trials": 2 if mode == "full" else 1,
         "iqem": IqemConfig(enabled=True, steps=sizes[6], batch_size=8, channels=16, seed=0),
+        "net": TrainSettings(steps=sizes[7], batch_size=16, learning_rate=2e-3),
     }
     if args.seeds is not None:
         q["seeds"] = list(range(args.seeds))
@@ -351,7 +359,7 @@ def main() -> None:
     print(f"references done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # ---- frontier -----------------------------------------------------------------------------------
-    points = []
+    points: list[dict[str, Any]] = []
     for p in [parse_point(v) for v in args.point] if args.point else frontier_points(mode):
         t0 = time.perf_counter()
         surr = {s.site_id: surrogate_slices(s.mu, config=config_of(s, p), site_id=s.site_id) for s in sites}
@@ -381,7 +389,16 @@ def main() -> None:
                 site_hosts, pub_h = pool[idx], pub_hosts
             offset += n
             res = known_plaintext(
-                surr[s.site_id], s.private, site_hosts, public, pub_h, p, ks=q["ks"], n_known=n_known, rng=rng
+                surr[s.site_id],
+                s.private,
+                site_hosts,
+                public,
+                pub_h,
+                p,
+                ks=q["ks"],
+                n_known=n_known,
+                rng=rng,
+                network=q["net"] if not points else None,  # the U-Net attacker at the first (default) point
             )
             for key, v in res.items():
                 kp.setdefault(key, []).append(v)
@@ -408,6 +425,11 @@ def main() -> None:
             **{f"known_plaintext_psnr_gain_db_k{k}": best_with[k] - no_pair for k in q["ks"]},
             "discriminator_auc": float(np.mean(disc)),
         }
+        if (10, "net-public") in kp_mean:
+            pt["kp_unet_psnr_db_no_pair"] = kp_mean[(10, "net-public")][0]
+            pt["kp_unet_psnr_db_k10"] = kp_mean[(10, "net-public+pairs")][0]
+            pt["kp_unet_ssim_k10"] = kp_mean[(10, "net-public+pairs")][1]
+            pt["known_plaintext_unet_psnr_gain_db_k10"] = pt["kp_unet_psnr_db_k10"] - pt["kp_unet_psnr_db_no_pair"]
         points.append(pt)
         rows.append(
             {
@@ -458,9 +480,18 @@ def main() -> None:
     ratios: dict[str, Any] = {
         "linkage_top1_vs_chance": d["linkage_top1_vs_chance_N100"],
         "linkage_top1_vs_chance_N10": d["linkage_top1_vs_chance_N10"],
-        "known_plaintext_psnr_gain_db": d[f"known_plaintext_psnr_gain_db_k{k_ratio}"],
+        # the better attacker's gain: the ridge inverse, or the U-Net when it ran (k = 10)
+        "known_plaintext_psnr_gain_db": max(
+            d[f"known_plaintext_psnr_gain_db_k{k_ratio}"], d.get("known_plaintext_unet_psnr_gain_db_k10", -np.inf)
+        ),
+        "known_plaintext_psnr_gain_db_ridge": d[f"known_plaintext_psnr_gain_db_k{k_ratio}"],
         "known_plaintext_psnr_db_k10": d[f"kp_psnr_db_k{k_ratio}"],
         "known_plaintext_psnr_db_no_pair": d["kp_psnr_db_no_pair"],
+        **{
+            k: d[k]
+            for k in ("kp_unet_psnr_db_no_pair", "kp_unet_psnr_db_k10", "known_plaintext_unet_psnr_gain_db_k10")
+            if k in d
+        },
         "iqem_discriminator_auc": float(np.mean(disc_with)),
         "iqem_discriminator_auc_without": float(np.mean(disc_without)),
         "discriminator_auc_unprotected": float(np.mean(disc_ref)),

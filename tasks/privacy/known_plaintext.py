@@ -19,8 +19,15 @@ import numpy.typing as npt
 from tasks.errors import InvalidInputError
 from tasks.privacy.linkage import embedded_log_amplitude
 from tasks.privacy.ridge import fit_ridge
+from tasks.surrogate.evaluation import TrainSettings, predict, train_regressor
 
-__all__ = ["LinearInverse", "fit_inverse", "inversion_features", "known_plaintext_attack"]
+__all__ = [
+    "LinearInverse",
+    "fit_inverse",
+    "inversion_features",
+    "known_plaintext_attack",
+    "known_plaintext_network_attack",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -136,3 +143,29 @@ def known_plaintext_attack(
         inv = fit_inverse(np.concatenate([fp, fq]), np.concatenate([xp, xq]), rng=rng, sample_weight=weight)
         out["public+pairs"] = inv(target)
     return out
+
+
+def known_plaintext_network_attack(
+    pairs: tuple[npt.ArrayLike, npt.ArrayLike] | None,
+    surrogates: npt.ArrayLike,
+    *,
+    public: tuple[npt.ArrayLike, npt.ArrayLike],
+    settings: TrainSettings,
+) -> npt.NDArray[np.float32]:
+    """The nonlinear attacker: the inversion U-Net of :mod:`tasks.surrogate.evaluation` trained on public pairs
+    and, when given, the k site pairs repeated until they are as many as the public ones (about half of every
+    batch). Returns ``(n, ny, nx)`` reconstructions of ``surrogates``; ``ny, nx`` divisible by 4.
+    """
+    s_pub, x_pub = np.asarray(public[0], dtype=np.float32), np.asarray(public[1], dtype=np.float32)
+    if s_pub.shape != x_pub.shape or s_pub.ndim != 3:
+        raise InvalidInputError(f"public surrogates {s_pub.shape} and images {x_pub.shape} must be equal stacks")
+    inputs, targets = s_pub, x_pub
+    if pairs is not None:
+        s_k, x_k = np.asarray(pairs[0], dtype=np.float32), np.asarray(pairs[1], dtype=np.float32)
+        if s_k.shape != x_k.shape or s_k.shape[1:] != s_pub.shape[1:] or len(s_k) == 0:
+            raise InvalidInputError(f"pairs {s_k.shape} / {x_k.shape} must be equal stacks of size {s_pub.shape[1:]}")
+        reps = max(1, len(s_pub) // len(s_k))
+        inputs = np.concatenate([s_pub, np.tile(s_k, (reps, 1, 1))])
+        targets = np.concatenate([x_pub, np.tile(x_k, (reps, 1, 1))])
+    net = train_regressor(inputs, targets, settings=settings)
+    return predict(net, np.asarray(surrogates, dtype=np.float32))

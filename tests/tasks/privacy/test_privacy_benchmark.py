@@ -17,6 +17,7 @@ KEYS = (
     "linkage_top1_vs_chance_N10",
     "known_plaintext_psnr_gain_db",
     "known_plaintext_psnr_db_no_pair",
+    "known_plaintext_unet_psnr_gain_db_k10",
     "iqem_discriminator_auc",
     "iqem_discriminator_auc_without",
     "discriminator_auc_unprotected",
