@@ -39,10 +39,26 @@ class IntensityUnit(StrEnum):
     PER_MM = "per_mm"  # linear attenuation, 1/mm (the demo data's truth volumes)
 
 
+class SurrogateVariant(StrEnum):
+    """The hiding method: the paper's IHM, or a fedscan variant of it (docs/privacy.md, "What an attacker can do")."""
+
+    PAPER = "paper"  # arXiv:2403.16473 as stated: host phase, mixed low-frequency amplitude
+    AMPLITUDE_NOISE = "amplitude_noise"  # the private amplitude times exp(sigma * noise) inside the mask
+    PRIVATE_PHASE = "private_phase"  # the private phase inside the lowest private_phase_half_width bins
+
+
 class IqemConfig(FrozenModel):
     """The Image Quality Enhancement Module: a small unpaired GAN trained per site on its own surrogates."""
 
-    enabled: bool = Field(default=False, description="Train G and apply G, then a second IHM pass.")
+    enabled: bool = Field(
+        default=False,
+        description="Train G and apply G, then a second IHM pass. Off by default: measured, it changes nothing it "
+        "is meant to change. A discriminator telling surrogates from host-domain images scores the same AUC without "
+        "IQEM and with it (0.766 and 0.766; 0.740 and 0.740 with other host draws; benchmarks/privacy.py, 32² "
+        "crops, hosts drawn from public CT crops, docs/privacy.md). "
+        "benchmarks/surrogate.py found IQEM and plain surrogates equally far from the host (17.34 dB), with "
+        "equal utility.",
+    )
     steps: int = Field(default=300, ge=1, le=100_000, description="Optimiser steps of G and D each, steps.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Surrogates (and host crops) per step, images.")
     learning_rate: float = Field(
@@ -98,6 +114,22 @@ class SurrogateConfig(StageConfig):
     water_attenuation_per_mm: float = Field(
         default=0.0192, gt=0, lt=1, allow_inf_nan=False, description="Water, for 1/mm input, 1/mm."
     )
+    variant: SurrogateVariant = Field(
+        default=SurrogateVariant.PAPER,
+        description="Hiding method: 'paper' (the IHM as stated), 'amplitude_noise' (log-normal noise of "
+        "amplitude_noise_sigma on the embedded private amplitude, drawn per slice from host_seed) or "
+        "'private_phase' (the private phase inside the lowest private_phase_half_width bins).",
+    )
+    amplitude_noise_sigma: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="Standard deviation of the log-amplitude noise of variant 'amplitude_noise', nepers.",
+    )
+    private_phase_half_width: int = Field(
+        default=0, ge=0, le=256, description="Half-width of variant 'private_phase''s square, frequency bins."
+    )
     iqem: IqemConfig = Field(default_factory=IqemConfig, description="Quality enhancement (off by default).")
 
     @property
@@ -112,4 +144,10 @@ class SurrogateConfig(StageConfig):
             raise ValueError(f"window_hu must be finite (low, high) HU with low < high, got {self.window_hu}")
         if self.host_pool is not None and len(set(self.host_pool)) != len(self.host_pool):
             raise ValueError(f"host_pool names must be unique, got {self.host_pool}")
+        if (self.variant is SurrogateVariant.AMPLITUDE_NOISE) != (self.amplitude_noise_sigma > 0):
+            raise ValueError("amplitude_noise_sigma > 0 goes with variant 'amplitude_noise' and only with it")
+        if (self.variant is SurrogateVariant.PRIVATE_PHASE) != (self.private_phase_half_width > 0):
+            raise ValueError("private_phase_half_width > 0 goes with variant 'private_phase' and only with it")
+        if self.variant is not SurrogateVariant.PAPER and self.iqem.enabled:
+            raise ValueError(f"IQEM is implemented for variant 'paper' only, got variant '{self.variant.value}'")
         return self

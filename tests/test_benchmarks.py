@@ -53,6 +53,7 @@ def assert_finite_ratios(ratios: dict[str, Any], keys: tuple[str, ...]) -> None:
         ("gpu.py", "--device DEVICE"),
         ("arrivals.py", "--databases DATABASES"),
         ("continual.py", "--shift-factor SHIFT_FACTOR"),
+        ("privacy.py", "--point POINT"),
     ],
 )
 def test_help_lists_every_option_and_unknown_options_are_refused(script, own_option):

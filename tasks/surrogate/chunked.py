@@ -13,19 +13,19 @@ beside the surrogates.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from schemas.surrogate import HostPolicy, SurrogateConfig
+from schemas.surrogate import HostPolicy, SurrogateConfig, SurrogateVariant
 from tasks.device import to_numpy
 from tasks.errors import InvalidInputError
-from tasks.surrogate.hosts import check_labels, hosts_for_slices
+from tasks.surrogate.hosts import check_labels, hosts_for_slices, variant_noise
 from tasks.surrogate.iqem import Generator, enhance_and_rehide
-from tasks.surrogate.kernels import hide, to_unit_range
+from tasks.surrogate.kernels import Variant, hide, hide_variant, to_unit_range
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -100,6 +100,27 @@ def surrogate_slices(
         pool=config.host_pool,
         labels=labels,
     )
+    if config.variant is not SurrogateVariant.PAPER:  # numpy on the full spectrum (SurrogateConfig.variant)
+        noise = (
+            variant_noise(
+                np.arange(first_slice, first_slice + x.shape[0]),
+                shape=x.shape[1:],
+                seed=config.host_seed,
+                site_id=site_id,
+            )
+            if config.variant is SurrogateVariant.AMPLITUDE_NOISE
+            else None
+        )
+        return hide_variant(
+            private,
+            hosts,
+            alpha=config.alpha,
+            beta=config.beta,
+            variant=cast(Variant, config.variant.value),
+            noise=noise,
+            noise_sigma=config.amplitude_noise_sigma,
+            phase_half_width=config.private_phase_half_width,
+        )
     p = torch.from_numpy(private).to(torch.device(device))
     if config.iqem.enabled and generator is not None:
         s = hide(p, hosts, alpha=config.alpha, beta=config.beta)

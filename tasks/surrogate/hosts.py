@@ -159,7 +159,7 @@ def _site_key(site_id: str) -> int:
     return int.from_bytes(hashlib.sha256(site_id.encode()).digest()[:8], "little")
 
 
-_FIXED, _PER_CLASS, _RANDOM = 0, 1, 2
+_FIXED, _PER_CLASS, _RANDOM, _NOISE = 0, 1, 2, 3
 
 
 def select_host_indices(
@@ -265,3 +265,21 @@ def hosts_for_slices(
     if chosen.size == 0:
         return np.zeros((0, *_check_shape(shape)), dtype=np.float32)
     return np.stack([load_host(names[int(i)], shape) for i in chosen])
+
+
+def variant_noise(
+    slice_indices: npt.ArrayLike, *, shape: tuple[int, ...], seed: int, site_id: str
+) -> npt.NDArray[np.float64]:
+    """``(n, ny, nx)`` standard normal draws for the ``amplitude_noise`` variant, a pure function of (seed, site,
+    slice index): any chunking of a volume draws the same noise, and without the site's seed nobody can."""
+    idx = np.asarray(slice_indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or (idx.size and idx.min() < 0):
+        raise InvalidInputError(f"slice_indices must be a 1-D array of non-negative ints, got {idx!r}")
+    key = _site_key(site_id)
+    ny, nx = shape
+    out = np.empty((idx.size, ny, nx), dtype=np.float64)
+    for j, k in enumerate(idx.tolist()):
+        out[j] = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key, _NOISE, k))).standard_normal(
+            (ny, nx)
+        )
+    return out

@@ -45,9 +45,11 @@ __all__ = [
     "CHUNK_BYTES",
     "GROUP_CHUNKS",
     "Method",
+    "Variant",
     "check_strengths",
     "hide",
     "hide_reference",
+    "hide_variant",
     "low_frequency_half_width",
     "low_frequency_mask",
     "to_unit_range",
@@ -154,6 +156,8 @@ _MATMUL_MAX_COLUMN_FRACTION = 0.015
 GROUP_CHUNKS = 4
 
 Method = Literal["auto", "fft", "matmul"]
+#: The IHM as the paper states it, or one of fedscan's variants (:func:`hide_variant`).
+Variant = Literal["paper", "amplitude_noise", "private_phase"]
 
 
 class _Plan:
@@ -528,3 +532,102 @@ def _output_buffer(out: FloatArray | torch.Tensor, x: torch.Tensor) -> torch.Ten
             f"{tuple(t.shape)} on {t.device}"
         )
     return t
+
+
+# ---- variants beyond the paper ---------------------------------------------------------------------
+def _conjugate_index(n: int) -> npt.NDArray[np.int64]:
+    """Index of ``-k`` for every FFT bin ``k`` of an axis of length ``n``."""
+    return (-np.arange(n)) % n
+
+
+def hide_variant(
+    images: npt.ArrayLike,
+    hosts: npt.ArrayLike,
+    *,
+    alpha: float,
+    beta: float,
+    variant: Variant = "paper",
+    noise: npt.ArrayLike | None = None,
+    noise_sigma: float = 0.0,
+    phase_half_width: int = 0,
+) -> FloatArray:
+    """The IHM or one of fedscan's variants of it, on the full spectrum (numpy, float64 inside).
+
+    ``"paper"`` is :func:`hide` (the method as stated). The variants change only the mask's block:
+
+    * ``"amplitude_noise"``: the private amplitude is multiplied by ``exp(noise_sigma · n)`` before mixing, ``n``
+      the Hermitian-symmetrised ``noise`` (unit variance per bin), so the surrogate stays real. Aimed at linkage:
+      the embedded amplitude no longer equals the private one.
+    * ``"private_phase"``: inside the lowest ``|k_y|, |k_x| <= phase_half_width`` bins (within the mask) the
+      surrogate takes the *private* phase instead of the host's. Aimed at utility: coarse position and shape
+      live in the phase of the lowest frequencies; it reveals that too.
+
+    Parameters
+    ----------
+    images, hosts : array_like
+        ``(slices, ny, nx)`` private slices and ``(ny, nx)`` or ``(slices, ny, nx)`` hosts (common range).
+    alpha, beta : float
+        As :func:`hide`.
+    variant : {"paper", "amplitude_noise", "private_phase"}
+    noise : array_like, optional
+        ``images``' shape, standard normal draws (``"amplitude_noise"`` only; only bins inside the mask are used).
+        The caller draws it from a seeded generator, per slice, so chunking does not change the result.
+    noise_sigma : float
+        Standard deviation of the log-amplitude noise, nepers (``>= 0``).
+    phase_half_width : int
+        Half-width of the private-phase square, bins (``>= 0``; clipped to the mask's).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(slices, ny, nx)`` float32 surrogates.
+
+    Raises
+    ------
+    InvalidInputError
+        Unknown variant, a missing or mis-shaped ``noise``, negative strengths, non-3-D images.
+    """
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim != 3:
+        raise InvalidInputError(f"images must be (slices, ny, nx), got shape {x.shape}")
+    if variant == "paper":
+        return np.asarray(hide(x.astype(np.float32), np.asarray(hosts, dtype=np.float32), alpha=alpha, beta=beta))
+    check_strengths(alpha=alpha, beta=beta)
+    if variant not in ("amplitude_noise", "private_phase"):
+        raise InvalidInputError(f"variant must be 'paper', 'amplitude_noise' or 'private_phase', got {variant!r}")
+    y = np.broadcast_to(np.asarray(hosts, dtype=np.float64), x.shape)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise InvalidInputError("images and hosts must be finite")
+    fx, fy = np.fft.fft2(x), np.fft.fft2(y)
+    amp_x, amp_y = np.abs(fx), np.abs(fy)
+    phasor = np.where(amp_y > 0, fy / np.where(amp_y > 0, amp_y, 1.0), 1.0)
+    if variant == "amplitude_noise":
+        if not (math.isfinite(noise_sigma) and noise_sigma >= 0):
+            raise InvalidInputError(f"noise_sigma must be >= 0, got {noise_sigma!r}")
+        if noise is None:
+            raise InvalidInputError("variant 'amplitude_noise' needs noise: standard normal draws of images' shape")
+        n = np.asarray(noise, dtype=np.float64)
+        if n.shape != x.shape:
+            raise InvalidInputError(f"noise shape {n.shape} differs from images {x.shape}")
+        ci, cj = _conjugate_index(x.shape[-2]), _conjugate_index(x.shape[-1])
+        flipped = n[:, ci][:, :, cj]
+        self_conjugate = (ci[:, None] == np.arange(x.shape[-2])[:, None]) & (cj[None] == np.arange(x.shape[-1]))
+        sym = np.where(self_conjugate, n, (n + flipped) / math.sqrt(2.0))  # unit variance, n(-k) = n(k)
+        amp_x = amp_x * np.exp(noise_sigma * sym)
+    else:
+        if not (isinstance(phase_half_width, int) and phase_half_width >= 0):
+            raise InvalidInputError(f"phase_half_width must be a non-negative int, got {phase_half_width!r}")
+        inner = _square(x.shape[-2:], phase_half_width) & low_frequency_mask(x.shape[-2:], alpha=alpha)
+        own = np.where(amp_x > 0, fx / np.where(amp_x > 0, amp_x, 1.0), 1.0)
+        phasor = np.where(inner, own, phasor)
+    mixed = ((1.0 - beta) * amp_y + beta * amp_x) * phasor
+    mask = low_frequency_mask(x.shape[-2:], alpha=alpha)
+    return np.real(np.fft.ifft2(np.where(mask, mixed, fy))).astype(np.float32)
+
+
+def _square(shape: tuple[int, int], half_width: int) -> npt.NDArray[np.bool_]:
+    """Bins with ``|k_y| <= half_width`` and ``|k_x| <= half_width`` (unshifted order)."""
+    h, w = shape
+    ky = np.minimum(np.arange(h), h - np.arange(h))
+    kx = np.minimum(np.arange(w), w - np.arange(w))
+    return (ky[:, None] <= half_width) & (kx[None, :] <= half_width)
