@@ -11,6 +11,7 @@ that took no part — statistics re-estimated on the site's own training surroga
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +31,7 @@ from tasks.diagnose.kernels import check_model_fits, score_slices, slice_scores
 from tasks.diagnose.site_models import load_site_state, save_site_state
 from tasks.drivers import DEVICE_METRIC, Metrics
 from tasks.errors import InvalidInputError
+from tasks.federated.data import SURROGATE_ARRAY
 from tasks.previews import Preview
 from tasks.registry import ModelRegistry, registry_uri
 from tasks.storage import ScanStore, SiteStore, StageOutput, StageResult
@@ -41,6 +43,8 @@ PREDICTION_MAP = "prediction_map"
 
 _MODELS: dict[tuple[str, str, str], tuple[nn.Module, str]] = {}
 _MODELS_LOCK = threading.Lock()
+
+LOG = logging.getLogger("fedscan.diagnose")
 
 
 def data_root_of(site: SiteStore) -> str:
@@ -65,6 +69,19 @@ def resolve_config(scan: ScanStore, config: DiagnoseConfig) -> DiagnoseConfig | 
         card = registry.current()
     if card is None:
         return None
+    if config.model_version is None and SURROGATE_ARRAY in scan.array_names():
+        size = tuple(int(n) for n in scan.array(SURROGATE_ARRAY).shape[-2:])
+        if size != tuple(card.input_size):  # the promoted model is not one for this scan: no model, not a failure
+            LOG.warning(
+                "%s: no diagnosis: the promoted model %s takes %dx%d surrogates, this scan's are %dx%d",
+                f"{scan.site.site_id}/{scan.scan_id}",
+                card.version,
+                card.input_size[0],
+                card.input_size[1],
+                size[0],
+                size[1],
+            )
+            return None
     return DiagnoseConfig.model_validate(
         {**config.model_dump(), "model_sha256": card.sha256, "registry_uri": registry.uri}
     )

@@ -205,3 +205,26 @@ def test_training_inventory_digests_the_labels_of_usable_scans(tmp_path, rng):
     inv = training_inventory([str(tmp_path / "A.zarr"), str(tmp_path / "B.zarr")], task="classify")
     assert sorted(inv) == ["A", "B"] and sorted(inv["A"]) == ["s1", "s2"]
     assert inv["A"]["s1"] == inv["B"]["s1"] != inv["A"]["s2"]  # the digest is of the labels only
+
+
+def test_mlflow_without_its_extra_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    """FEDSCAN_MLFLOW__TRACKING_URI set but mlflow not importable: one line naming fedscan[mlflow]."""
+    import builtins
+    import sys
+
+    from tasks.extras import MissingExtraError
+    from tasks.registry import log_to_mlflow
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ModuleNotFoundError("No module named 'mlflow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "mlflow", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    card = _card(_arrays(0), auc=0.7)
+    with pytest.raises(MissingExtraError, match=r"fedscan\[mlflow\]") as err:
+        log_to_mlflow(card, b"weights", tracking_uri=f"file://{tmp_path}/mlruns")
+    assert "\n" not in str(err.value)

@@ -166,8 +166,21 @@ def test_a_model_of_another_task_or_size_is_refused_and_nothing_is_written(tmp_p
     with pytest.raises(InvalidInputError, match=rf"model {card.version} was trained for task 'classify'"):
         run_scan_stage(scan, StageName.DIAGNOSE, DiagnoseConfig(task="segment"), device=CPU)
     other = _register(tmp_path, seed=2, size=32)
+    # asked for by version: refused by name
     with pytest.raises(InvalidInputError, match=rf"model {other.version} was trained on 32x32 surrogates"):
-        run_scan_stage(scan, StageName.DIAGNOSE, DiagnoseConfig(), device=CPU)
+        run_scan_stage(scan, StageName.DIAGNOSE, DiagnoseConfig(model_version=other.version), device=CPU)
+    assert PREDICTIONS not in scan.array_names() and scan.stage_record(StageName.DIAGNOSE) is None
+
+
+def test_a_promoted_model_for_another_slice_size_leaves_the_scan_not_applicable(tmp_path, rng, caplog):
+    """A federation whose labelled sites have another grid: this scan has no model, which is not a failure."""
+    scan = _site(tmp_path, rng, scans=1).scan("s0")
+    other = _register(tmp_path, seed=2, size=32)
+    with caplog.at_level("WARNING", logger="fedscan.diagnose"):
+        run = run_scan_stage(scan, StageName.DIAGNOSE, DiagnoseConfig(), device=CPU)
+    assert run.state is StageState.NOT_APPLICABLE
+    assert pending_stages(scan, _configs()) == []
+    assert f"the promoted model {other.version} takes 32x32 surrogates, this scan's are {SIZE}x{SIZE}" in caplog.text
     assert PREDICTIONS not in scan.array_names() and scan.stage_record(StageName.DIAGNOSE) is None
 
 

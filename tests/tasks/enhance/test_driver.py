@@ -135,7 +135,9 @@ def test_the_chain_with_enhance_on_and_off(tmp_path: Path, checkpoint: Path) -> 
     assert spec_of("surrogate").reads == ("enhanced", "volume")
     scan = make_site(tmp_path, site_id="C", rows=2, cols=SIZE, views=64).scans()[0]
     on = PipelineConfig(enhance=EnhanceConfig(model_path=str(checkpoint)))
-    assert _run_chain(scan, on) == dict.fromkeys([s.name for s in PIPELINE], StageState.DONE)
+    expected = dict.fromkeys([s.name for s in PIPELINE], StageState.DONE)
+    expected[StageName.DIAGNOSE] = StageState.NOT_APPLICABLE  # no promoted diagnostic model
+    assert _run_chain(scan, on) == expected
     surrogate = scan.stage_record("surrogate")
     assert surrogate.inputs == {"enhance": scan.stage_record("enhance").lineage()}  # surrogate read `enhanced`
     assert stages.source_of(scan, spec_of("surrogate"))[0] == "enhanced"
