@@ -391,7 +391,8 @@ def demo(
         typer.Option(
             "--enhance",
             help="First train the enhance network federally over the sites (3 rounds), then run every scan through "
-            "it; the report shows raw FBP / classical / enhanced. Adds about TBD s at the default size.",
+            "it; the report shows raw FBP / classical / enhanced. Measured: 133 s in all against 65 s without, at the "
+            "default size on 2 busy cores.",
         ),
     ] = False,
 ) -> None:
