@@ -51,5 +51,6 @@ def test_demo_enhance_trains_federally_then_enhances_every_scan(tmp_path, prefec
     shown = re.findall(r"<img alt='([^']*raw / classical / enhanced[^']*)' src='data:image/png;base64,([^']+)'>", page)
     assert sorted(html.unescape(alt).split("/")[0] for alt, _ in shown) == ["A", "B"]  # one comparison per site
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for _, data in shown)
+    assert all("PSNR against the truth: raw FBP" in html.unescape(alt) for alt, _ in shown)  # the caption's scores
     printed = console.export_text()
     assert str(current.resolve()) in printed and str(report.report_path) in printed
