@@ -336,7 +336,7 @@ def publish_run_report(
         summary_bad=bad,
         sections=sections,
         plots=[plot] if plot else [],
-        images=[(p.title, p.png) for p in previews],
+        images=[(f"{p.title}. {p.caption}" if p.caption else p.title, p.png) for p in previews],  # PSNR vs truth
         failures=failures,
         notes=[SITE_ONLY_NOTE],
         warnings=[note] if note else [],
