@@ -30,6 +30,8 @@ def test_continual_benchmark_reports_its_ratios(tmp_path):
             "surrogate_slices_per_s",
             "diagnose_vs_surrogate_throughput",
             "diagnose_resampled_vs_surrogate_throughput",
+            "diagnose_unoptimised_slices_per_s",
+            "diagnose_vs_unoptimised_speedup",
         ),
     )
     assert set(ratios["auc_personalised_minus_global_by_site"]) == {"A", "B"}
@@ -53,3 +55,26 @@ def test_continual_benchmark_reports_its_ratios(tmp_path):
     # site A changes protocol from night 1: the night-0 models' future (night 1) scans are marked shifted
     assert {(r["night"], r["site"]) for r in rows if r["future_shifted"]} == {(0, "A"), (1, "A")}
     assert all(math.isfinite(r["auc_future"]) for r in rows)
+
+
+def test_throughput_only_reports_the_throughput_rows_alone(tmp_path):
+    doc = run_benchmark(
+        "continual.py",
+        "--quick", "--throughput-only", "--speed-batch", "2", "--speed-size", "64", "--grid", "32",
+        json_path=tmp_path / "throughput.json",
+        timeout=300,
+    )  # fmt: skip
+    ratios = doc["ratios"]
+    keys = (
+        "diagnose_slices_per_s",
+        "surrogate_slices_per_s",
+        "diagnose_vs_surrogate_throughput",
+        "diagnose_unoptimised_slices_per_s",
+        "diagnose_vs_unoptimised_speedup",
+        "diagnose_resampled_slices_per_s",
+    )
+    assert_finite_ratios(ratios, keys)
+    assert ratios["diagnose_vs_surrogate_throughput"] == pytest.approx(
+        ratios["diagnose_slices_per_s"] / ratios["surrogate_slices_per_s"]
+    )
+    assert doc["rows"] == [] and doc["mode"] == "throughput-only"  # no nights were simulated

@@ -27,7 +27,7 @@ from schemas.diagnose import DiagnoseConfig
 from schemas.federation import FederatedTask
 from schemas.registry import ModelCard
 from schemas.stages import StageName
-from tasks.diagnose.kernels import check_model_fits, score_slices, slice_scores
+from tasks.diagnose.kernels import check_model_fits, inference_model, score_slices, slice_scores
 from tasks.diagnose.site_models import load_site_state, save_site_state
 from tasks.drivers import DEVICE_METRIC, Metrics
 from tasks.errors import InvalidInputError
@@ -127,7 +127,8 @@ def _cached_model(
     with _MODELS_LOCK:
         hit = _MODELS.get(key)
         if hit is None:
-            hit = _MODELS[key] = site_model(site, card, arrays, device=device)
+            model, adaptation = site_model(site, card, arrays, device=device)
+            hit = _MODELS[key] = (inference_model(model), adaptation)  # BatchNorm folded: scoring only
             while len(_MODELS) > 8:
                 _MODELS.pop(next(iter(_MODELS)))
     return hit
