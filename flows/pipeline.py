@@ -255,11 +255,13 @@ def _is_transient(state: Any) -> bool:
 
 
 def _merge_outcomes(first: tuple[ScanOutcome, ...], again: tuple[ScanOutcome, ...]) -> tuple[ScanOutcome, ...]:
-    """One outcome per scan: a second pass's stage states (and failure) over the first's."""
+    """One outcome per scan: a second pass's stage states (and failure) over the first's, except where the second
+    pass only skipped what the first one did (``done`` in the first pass stays ``done``)."""
     merged = {o.scan: o for o in first}
     for o in again:
         before = merged.get(o.scan)
-        stages = {**(before.stages if before else {}), **o.stages}
+        stages = dict(before.stages if before else {})
+        stages.update({k: v for k, v in o.stages.items() if v is not StageState.SKIPPED or k not in stages})
         ok = o.ok and (before.ok if before else True)
         merged[o.scan] = o.model_copy(update={"stages": stages, "ok": ok}) if before is None or before.ok else before
     return tuple(merged.values())
