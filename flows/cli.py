@@ -154,29 +154,77 @@ def ingest(
 
 
 # ------------------------------------------------------------------------------------------------
-def _chain_line(scan: Any, config: PipelineConfig) -> str:
+def _chain_states(scan: Any, config: PipelineConfig) -> dict[str, str]:
     """Each registry stage's state for this scan under ``config``: done, pending, disabled, or not applicable to
     its data kind (what ``fedscan run`` with that config would do)."""
     from schemas.stages import PIPELINE
-    from tasks.stages import disabled_stages, pending_stages
+    from tasks.stages import STAGES, disabled_stages, pending_stages
 
     kind = scan.manifest.data_kind
     configs = {spec.name: config.stage_config(spec.name) for spec in PIPELINE}
     pending, disabled = set(pending_stages(scan, configs)), disabled_stages(configs)
-    parts = []
+    states: dict[str, str] = {}
     for spec in PIPELINE:
+        resolve = STAGES[spec.name].resolve
         if not spec.applies_to(kind):
             state = "not-applicable"
+        elif spec.name not in disabled and spec.name not in pending and resolve is not None:
+            # e.g. diagnose with no promoted model (or none for this scan's size): nothing to run with
+            state = "done" if scan.stage_record(spec.name) is not None else "not-applicable"
         elif spec.name in disabled:
             state = "disabled"
         else:
             state = "pending" if spec.name in pending else "done"
-        parts.append(f"{spec.name.value} {state}")
-    return ", ".join(parts)
+        states[spec.name.value] = state
+    return states
+
+
+def _chain_line(scan: Any, config: PipelineConfig) -> str:
+    return ", ".join(f"{stage} {state}" for stage, state in _chain_states(scan, config).items())
 
 
 def _format_shape(shape: tuple[int, ...]) -> str:
     return "×".join(str(s) for s in shape)
+
+
+def _site_document(path: str | Path, pipeline: PipelineConfig) -> dict[str, Any]:
+    """What ``fedscan inspect --json`` prints for one site store (plain JSON types only)."""
+    from tasks.labels import is_labelled
+    from tasks.storage import SiteStore, missing_chunks
+
+    site = SiteStore.open(path, mode="r")
+    scans = []
+    for scan in site.scans():
+        m = scan.manifest
+        has_labels, has_masks = is_labelled(scan)
+        arrays = []
+        for name in scan.array_names():
+            arr = scan.array(name)
+            arrays.append(
+                {
+                    "name": name,
+                    "dims": list(getattr(arr.metadata, "dimension_names", None) or ()),
+                    "shape": list(arr.shape),
+                    "chunks": list(arr.chunks),
+                    "dtype": str(arr.dtype),
+                    "chunks_written": arr.nchunks - missing_chunks(arr),
+                    "chunks_total": arr.nchunks,
+                }
+            )
+        scans.append(
+            {
+                "scan_id": scan.scan_id,
+                "data_kind": m.data_kind.value,
+                "geometry": m.geometry.model_dump(mode="json") if m.geometry else None,
+                "i0_photons": m.i0_photons,
+                "labelled": has_labels,
+                "masks": has_masks,
+                "arrays": arrays,
+                "stages": _chain_states(scan, pipeline),
+                "provenance": {stage: rec.model_dump(mode="json") for stage, rec in scan.provenance().items()},
+            }
+        )
+    return {"site_id": site.site_id, "store": str(path), "scans": scans}
 
 
 @app.command()
@@ -187,6 +235,9 @@ def inspect(
         Path | None,
         typer.Option("--config", help="Pipeline config whose stages the chain line judges (default: built-in)."),
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document on stdout (sites, scans, arrays, stages, provenance).")
+    ] = False,
 ) -> None:
     """Print sites, scans (labelled or not), arrays, shapes, each stage's state and the records' provenance."""
     pipeline = PipelineConfig.from_yaml(config) if config is not None else PipelineConfig()
@@ -199,6 +250,11 @@ def inspect(
             raise fail(f"{store}: no fedscan site stores (*.zarr) in this folder")
     else:
         paths = [store]
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps({"sites": [_site_document(p, pipeline) for p in paths]}, indent=2) + "\n")
+        return
     for p in paths:
         site = SiteStore.open(p, mode="r")
         scans = site.scans()

@@ -30,6 +30,20 @@ def test_ingest_then_inspect(tmp_path, rng):
     assert out.exit_code == 0, out.output
     for text in ("site site-a", "scan ct-001", "projections", "view,row,col", "24×2×16", "stage ingest done"):
         assert text in out.output
+    # the same as one JSON document, for scripts
+    doc = runner.invoke(app, ["inspect", "--json", str(data)])
+    assert doc.exit_code == 0, doc.output
+    import json
+
+    (site,) = json.loads(doc.stdout)["sites"]
+    (scan,) = site["scans"]
+    assert site["site_id"] == "site-a" and scan["scan_id"] == "ct-001" and scan["labelled"] is False
+    projections = next(a for a in scan["arrays"] if a["name"] == "projections")
+    assert projections["shape"] == [24, 2, 16] and projections["dims"] == ["view", "row", "col"]
+    assert projections["chunks_written"] == projections["chunks_total"] > 0
+    assert scan["stages"]["denoise"] == "pending" and scan["stages"]["reconstruct"] == "pending"
+    assert scan["stages"]["diagnose"] == "not-applicable"  # no promoted model
+    assert set(scan["provenance"]) == {"ingest"} and scan["geometry"]["beam"] == "parallel"
     # the same source again: a clear line, exit 3, nothing new written; --skip-existing makes it exit 0
     again = runner.invoke(app, ["ingest", str(src), "--site", "site-a", "--store", str(data)])
     assert again.exit_code == 3
