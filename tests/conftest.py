@@ -16,6 +16,21 @@ import pytest
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test, restored after. Tests of tiny convolutions and FBPs: on a shared,
+    oversubscribed 2-core machine every parallel region of torch's OpenMP pool waits milliseconds for a
+    descheduled peer thread (a 1-second test took 10 s, a training step ~100x longer) without changing a result."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
 

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 
 from schemas.demo import DemoSize
@@ -17,13 +16,7 @@ from tasks.enhance.model import load_checkpoint
 from tasks.federated.enhance_task import CURRENT_CHECKPOINT
 from tasks.storage import SiteStore, find_site_stores
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.enhance.model import load_checkpoint
 from tasks.federated.enhance_task import CURRENT_CHECKPOINT
@@ -15,13 +14,7 @@ from tasks.storage import SiteStore
 from tests.flows.test_pipeline_flows import make_site
 from tests.tasks.test_stages import add_image_scan
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

@@ -1,17 +1,10 @@
-"""One torch thread for the enhance tests: their convolutions are tiny, and on a shared 2-core machine two OpenMP
-threads waiting on each other made a training step ~100x slower than one thread."""
+"""One torch thread for every enhance test (see tests/conftest.py: tiny convolutions on a shared 2-core machine)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread) -> None:
+    """Every test here runs on one torch thread."""

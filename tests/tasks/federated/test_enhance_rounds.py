@@ -29,12 +29,8 @@ SIZE = 32
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
+def _task_identity(one_torch_thread):
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

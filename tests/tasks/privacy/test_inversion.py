@@ -17,9 +17,7 @@ from tasks.privacy.inversion import image_quality, infer_binary_label, invert_gr
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blob(size: int, rng: np.random.Generator) -> np.ndarray:

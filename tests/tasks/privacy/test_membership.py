@@ -36,9 +36,7 @@ def _overfit(x: np.ndarray, y: np.ndarray, seed: int) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_both_attacks_find_the_members_of_an_overfit_model():
